@@ -1,0 +1,188 @@
+"""Order structures policies keep over their pool's slots: a doubly linked list and a
+binary max-heap, both laid out in :class:`~simcache.state.CacheState` arrays."""
+
+from simcache._jit import kernel as jit
+
+# ---- circular doubly linked list per pool, with a sentinel node (head = oldest) -----------
+# Branch-free on purpose: numba keeps array reference counting out of the hot path only when
+# no branch picks between arrays, and a sentinel removes the head/tail special cases.
+
+
+@jit(inline="always")
+def list_append(S, slot):
+    end = S.slot_key.shape[0] + S.slot_pool[slot]
+    last = S.prev[end]
+    S.next[last] = slot
+    S.prev[slot] = last
+    S.next[slot] = end
+    S.prev[end] = slot
+
+
+@jit(inline="always")
+def list_remove(S, slot):
+    """Unlink ``slot``; it is left pointing at itself, so removing it again is a no-op."""
+    p = S.prev[slot]
+    n = S.next[slot]
+    S.next[p] = n
+    S.prev[n] = p
+    S.prev[slot] = slot
+    S.next[slot] = slot
+
+
+@jit(inline="always")
+def list_first_unpinned(S, pool, stamp, from_head):
+    """First slot from the head (or tail) that the current group has not pinned, or -1."""
+    end = S.slot_key.shape[0] + pool
+    # one array walked, chosen once: numba keeps this loop free of reference counting only
+    # without per-step branches between arrays, or short-circuit tests on array reads
+    links = S.next
+    if not from_head:
+        links = S.prev
+    slot = links[end]
+    while slot != end:
+        if S.pin[slot] != stamp:
+            return slot
+        slot = links[slot]
+    return -1
+
+
+# ---- binary max-heap per pool, keyed by S.prio ---------------------------------------------
+
+
+@jit(inline="always")
+def _sift_up(S, b, i):
+    h = S.heap
+    x = h[b + i]
+    px = S.prio[x]
+    while i > 0:
+        p = (i - 1) >> 1
+        y = h[b + p]
+        if S.prio[y] >= px:
+            break
+        h[b + i] = y
+        S.hpos[y] = i
+        i = p
+    h[b + i] = x
+    S.hpos[x] = i
+    return i
+
+
+@jit(inline="always")
+def _sift_down(S, b, i, n):
+    h = S.heap
+    x = h[b + i]
+    px = S.prio[x]
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n:
+            if S.prio[h[b + c + 1]] > S.prio[h[b + c]]:
+                c += 1
+        y = h[b + c]
+        if S.prio[y] <= px:
+            break
+        h[b + i] = y
+        S.hpos[y] = i
+        i = c
+    h[b + i] = x
+    S.hpos[x] = i
+
+
+@jit(inline="always")
+def heap_push(S, slot):
+    pool = S.slot_pool[slot]
+    b = S.base[pool]
+    n = S.hsize[pool]
+    S.heap[b + n] = slot
+    S.hsize[pool] = n + 1
+    _sift_up(S, b, n)
+
+
+@jit(inline="always")
+def heap_fix(S, slot):
+    """Restore heap order after ``S.prio[slot]`` changed."""
+    pool = S.slot_pool[slot]
+    b = S.base[pool]
+    i = _sift_up(S, b, S.hpos[slot])
+    _sift_down(S, b, i, S.hsize[pool])
+
+
+@jit(inline="always")
+def heap_remove(S, slot):
+    pool = S.slot_pool[slot]
+    b = S.base[pool]
+    i = S.hpos[slot]
+    n = S.hsize[pool] - 1
+    S.hsize[pool] = n
+    if i != n:
+        last = S.heap[b + n]
+        S.heap[b + i] = last
+        S.hpos[last] = i
+        i = _sift_up(S, b, i)
+        _sift_down(S, b, i, n)
+
+
+@jit(inline="always")
+def heap_max_unpinned(S, pool, stamp):
+    """The unpinned slot of largest priority, or -1.
+
+    The answer's ancestors are all pinned, so a search that descends only through pinned
+    nodes finds it after visiting at most 2 * pinned + 1 nodes.
+    """
+    b = S.base[pool]
+    n = S.hsize[pool]
+    if n == 0:
+        return -1
+    stack = S.scratch
+    stack[0] = 0
+    sp = 1
+    best = -1
+    while sp > 0:
+        sp -= 1
+        i = stack[sp]
+        x = S.heap[b + i]
+        if best >= 0:
+            if S.prio[x] <= S.prio[best]:
+                continue
+        if S.pin[x] != stamp:
+            best = x
+            continue
+        c = 2 * i + 1
+        if c < n:
+            stack[sp] = c
+            sp += 1
+        if c + 1 < n:
+            stack[sp] = c + 1
+            sp += 1
+    return best
+
+
+@jit(inline="always")
+def scan_min_unpinned(S, pool, stamp, primary):
+    """The unpinned slot with the smallest ``primary[key]``, ties by least recent access."""
+    best = -1
+    for slot in range(S.base[pool], S.base[pool] + S.used[pool]):
+        if S.pin[slot] == stamp:
+            continue
+        if best < 0:
+            best = slot
+            continue
+        a = primary[slot]
+        c = primary[best]
+        if a < c:
+            best = slot
+        elif a == c:
+            if S.last[slot] < S.last[best]:
+                best = slot
+    return best
+
+
+@jit
+def noop_access(S, slot, i, fill):
+    pass
+
+
+@jit
+def noop_evict(S, slot):
+    pass

@@ -1,0 +1,1 @@
+"""Admission rules: whether a missed expert may take a cache slot or is streamed past it."""

@@ -1,0 +1,1 @@
+"""Eviction rules: which unpinned resident gives up its slot."""

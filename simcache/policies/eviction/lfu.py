@@ -1,0 +1,13 @@
+"""LFU: evict the resident demanded least often since it was loaded; ties go to the least
+recently used. Frequency is in-cache frequency (reset on fill), as in libCacheSim's LFU."""
+
+from simcache._jit import kernel as jit
+from simcache.policies._order import noop_access, noop_evict, scan_min_unpinned
+
+on_access = noop_access
+on_evict = noop_evict
+
+
+@jit
+def victim(S, M, pool, stamp):
+    return scan_min_unpinned(S, pool, stamp, S.freq)

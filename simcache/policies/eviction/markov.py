@@ -1,0 +1,29 @@
+"""Markov eviction: evict the resident with the lowest P(Return), ties to the least recently
+used — the rule of the mixtral-offloading fork that the write-up describes. Scores come from
+the Markov learner (:mod:`simcache.policies.admission.markov`)."""
+
+from simcache._jit import kernel as jit
+from simcache.policies._order import noop_access, noop_evict
+from simcache.policies.admission.markov import p_return
+
+on_access = noop_access
+on_evict = noop_evict
+
+
+@jit
+def victim(S, M, pool, stamp):
+    best = -1
+    for slot in range(S.base[pool], S.base[pool] + S.used[pool]):
+        if S.pin[slot] == stamp:
+            continue
+        if best < 0:
+            best = slot
+            continue
+        a = p_return(S, M, S.slot_key[slot])
+        c = p_return(S, M, S.slot_key[best])
+        if a < c:
+            best = slot
+        elif a == c:
+            if S.last[slot] < S.last[best]:
+                best = slot
+    return best

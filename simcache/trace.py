@@ -1,0 +1,668 @@
+"""Routing traces: the Parquet format (schema version 1) and its in-memory form.
+
+A trace holds one row per (request, position, MoE layer): the experts the router chose for
+that token at that layer, highest gate first, and the gate weights the model applied. File
+metadata (JSON under the key ``simcache``) names the model and its shape. Reading yields a
+:class:`Trace`, a frozen dataclass of contiguous numpy columns; the simulator, analysis and
+replay all start from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from simcache.errors import SimcacheError
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"simcache"
+ROW_GROUP_ROWS = 1 << 20
+
+# Metadata every trace carries; the rest (model, architecture, expert_bytes, dtype, capture,
+# corpus, tool_version, ...) is optional and passed through unchanged.
+REQUIRED_METADATA = ("num_layers", "num_experts", "top_k")
+
+
+@dataclass(frozen=True, eq=False)
+class Trace:
+    """A routing trace in memory: contiguous numpy columns plus metadata.
+
+    Rows are sorted by (request, position, layer) and every token has exactly one row per
+    MoE layer, so ``experts.reshape(num_tokens, num_layers, top_k)`` is the token-major view
+    (see :meth:`token_experts`).
+
+    Attributes
+    ----------
+    request, position : int32 arrays, shape (rows,)
+        Sequence id and token index inside the sequence.
+    phase : int8 array, shape (rows,)
+        0 = prefill (prompt), 1 = decode (generated or teacher-forced continuation).
+    layer : int16 array, shape (rows,)
+        MoE layer index, 0-based over MoE layers only.
+    experts : int16 array, shape (rows, top_k)
+        Chosen experts, highest gate first, distinct within a row.
+    weights : float32 array, shape (rows, top_k), or None
+        Gate weights the model applied to those experts.
+    token_id : int32 array, shape (rows,), or None
+    domain : int16 array, shape (rows,), or None
+        Codes into ``domains`` (-1 = no label).
+    domains : tuple of str
+    metadata : dict
+        At least ``num_layers``, ``num_experts``, ``top_k``; see DESIGN §2.
+    """
+
+    request: np.ndarray
+    position: np.ndarray
+    phase: np.ndarray
+    layer: np.ndarray
+    experts: np.ndarray
+    weights: np.ndarray | None = None
+    token_id: np.ndarray | None = None
+    domain: np.ndarray | None = None
+    domains: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    # ---- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_arrays(
+        cls,
+        experts,
+        request,
+        position,
+        layer,
+        *,
+        num_experts: int,
+        phase=None,
+        weights=None,
+        token_id=None,
+        domain=None,
+        **metadata,
+    ) -> "Trace":
+        """Build and validate a trace from plain arrays.
+
+        Parameters
+        ----------
+        experts : int array, shape (rows, k)
+            Chosen experts per row, highest gate first.
+        request, position, layer : int arrays, shape (rows,)
+        num_experts : int
+            Experts per MoE layer (E); every id must be below it.
+        phase : int array, optional
+            0 = prefill, 1 = decode; default all decode.
+        weights : float array, shape (rows, k), optional
+        token_id : int array, optional
+        domain : sequence of str (one label per row), optional
+        **metadata
+            Stored in the file metadata (``model``, ``expert_bytes``, ``num_layers``, ...).
+            ``num_layers`` defaults to ``max(layer) + 1``.
+
+        Rows may come in any order; they are sorted by (request, position, layer).
+
+        Examples
+        --------
+        >>> import numpy as np, simcache
+        >>> t = simcache.Trace.from_arrays(np.array([[0, 1], [2, 3], [1, 0], [3, 2]]),
+        ...     request=[0, 0, 0, 0], position=[0, 0, 1, 1], layer=[0, 1, 0, 1], num_experts=4)
+        >>> t.num_tokens, t.num_layers, t.top_k
+        (2, 2, 2)
+        """
+        experts = np.asarray(experts)
+        if experts.ndim != 2:
+            raise SimcacheError(f"experts must have shape (rows, k), got {experts.shape}")
+        rows = experts.shape[0]
+        request = _int_column(request, "request", rows, np.int32)
+        position = _int_column(position, "position", rows, np.int32)
+        layer = _int_column(layer, "layer", rows, np.int16)
+        phase = (
+            np.ones(rows, np.int8) if phase is None else _int_column(phase, "phase", rows, np.int8)
+        )
+        if weights is not None:
+            weights = np.asarray(weights, dtype=np.float32)
+            if weights.shape != experts.shape:
+                raise SimcacheError(
+                    f"weights shape {weights.shape} does not match experts shape {experts.shape}"
+                )
+        if token_id is not None:
+            token_id = _int_column(token_id, "token_id", rows, np.int32)
+        domains: tuple[str, ...] = ()
+        if domain is not None:
+            labels = np.asarray(domain, dtype=object)
+            if labels.shape != (rows,):
+                raise SimcacheError(f"domain must have one label per row ({rows})")
+            present = sorted({str(x) for x in labels if x is not None})
+            lookup = {name: i for i, name in enumerate(present)}
+            domain = np.array([-1 if x is None else lookup[str(x)] for x in labels], np.int16)
+            domains = tuple(present)
+        if rows and "num_layers" not in metadata:
+            metadata["num_layers"] = int(layer.max()) + 1
+        metadata["num_experts"] = int(num_experts)
+        metadata["top_k"] = int(experts.shape[1])
+        trace = cls(
+            request=request,
+            position=position,
+            phase=phase,
+            layer=layer,
+            experts=_expert_ids(experts, num_experts),
+            weights=weights,
+            token_id=token_id,
+            domain=domain,
+            domains=domains,
+            metadata=dict(metadata),
+        )
+        return _sorted(trace).validated()
+
+    def validated(self) -> "Trace":
+        """Check the invariants of DESIGN §2; raise :class:`SimcacheError` naming the first
+        one broken. Returns self."""
+        meta = self.metadata
+        for key in REQUIRED_METADATA:
+            if key not in meta:
+                raise SimcacheError(f"trace metadata lacks '{key}'")
+        L, E, k = self.num_layers, self.num_experts, self.top_k
+        if L <= 0 or E <= 0 or k <= 0:
+            raise SimcacheError(f"trace metadata has non-positive shape: layers={L} experts={E} top_k={k}")
+        rows = self.request.shape[0]
+        if rows == 0:
+            raise SimcacheError("trace is empty (no rows)")
+        if self.experts.shape != (rows, k):
+            raise SimcacheError(
+                f"experts have {self.experts.shape[1]} per row but metadata says top_k={k}"
+            )
+        if k > E:
+            raise SimcacheError(f"top_k={k} exceeds num_experts={E}")
+        lo, hi = int(self.experts.min()), int(self.experts.max())
+        if lo < 0 or hi >= E:
+            bad = hi if hi >= E else lo
+            raise SimcacheError(f"expert id {bad} is outside [0, {E}) (num_experts={E})")
+        if k > 1:
+            ordered = np.sort(self.experts, axis=1)
+            dup = np.nonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))[0]
+            if dup.size:
+                r = int(dup[0])
+                raise SimcacheError(
+                    f"row {r} (request {self.request[r]}, position {self.position[r]}, layer "
+                    f"{self.layer[r]}) repeats an expert: {self.experts[r].tolist()}"
+                )
+        if int(self.layer.min()) < 0 or int(self.layer.max()) >= L:
+            raise SimcacheError(f"layer index outside [0, {L}) (num_layers={L})")
+        if rows % L:
+            raise SimcacheError(f"{rows} rows is not a whole number of tokens x {L} layers")
+        blocks = self.layer.reshape(-1, L)
+        if not (blocks == np.arange(L, dtype=np.int16)).all():
+            b = int(np.nonzero((blocks != np.arange(L)).any(axis=1))[0][0])
+            raise SimcacheError(
+                f"token (request {self.request[b * L]}, position {self.position[b * L]}) does "
+                f"not have exactly one row for each of the {L} layers"
+            )
+        req = self.request.reshape(-1, L)
+        pos = self.position.reshape(-1, L)
+        if not ((req == req[:, :1]).all() and (pos == pos[:, :1]).all()):
+            raise SimcacheError(f"some token is missing layers: rows are not in blocks of {L} layers")
+        tr, tp = req[:, 0], pos[:, 0]
+        same = tr[1:] == tr[:-1]
+        if (same & (tp[1:] == tp[:-1])).any():
+            i = int(np.nonzero(same & (tp[1:] == tp[:-1]))[0][0])
+            raise SimcacheError(f"token (request {tr[i]}, position {tp[i]}) appears twice")
+        if not ((self.phase == 0) | (self.phase == 1)).all():
+            raise SimcacheError("phase must be 0 (prefill) or 1 (decode)")
+        ph = self.phase.reshape(-1, L)
+        if not (ph == ph[:, :1]).all():
+            raise SimcacheError("phase differs between layers of one token")
+        tph = ph[:, 0]
+        if (same & (tph[1:] < tph[:-1])).any():
+            i = int(np.nonzero(same & (tph[1:] < tph[:-1]))[0][0])
+            raise SimcacheError(f"request {tr[i]} has a prefill token after a decode token")
+        if self.domain is not None and self.domain.size and int(self.domain.max()) >= len(self.domains):
+            raise SimcacheError("domain code outside the domain table")
+        return self
+
+    # ---- shape --------------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.metadata["num_layers"])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.metadata["num_experts"])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.metadata["top_k"])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.request.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_rows // self.num_layers
+
+    @property
+    def num_requests(self) -> int:
+        return int(np.unique(self.request).size)
+
+    @property
+    def expert_bytes(self) -> int | None:
+        value = self.metadata.get("expert_bytes")
+        return None if value is None else int(value)
+
+    @property
+    def model(self) -> str:
+        return str(self.metadata.get("model", "unknown"))
+
+    # ---- token-major views --------------------------------------------------------------
+
+    def token_experts(self) -> np.ndarray:
+        """Experts as (tokens, layers, k): a view, no copy."""
+        return self.experts.reshape(self.num_tokens, self.num_layers, self.top_k)
+
+    def token_request(self) -> np.ndarray:
+        """Request id of each token, shape (tokens,)."""
+        return self.request[:: self.num_layers]
+
+    def token_position(self) -> np.ndarray:
+        return self.position[:: self.num_layers]
+
+    def token_phase(self) -> np.ndarray:
+        return self.phase[:: self.num_layers]
+
+    def token_domain(self) -> np.ndarray | None:
+        return None if self.domain is None else self.domain[:: self.num_layers]
+
+    def select_requests(self, requests: Iterable[int]) -> "Trace":
+        """The sub-trace holding only the given request ids (order kept)."""
+        keep = np.isin(self.request, np.asarray(list(requests), dtype=np.int32))
+        return self.select_rows(keep)
+
+    def select_rows(self, keep: np.ndarray) -> "Trace":
+        """The sub-trace of whole tokens selected by a boolean row mask."""
+
+        def take(a):
+            return None if a is None else np.ascontiguousarray(a[keep])
+
+        sub = Trace(
+            request=take(self.request),
+            position=take(self.position),
+            phase=take(self.phase),
+            layer=take(self.layer),
+            experts=take(self.experts),
+            weights=take(self.weights),
+            token_id=take(self.token_id),
+            domain=take(self.domain),
+            domains=self.domains,
+            metadata=dict(self.metadata),
+        )
+        return sub.validated()
+
+    def summary(self) -> dict[str, Any]:
+        """Shape, size and expert load balance (max / mean expert use per layer)."""
+        L, E = self.num_layers, self.num_experts
+        counts = np.zeros((L, E), np.int64)
+        np.add.at(counts, (np.repeat(self.layer, self.top_k), self.experts.ravel()), 1)
+        mean = counts.mean(axis=1)
+        balance = counts.max(axis=1) / np.where(mean > 0, mean, 1)
+        phase = self.token_phase()
+        out = {
+            "model": self.model,
+            "architecture": self.metadata.get("architecture", "unknown"),
+            "num_layers": L,
+            "num_experts": E,
+            "top_k": self.top_k,
+            "requests": self.num_requests,
+            "tokens": self.num_tokens,
+            "prefill_tokens": int((phase == 0).sum()),
+            "decode_tokens": int((phase == 1).sum()),
+            "rows": self.num_rows,
+            "expert_bytes": self.expert_bytes,
+            "load_max_over_mean_min": float(balance.min()),
+            "load_max_over_mean_mean": float(balance.mean()),
+            "load_max_over_mean_max": float(balance.max()),
+            "unused_experts_per_layer_max": int((counts == 0).sum(axis=1).max()),
+            "domains": list(self.domains),
+        }
+        return out
+
+
+# ---- reading and writing ----------------------------------------------------------------
+
+
+def read_trace(path) -> Trace:
+    """Read a simcache trace (Parquet, schema version 1) and validate it.
+
+    Raises :class:`SimcacheError` with a one-line message when the file is missing, not
+    Parquet, lacks simcache metadata, has the wrong columns or types, or breaks an invariant.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.exists():
+        raise SimcacheError(f"trace file not found: {path}")
+    if path.is_dir():
+        raise SimcacheError(f"trace path is a directory, not a Parquet file: {path}")
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SimcacheError(f"{path} is not a Parquet file ({_first_line(exc)})") from None
+    raw = (pf.schema_arrow.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise SimcacheError(
+            f"{path} has no simcache metadata; convert foreign traces with 'simcache import'"
+        )
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise SimcacheError(f"{path}: simcache metadata is not valid JSON") from None
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise SimcacheError(
+            f"{path}: trace schema version {version!r} is not supported (expected {SCHEMA_VERSION})"
+        )
+    schema = pf.schema_arrow
+    for name in ("request", "position", "phase", "layer", "experts"):
+        if schema.get_field_index(name) < 0:
+            raise SimcacheError(f"{path}: missing column '{name}'")
+    for key in REQUIRED_METADATA:
+        if key not in meta:
+            raise SimcacheError(f"{path}: metadata lacks '{key}'")
+    k = int(meta["top_k"])
+    for name in ("experts", "weights"):
+        i = schema.get_field_index(name)
+        if i < 0:
+            continue
+        ftype = schema.field(i).type
+        if not pa.types.is_fixed_size_list(ftype):
+            raise SimcacheError(f"{path}: column '{name}' must be fixed_size_list, got {ftype}")
+        if ftype.list_size != k:
+            raise SimcacheError(
+                f"{path}: column '{name}' has {ftype.list_size} entries per row but top_k={k}"
+            )
+    for name in ("request", "position", "phase", "layer", "token_id"):
+        i = schema.get_field_index(name)
+        if i >= 0 and not pa.types.is_integer(schema.field(i).type):
+            raise SimcacheError(f"{path}: column '{name}' must be an integer, got {schema.field(i).type}")
+    if not pa.types.is_integer(schema.field("experts").type.value_type):
+        raise SimcacheError(f"{path}: column 'experts' must hold integers")
+    try:
+        table = pf.read()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SimcacheError(f"{path}: cannot read ({_first_line(exc)})") from None
+    if table.num_rows == 0:
+        raise SimcacheError(f"{path}: trace is empty (no rows)")
+
+    def column(name, dtype):
+        if name not in table.column_names:
+            return None
+        return np.ascontiguousarray(table.column(name).to_numpy(), dtype=dtype)
+
+    def fixed_list(name, dtype):
+        if name not in table.column_names:
+            return None
+        col = table.column(name).combine_chunks()
+        if col.null_count:
+            raise SimcacheError(f"{path}: column '{name}' has null rows")
+        return np.ascontiguousarray(col.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, k)
+
+    domain, domains = None, ()
+    if "domain" in table.column_names:
+        col = table.column("domain").combine_chunks()
+        if not pa.types.is_dictionary(col.type):
+            col = col.dictionary_encode()
+        domains = tuple(str(x) for x in col.dictionary.to_pylist())
+        domain = np.asarray(col.indices.fill_null(-1).to_numpy(zero_copy_only=False), np.int16)
+    experts = fixed_list("experts", np.int64)
+    E = int(meta["num_experts"])
+    trace = Trace(
+        request=column("request", np.int32),
+        position=column("position", np.int32),
+        phase=column("phase", np.int8),
+        layer=column("layer", np.int16),
+        experts=_expert_ids(experts, E),
+        weights=fixed_list("weights", np.float32),
+        token_id=column("token_id", np.int32),
+        domain=domain,
+        domains=domains,
+        metadata={k_: v for k_, v in meta.items() if k_ != "schema_version"},
+    )
+    try:
+        return _sorted(trace).validated()
+    except SimcacheError as exc:
+        raise SimcacheError(f"{path}: {exc}") from None
+
+
+class TraceWriter:
+    """Write a trace in row groups to a temporary file; :meth:`close` renames it into place.
+
+    Capture streams rows through this so memory stays bounded and an interrupted run leaves
+    no file at ``path`` (only the temporary, which is removed on error).
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os, simcache
+    >>> from simcache.trace import TraceWriter
+    >>> d = tempfile.mkdtemp(); p = os.path.join(d, "t.parquet")
+    >>> with TraceWriter(p, num_layers=1, num_experts=4, top_k=1) as w:
+    ...     w.write(request=[0, 0], position=[0, 1], phase=[1, 1], layer=[0, 0], experts=[[2], [3]])
+    >>> simcache.read_trace(p).num_tokens
+    2
+    """
+
+    def __init__(self, path, *, overwrite: bool = True, **metadata):
+        import pyarrow as pa
+
+        for key in REQUIRED_METADATA:
+            if key not in metadata:
+                raise SimcacheError(f"trace metadata lacks '{key}'")
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise SimcacheError(f"output file exists: {self.path} (use --force to replace it)")
+        if self.path.is_dir():
+            raise SimcacheError(f"output path is a directory: {self.path}")
+        parent = self.path.parent
+        if not parent.exists():
+            raise SimcacheError(f"output directory does not exist: {parent}")
+        self.k = int(metadata["top_k"])
+        self.metadata = {"schema_version": SCHEMA_VERSION, **metadata}
+        self.metadata.setdefault("tool_version", _tool_version())
+        self._writer = None
+        self._schema_fields = None
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        self.rows = 0
+        self._pa = pa
+
+    def _schema(self, has_weights, has_token, has_domain):
+        pa = self._pa
+        fields = [
+            pa.field("request", pa.int32(), nullable=False),
+            pa.field("position", pa.int32(), nullable=False),
+            pa.field("phase", pa.int8(), nullable=False),
+            pa.field("layer", pa.int16(), nullable=False),
+            pa.field("experts", pa.list_(pa.int16(), self.k), nullable=False),
+        ]
+        if has_weights:
+            fields.append(pa.field("weights", pa.list_(pa.float32(), self.k), nullable=False))
+        if has_token:
+            fields.append(pa.field("token_id", pa.int32()))
+        if has_domain:
+            fields.append(pa.field("domain", pa.dictionary(pa.int16(), pa.string())))
+        meta = {METADATA_KEY: json.dumps(self.metadata, sort_keys=True).encode()}
+        return pa.schema(fields, metadata=meta)
+
+    def write(self, *, request, position, phase, layer, experts, weights=None, token_id=None, domain=None):
+        """Append rows. ``domain`` is a sequence of labels (str or None), one per row."""
+        import pyarrow.parquet as pq
+
+        pa = self._pa
+        experts = np.asarray(experts, dtype=np.int16).reshape(-1, self.k)
+        n = experts.shape[0]
+        if n == 0:
+            return
+        arrays = [
+            pa.array(np.asarray(request, np.int32)),
+            pa.array(np.asarray(position, np.int32)),
+            pa.array(np.asarray(phase, np.int8)),
+            pa.array(np.asarray(layer, np.int16)),
+            pa.FixedSizeListArray.from_arrays(pa.array(experts.ravel()), self.k),
+        ]
+        if weights is not None:
+            w = np.asarray(weights, np.float32).reshape(-1, self.k)
+            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(w.ravel()), self.k))
+        if token_id is not None:
+            arrays.append(pa.array(np.asarray(token_id, np.int32)))
+        if domain is not None:
+            arrays.append(pa.array(list(domain), pa.string()).dictionary_encode().cast(
+                pa.dictionary(pa.int16(), pa.string())))
+        shape = (weights is not None, token_id is not None, domain is not None)
+        if self._writer is None:
+            self._schema_fields = shape
+            schema = self._schema(*shape)
+            self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd")
+        elif shape != self._schema_fields:
+            raise SimcacheError("every batch written to one trace must have the same columns")
+        table = pa.Table.from_arrays(arrays, schema=self._writer.schema)
+        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self.rows += n
+
+    def close(self):
+        """Finish the file and move it into place. An empty trace is an error."""
+        if self._writer is None:
+            self.abort()
+            raise SimcacheError("nothing was written: the trace would be empty")
+        self._writer.close()
+        self._writer = None
+        os.chmod(self._tmp, _default_mode())
+        os.replace(self._tmp, self.path)
+
+    def abort(self):
+        """Drop the temporary file; ``path`` is left as it was."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._tmp.exists():
+            self._tmp.unlink()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+def write_trace(trace: Trace, path, *, overwrite: bool = True) -> Path:
+    """Write ``trace`` to ``path`` (Parquet, zstd), atomically: temporary name, then rename."""
+    meta = dict(trace.metadata)
+    domain = None
+    if trace.domain is not None:
+        names = np.array(list(trace.domains) + [None], dtype=object)
+        domain = names[np.where(trace.domain < 0, len(trace.domains), trace.domain)]
+    with TraceWriter(path, overwrite=overwrite, **meta) as writer:
+        step = ROW_GROUP_ROWS
+        for lo in range(0, trace.num_rows, step):
+            hi = min(lo + step, trace.num_rows)
+            writer.write(
+                request=trace.request[lo:hi],
+                position=trace.position[lo:hi],
+                phase=trace.phase[lo:hi],
+                layer=trace.layer[lo:hi],
+                experts=trace.experts[lo:hi],
+                weights=None if trace.weights is None else trace.weights[lo:hi],
+                token_id=None if trace.token_id is None else trace.token_id[lo:hi],
+                domain=None if domain is None else domain[lo:hi],
+            )
+    return Path(path)
+
+
+# ---- helpers ----------------------------------------------------------------------------
+
+
+def _int_column(values, name, rows, dtype):
+    a = np.asarray(values)
+    if a.shape != (rows,):
+        raise SimcacheError(f"{name} must have shape ({rows},), got {a.shape}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        if not np.issubdtype(a.dtype, np.floating) or not np.all(a == np.round(a)):
+            raise SimcacheError(f"{name} must hold integers")
+    info = np.iinfo(dtype)
+    if a.size and (a.min() < info.min or a.max() > info.max):
+        raise SimcacheError(f"{name} values do not fit {np.dtype(dtype).name}")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _expert_ids(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    if experts.size and not np.issubdtype(experts.dtype, np.integer):
+        raise SimcacheError("experts must hold integer ids")
+    if num_experts > np.iinfo(np.int16).max:
+        raise SimcacheError(f"num_experts={num_experts} does not fit the int16 expert column")
+    if experts.size:
+        lo, hi = int(experts.min()), int(experts.max())
+        if lo < 0 or hi >= num_experts:
+            bad = hi if hi >= num_experts else lo
+            raise SimcacheError(f"expert id {bad} is outside [0, {num_experts}) (num_experts={num_experts})")
+    return np.ascontiguousarray(experts, dtype=np.int16)
+
+
+def _sorted(trace: Trace) -> Trace:
+    """Rows in (request, position, layer) order; returns the same object when already so."""
+    r, p, l = trace.request, trace.position, trace.layer
+    n = r.shape[0]
+    if n < 2:
+        return trace
+    key_r = r.astype(np.int64)
+    in_order = np.all(
+        (key_r[1:] > key_r[:-1])
+        | ((key_r[1:] == key_r[:-1]) & ((p[1:] > p[:-1]) | ((p[1:] == p[:-1]) & (l[1:] >= l[:-1]))))
+    )
+    if in_order:
+        return trace
+    order = np.lexsort((l, p, r))
+
+    def take(a):
+        return None if a is None else np.ascontiguousarray(a[order])
+
+    return Trace(
+        request=take(r),
+        position=take(p),
+        phase=take(trace.phase),
+        layer=take(l),
+        experts=take(trace.experts),
+        weights=take(trace.weights),
+        token_id=take(trace.token_id),
+        domain=take(trace.domain),
+        domains=trace.domains,
+        metadata=trace.metadata,
+    )
+
+
+def _default_mode() -> int:
+    """rw for everyone the umask allows: what a plain open() would have created."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _tool_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"simcache {version('simcache')}"
+    except Exception:  # not installed: running from a checkout
+        return "simcache (source)"

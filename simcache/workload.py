@@ -1,0 +1,284 @@
+"""From a trace to cache accesses (DESIGN §3).
+
+Continuous batching turns tokens into *steps*; each (step, layer) demands the distinct experts
+its tokens chose, with the number of tokens routed to each. One *access* is one (step, layer,
+distinct expert). Accesses are laid out flat, step-major then layer, experts ascending inside a
+(step, layer) *group*; ``group_ptr`` delimits the groups. Keys are ``layer * E + expert``.
+
+Future knowledge (``next_use``) is computed once here, in one backward pass, so that Belady and
+the oracle admission are a few lines each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from simcache._jit import jit
+from simcache.errors import SimcacheError
+from simcache.trace import Trace
+
+PREFILL_MODES = ("skip", "step")
+
+
+@dataclass(frozen=True, eq=False)
+class Steps:
+    """Which tokens run together.
+
+    Attributes
+    ----------
+    step_ptr : int64 (steps + 1,)
+        Step s holds ``step_tokens[step_ptr[s]:step_ptr[s+1]]``.
+    step_tokens : int64 (processed tokens,)
+        Token indices (rows of ``Trace.token_experts()``).
+    token_prev : int64 (tokens,)
+        The previous processed token of the same request, or -1 (used by Markov learning).
+    decode_tokens : int
+        Tokens processed in decode steps (the denominator of time per token).
+    """
+
+    step_ptr: np.ndarray
+    step_tokens: np.ndarray
+    token_prev: np.ndarray
+    decode_tokens: int
+
+    @property
+    def num_steps(self) -> int:
+        return self.step_ptr.shape[0] - 1
+
+
+@dataclass(frozen=True, eq=False)
+class Demand:
+    """The access stream.
+
+    Attributes
+    ----------
+    group_ptr : int64 (steps * layers + 1,)
+        Group g = (step g // L, layer g % L) owns accesses ``group_ptr[g]:group_ptr[g+1]``.
+    keys : int32 (accesses,)
+        ``layer * E + expert``.
+    tokens : int32 (accesses,)
+        Tokens of the step routed to that expert (its compute load).
+    """
+
+    group_ptr: np.ndarray
+    keys: np.ndarray
+    tokens: np.ndarray
+    num_layers: int
+    num_experts: int
+
+    @property
+    def num_accesses(self) -> int:
+        return int(self.keys.shape[0])
+
+
+def schedule(trace: Trace, batch: int = 1, prefill: str = "skip") -> Steps:
+    """Continuous batching of the trace's requests, in request-id order.
+
+    ``batch`` sequences decode together; at each step every active sequence contributes its
+    next decode token; a finished sequence is replaced by the next request. With
+    ``prefill="step"`` a newly admitted request first runs one step holding all its prompt
+    tokens (alone); with ``"skip"`` prompt tokens are not simulated.
+
+    Examples
+    --------
+    >>> import numpy as np, simcache
+    >>> from simcache.workload import schedule
+    >>> t = simcache.Trace.from_arrays(np.zeros((5, 1), int), request=[0, 0, 0, 1, 1],
+    ...     position=[0, 1, 2, 0, 1], layer=[0] * 5, num_experts=2)
+    >>> s = schedule(t, batch=2)
+    >>> [s.step_tokens[s.step_ptr[i]:s.step_ptr[i + 1]].tolist() for i in range(s.num_steps)]
+    [[0, 3], [1, 4], [2]]
+    """
+    if not isinstance(batch, (int, np.integer)) or batch <= 0:
+        raise SimcacheError(f"batch must be a positive integer, got {batch!r}")
+    if prefill not in PREFILL_MODES:
+        raise SimcacheError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {prefill!r}")
+    req = trace.token_request()
+    phase = trace.token_phase()
+    n = req.shape[0]
+    starts = np.flatnonzero(np.r_[True, req[1:] != req[:-1]])
+    ends = np.r_[starts[1:], n]
+    prompt = np.add.reduceat((phase == 0).astype(np.int64), starts)
+    step_ptr, step_tokens, token_prev, decode = _schedule(
+        starts.astype(np.int64), (starts + prompt).astype(np.int64), ends.astype(np.int64),
+        int(batch), prefill == "step", n,
+    )
+    return Steps(step_ptr, step_tokens, token_prev, int(decode))
+
+
+@jit
+def _schedule(starts, prompt_ends, ends, batch, include_prefill, n_tokens):
+    n_req = starts.shape[0]
+    step_ptr = np.empty(n_tokens + n_req + 1, np.int64)
+    step_tokens = np.empty(n_tokens, np.int64)
+    token_prev = np.full(n_tokens, -1, np.int64)
+    slot_req = np.full(batch, -1, np.int64)
+    slot_next = np.zeros(batch, np.int64)
+    nxt = 0
+    n_steps = 0
+    n_out = 0
+    decode = 0
+    step_ptr[0] = 0
+    while True:
+        # admit new requests into free slots, in request order
+        for b in range(batch):
+            while slot_req[b] < 0 and nxt < n_req:
+                r = nxt
+                nxt += 1
+                first = starts[r] if include_prefill else prompt_ends[r]
+                if include_prefill and prompt_ends[r] > starts[r]:
+                    for t in range(starts[r], prompt_ends[r]):
+                        step_tokens[n_out] = t
+                        if t > first:
+                            token_prev[t] = t - 1
+                        n_out += 1
+                    n_steps += 1
+                    step_ptr[n_steps] = n_out
+                if prompt_ends[r] < ends[r]:
+                    slot_req[b] = r
+                    slot_next[b] = prompt_ends[r]
+        active = 0
+        for b in range(batch):
+            r = slot_req[b]
+            if r < 0:
+                continue
+            t = slot_next[b]
+            step_tokens[n_out] = t
+            n_out += 1
+            active += 1
+            first = starts[r] if include_prefill else prompt_ends[r]
+            if t > first:
+                token_prev[t] = t - 1
+            slot_next[b] = t + 1
+            if t + 1 >= ends[r]:
+                slot_req[b] = -1
+        if active == 0:
+            break
+        decode += active
+        n_steps += 1
+        step_ptr[n_steps] = n_out
+    return step_ptr[: n_steps + 1].copy(), step_tokens[:n_out].copy(), token_prev, decode
+
+
+def demand(trace: Trace, steps: Steps) -> Demand:
+    """The access stream of ``steps`` over ``trace`` (see module docstring)."""
+    L, E = trace.num_layers, trace.num_experts
+    experts = trace.token_experts()
+    sizes = _group_sizes(steps.step_ptr, steps.step_tokens, experts, E)
+    group_ptr = np.zeros(sizes.shape[0] + 1, np.int64)
+    np.cumsum(sizes, out=group_ptr[1:])
+    keys = np.empty(group_ptr[-1], np.int32)
+    tokens = np.empty(group_ptr[-1], np.int32)
+    _fill_groups(steps.step_ptr, steps.step_tokens, experts, E, group_ptr, keys, tokens)
+    return Demand(group_ptr, keys, tokens, L, E)
+
+
+@jit
+def _group_sizes(step_ptr, step_tokens, experts, E):
+    n_steps = step_ptr.shape[0] - 1
+    L = experts.shape[1]
+    k = experts.shape[2]
+    sizes = np.zeros(n_steps * L, np.int64)
+    seen = np.full(E, -1, np.int64)
+    for s in range(n_steps):
+        for l in range(L):
+            g = s * L + l
+            c = 0
+            for j in range(step_ptr[s], step_ptr[s + 1]):
+                t = step_tokens[j]
+                for r in range(k):
+                    e = experts[t, l, r]
+                    if seen[e] != g:
+                        seen[e] = g
+                        c += 1
+            sizes[g] = c
+    return sizes
+
+
+@jit
+def _fill_groups(step_ptr, step_tokens, experts, E, group_ptr, keys, tokens):
+    n_steps = step_ptr.shape[0] - 1
+    L = experts.shape[1]
+    k = experts.shape[2]
+    count = np.zeros(E, np.int32)
+    seen = np.full(E, -1, np.int64)
+    for s in range(n_steps):
+        for l in range(L):
+            g = s * L + l
+            lo = group_ptr[g]
+            c = 0
+            for j in range(step_ptr[s], step_ptr[s + 1]):
+                t = step_tokens[j]
+                for r in range(k):
+                    e = experts[t, l, r]
+                    if seen[e] != g:
+                        seen[e] = g
+                        count[e] = 0
+                        keys[lo + c] = e
+                        c += 1
+                    count[e] += 1
+            # experts ascending inside the group: insertion sort for small groups, a scan of
+            # all E for large ones (prefill steps)
+            if c * c <= 4 * E:
+                for a in range(lo + 1, lo + c):
+                    v = keys[a]
+                    b = a - 1
+                    while b >= lo and keys[b] > v:
+                        keys[b + 1] = keys[b]
+                        b -= 1
+                    keys[b + 1] = v
+            else:
+                c2 = 0
+                for e in range(E):
+                    if seen[e] == g:
+                        keys[lo + c2] = e
+                        c2 += 1
+            for a in range(lo, lo + c):
+                e = keys[a]
+                tokens[a] = count[e]
+                keys[a] = l * E + e
+
+
+def next_use(keys: np.ndarray, num_keys: int) -> np.ndarray:
+    """Index of the next access to the same key, for every access.
+
+    An access with no later access gets ``2 * n - i`` (n = number of accesses): larger than
+    any real index, and larger for earlier accesses, so among residents never used again the
+    least recently used one looks farthest. :func:`is_never` tells the two apart.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> next_use(np.array([3, 1, 3, 1, 2], np.int32), 4).tolist()
+    [2, 3, 8, 7, 6]
+    """
+    return _next_use(keys, num_keys)
+
+
+@jit
+def _next_use(keys, num_keys):
+    n = keys.shape[0]
+    out = np.empty(n, np.int64)
+    last = np.full(num_keys, -1, np.int64)
+    for i in range(n - 1, -1, -1):
+        key = keys[i]
+        out[i] = last[key] if last[key] >= 0 else 2 * n - i
+        last[key] = i
+    return out
+
+
+def step_pairs(steps: Steps):
+    """Per step, the (previous token, token) pairs of the same request: Markov learning input.
+
+    Returns ``pair_ptr`` (steps + 1), ``pair_prev`` and ``pair_cur`` (token indices).
+    """
+    tok = steps.step_tokens
+    prev = steps.token_prev[tok]
+    has = prev >= 0
+    counts = np.add.reduceat(has.astype(np.int64), steps.step_ptr[:-1]) if tok.size else np.zeros(0, np.int64)
+    # reduceat on empty trailing segments is not an issue: every step holds at least one token
+    pair_ptr = np.zeros(steps.num_steps + 1, np.int64)
+    np.cumsum(counts, out=pair_ptr[1:])
+    return pair_ptr, np.ascontiguousarray(prev[has]), np.ascontiguousarray(tok[has])
