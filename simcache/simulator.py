@@ -3,13 +3,14 @@
 For each (step, layer) group, in execution order:
 
 1. demanded residents are hits and are pinned for this group;
-2. each miss, in expert order, asks the admission rule: admitted -> a free slot, else the
-   eviction rule's victim among unpinned residents, then a fill; refused -> a bypass (streamed
-   through a transient buffer; the cache and its order are untouched); admitted but every
-   resident pinned -> a forced bypass;
+2. in expert order, hits are touched and each miss asks the admission rule: admitted -> a
+   free slot, else the eviction rule's victim among unpinned residents, then a fill;
+   refused -> a bypass (streamed through a transient buffer; the cache and its order are
+   untouched); admitted but every resident pinned -> a forced bypass;
 3. every miss is one expert load over PCIe.
 
-The bookkeeping lives once, in :func:`_run`; a policy only answers ``victim`` and ``admit``.
+The bookkeeping lives once, in :func:`_run`; a policy only answers ``victim`` and ``admit``
+(and keeps its own order on access and eviction).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import numpy as np
 
 from simcache._jit import kernel as jit
 from simcache.errors import SimcacheError
-from simcache.policies import Admission, Eviction, policy_name, resolve
-from simcache.policies.admission.markov import learn as markov_learn, learn_none
+from simcache.policies import _dispatch as dispatch
+from simcache.policies import learner_for, policy_name, resolve
 from simcache.state import Learner, new_state
 from simcache.timing import Calibration, default_calibration
 from simcache.trace import Trace
@@ -31,12 +32,11 @@ from simcache.workload import Demand, Steps, demand, next_use, schedule, step_pa
 
 SCOPES = ("layer", "global")
 
-# counter columns, per layer
-ACCESSES, HITS, FILLS, BYPASSES, FORCED, EVICTIONS, RELOADS = range(7)
-COUNTER_NAMES = ("accesses", "hits", "fills", "bypasses", "forced_bypasses", "evictions", "reloads")
-# decision codes (record=True)
+# decision codes (record=True), also the first four counter columns
 HIT, FILL, BYPASS, FORCED_BYPASS = 0, 1, 2, 3
 OUTCOME_NAMES = ("hit", "fill", "bypass", "forced")
+EVICTIONS, RELOADS = 4, 5
+COUNTER_NAMES = ("hits", "fills", "bypasses", "forced_bypasses", "evictions", "reloads")
 
 CHUNK_ACCESSES = 4_000_000  # accesses per kernel call between progress updates
 
@@ -44,60 +44,75 @@ CHUNK_ACCESSES = 4_000_000  # accesses per kernel call between progress updates
 @jit
 def _run(
     g0, g1, group_ptr, tokens, L, per_layer, S, M,
-    victim, on_access, on_evict, admit, learn, has_future,
-    counters, times, t_copy, ffn_lut, overlap,
+    evict_tag, admit_tag, learner_tag, has_future,
+    counters, layer_time, t_copy, ffn_lut, overlap,
     record, out_outcome, out_slot, out_victim,
 ):
+    """Serve groups g0..g1-1. Per access it counts the outcome (counters[layer, outcome]),
+    evictions and reloads; per group it adds the group's predicted time to layer_time.
+
+    Policy codes arrive as tuple lengths (see :func:`_tag`), so each policy pair compiles to
+    its own specialisation in which the dispatch chains fold away (+35% accesses/s on LRU).
+    """
+    evict = len(evict_tag) - 1
+    admit_code = len(admit_tag) - 1
+    learner = len(learner_tag) - 1
+    s = g0 // L
+    l = g0 - s * L - 1
     for g in range(g0, g1):
+        l += 1  # (step, layer) of group g, without a division per group
+        if l == L:
+            l = 0
+            s += 1
         lo = group_ptr[g]
         hi = group_ptr[g + 1]
         if lo == hi:
             continue
-        s = g // L
-        l = g - s * L
         pool = l if per_layer else 0
         stamp = g + 1
-        learn(S, M, s, l, lo, hi)
-        counters[l, ACCESSES] += hi - lo
-        # 1. hits: pinned for this group
-        for i in range(lo, hi):
-            slot = S.where[S.keys[i]]
-            if slot < 0:
-                continue
-            S.pin[slot] = stamp
-            S.last[slot] = i
-            S.freq[slot] += 1
-            if has_future:
-                S.nu[slot] = S.next_use[i]
-            on_access(S, slot, i, False)
-            counters[l, HITS] += 1
-            if record:
-                out_outcome[i] = HIT
-                out_slot[i] = slot - S.base[pool]
-                out_victim[i] = -1
-        # 2. misses, in expert order
+        dispatch.learn(learner, S, M, s, l, lo, hi)
+        # 1. demanded residents are hits, pinned for this group: no miss may evict them
+        if hi - lo > 1:  # (a lone access has no other miss to protect itself from)
+            for i in range(lo, hi):
+                slot = S.where[S.keys[i]]
+                if slot >= 0:
+                    S.pin[slot] = stamp
+        # 2. in expert order: hits are touched, misses ask admission and eviction. Touching
+        # hits and fills in one order that does not depend on which were hits keeps LRU a
+        # stack algorithm (hits never fall as capacity grows).
         loads = 0
         compute = 0.0
         last_miss = 0.0
         for i in range(lo, hi):
             key = S.keys[i]
-            compute += ffn_lut[tokens[i]]
-            if S.where[key] >= 0:  # a hit of this group (misses are filled in order)
+            cost = ffn_lut[tokens[i]]
+            compute += cost
+            slot = S.where[key]
+            if slot >= 0:  # a hit (misses of this group are filled only at their own index)
+                S.pin[slot] = stamp
+                if has_future:
+                    S.nu[slot] = S.next_use[i]
+                dispatch.on_access(evict, S, slot, i, False)
+                counters[l, HIT] += 1
+                if record:
+                    out_outcome[i] = HIT
+                    out_slot[i] = slot - S.base[pool]
+                    out_victim[i] = -1
                 continue
             loads += 1
-            last_miss = ffn_lut[tokens[i]]
+            last_miss = cost
             outcome = BYPASS
-            slot = -1
             gone = -1
-            if admit(S, M, pool, i, hi, stamp):
+            if dispatch.admit(admit_code, S, M, pool, i, hi, stamp):
+                outcome = FORCED_BYPASS
                 if S.used[pool] < S.cap[pool]:
                     slot = S.base[pool] + S.used[pool]
                     S.used[pool] += 1
                 else:
-                    slot = victim(S, M, pool, stamp)
+                    slot = dispatch.victim(evict, S, M, pool, stamp)
                     if slot >= 0:
                         gone = S.slot_key[slot]
-                        on_evict(S, slot)
+                        dispatch.on_evict(evict, S, slot)
                         S.where[gone] = -1
                         S.evicted[gone] = True
                         counters[l, EVICTIONS] += 1
@@ -107,35 +122,28 @@ def _run(
                     S.where[key] = slot
                     S.slot_key[slot] = key
                     S.pin[slot] = stamp
-                    S.last[slot] = i
-                    S.inserted[slot] = i
-                    S.freq[slot] = 1
                     if has_future:
                         S.nu[slot] = S.next_use[i]
-                    on_access(S, slot, i, True)
+                    dispatch.on_access(evict, S, slot, i, True)
                     outcome = FILL
-                else:
-                    outcome = FORCED_BYPASS
-            if outcome == FILL:
-                counters[l, FILLS] += 1
-            elif outcome == BYPASS:
-                counters[l, BYPASSES] += 1
-            else:
-                counters[l, FORCED] += 1
+            counters[l, outcome] += 1
             if record:
                 out_outcome[i] = outcome
                 out_slot[i] = slot - S.base[pool] if slot >= 0 else -1
                 out_victim[i] = gone
-        # 3. time of this group
+        # 3. time of this group: copies on a side stream overlap compute, but the last loaded
+        # expert can only compute after its copy; without overlap the two add up
         transfer = loads * t_copy
         if overlap:
-            # copies overlap compute, but the last loaded expert computes after its copy
-            t = max(compute, transfer + last_miss)
+            layer_time[l] += max(compute, transfer + last_miss)
         else:
-            t = compute + transfer
-        times[l, 0] += compute
-        times[l, 1] += transfer
-        times[l, 2] += t
+            layer_time[l] += compute + transfer
+
+
+def _tag(code: int) -> tuple:
+    """A compile-time constant for numba: the code as the length of a tuple. (numba's own
+    ``literally`` re-enters the compiler on every call; a tuple's length is part of its type.)"""
+    return (0,) * (code + 1)
 
 
 # ---- the prepared workload ---------------------------------------------------------------
@@ -175,6 +183,11 @@ class Workload:
         if self._pairs is None:
             self._pairs = step_pairs(self.steps)
         return self._pairs
+
+    @property
+    def layer_accesses(self) -> np.ndarray:
+        d = self.demand
+        return np.bincount(d.keys // d.num_experts, minlength=d.num_layers).astype(np.int64)
 
     @property
     def top1(self) -> np.ndarray:
@@ -437,7 +450,6 @@ def simulate(
             f"capacity {capacity} exceeds the {in_scope} experts {where} (num_experts={E}, layers={L})"
         )
     tau = parse_threshold(threshold, E)
-    uses_learner = admission.learn is not None or eviction.needs_scores
     if prior is not None:
         prior = np.asarray(prior, dtype=np.float64)
         if prior.shape != (L, E, E):
@@ -455,8 +467,8 @@ def simulate(
     future = work.next_use if needs_future else np.zeros(0, np.int64)
     caps = [capacity] * L if scope == "layer" else [capacity]
     S = new_state(d.keys, future, L * E, L, caps, seed=seed)
-    M = _learner(work, prior, tau, horizon, decay_every, decay, uses_learner)
-    learn = admission.learn or (markov_learn if eviction.needs_scores else learn_none)
+    learner = learner_for(eviction, admission)
+    M = _learner(work, prior, tau, horizon, decay_every, decay, learner != dispatch.NO_LEARNER)
 
     eb = int(expert_bytes) if expert_bytes is not None else tr.expert_bytes
     if eb is not None and eb <= 0:
@@ -470,8 +482,8 @@ def simulate(
         cal_name = cal.device
     ov = cal.overlap if overlap is None else bool(overlap)
 
-    counters = np.zeros((L, 7), np.int64)
-    times = np.zeros((L, 3), np.float64)
+    counters = np.zeros((L, len(COUNTER_NAMES)), np.int64)
+    layer_time = np.zeros(L, np.float64)
     if record:
         rec = (np.full(n_acc, -1, np.int8), np.full(n_acc, -1, np.int32), np.full(n_acc, -1, np.int32))
     else:
@@ -487,18 +499,21 @@ def simulate(
         g_end = max(g_end, g + 1)
         _run(
             g, g_end, gp, d.tokens, L, scope == "layer", S, M,
-            eviction.victim, eviction.on_access, eviction.on_evict, admission.admit, learn,
-            needs_future, counters, times, t_copy, lut, ov, record, rec[0], rec[1], rec[2],
+            _tag(eviction.code), _tag(admission.code), _tag(learner),
+            needs_future, counters, layer_time, t_copy, lut, ov, record, rec[0], rec[1], rec[2],
         )
         if progress is not None:
             progress(int(gp[g_end] - gp[g]))
         g = g_end
     elapsed = time.perf_counter() - start
 
-    per_layer = {name: counters[:, j].copy() for j, name in enumerate(COUNTER_NAMES)}
-    per_layer["compute_s"] = times[:, 0].copy()
-    per_layer["transfer_s"] = times[:, 1].copy()
-    per_layer["time_s"] = times[:, 2].copy()
+    per_layer = {"accesses": work.layer_accesses.copy()}
+    per_layer.update({name: counters[:, j].copy() for j, name in enumerate(COUNTER_NAMES)})
+    # compute does not depend on the policy; transfer is loads x copy time
+    per_layer["compute_s"] = np.bincount(d.keys // E, weights=lut[d.tokens], minlength=L)
+    loads = counters[:, FILL] + counters[:, BYPASS] + counters[:, FORCED_BYPASS]
+    per_layer["transfer_s"] = loads * t_copy
+    per_layer["time_s"] = layer_time
     return SimResult(
         policy=policy_name(eviction.name, admission.name),
         evict=eviction.name,

@@ -1,8 +1,8 @@
 """The arrays a cache simulation runs on, shared by the loop and every policy.
 
 The loop in :mod:`simcache.simulator` owns the bookkeeping (hits, fills, bypasses, evictions,
-pins, last access, next use); a policy reads these arrays and keeps its own order in the
-fields reserved for it (a linked list, a heap, scores). Everything is a plain numpy array so the
+pins, next use); a policy reads these arrays and keeps its own order in the fields reserved for
+it (a linked list, a heap, last access and frequency, scores). Everything is a plain numpy array so the
 numba kernels can share it without objects.
 
 Slots of pool p are ``base[p] .. base[p] + cap[p] - 1``; per-layer scope has one pool per
@@ -29,11 +29,10 @@ CacheState = namedtuple(
         "cap",  # (pools,) int64
         "used",  # (pools,) int64: slots filled so far (never decreases)
         "pin",  # (slots,) int64: stamp of the group that last demanded the slot
-        "last",  # (slots,) int64: access index of the last hit or fill
-        "inserted",  # (slots,) int64: access index of the fill
-        "freq",  # (slots,) int64: accesses since the fill
         "nu",  # (slots,) int64: next use of the resident (encoded, see workload.next_use)
         # policy-owned order structures
+        "last",  # (slots,) int64: access index of the last hit or fill (LFU, Markov ties)
+        "freq",  # (slots,) int64: accesses since the fill (LFU)
         "prev",  # (slots + pools,) int32  circular doubly linked list per pool; the
         "next",  # (slots + pools,) int32  sentinel of pool p is node slots + p
         "prio",  # (slots,) int64  heap priority (largest is evicted first)
@@ -86,7 +85,6 @@ def new_state(keys, next_use, num_keys, num_layers, pool_caps, seed=0):
         used=np.zeros(pools, np.int64),
         pin=np.zeros(slots, np.int64),
         last=np.zeros(slots, np.int64),
-        inserted=np.zeros(slots, np.int64),
         freq=np.zeros(slots, np.int64),
         nu=np.zeros(slots, np.int64),
         prev=np.arange(slots + pools, dtype=np.int32),  # every list starts empty: the

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from simcache._files import atomic_write_text
 from simcache.errors import SimcacheError
 
 CALIBRATION_VERSION = 1
@@ -86,15 +85,7 @@ class Calibration:
 
     def save(self, path) -> Path:
         """Write atomically (temporary name, then rename)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_json() + "\n")
-        from simcache.trace import _default_mode
-
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, self.to_json() + "\n")
 
 
 def default_calibration() -> Calibration:

@@ -10,14 +10,13 @@ replay all start from it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from simcache._files import check_output, commit, temp_beside
 from simcache.errors import SimcacheError
 
 SCHEMA_VERSION = 1
@@ -461,22 +460,13 @@ class TraceWriter:
         for key in REQUIRED_METADATA:
             if key not in metadata:
                 raise SimcacheError(f"trace metadata lacks '{key}'")
-        self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise SimcacheError(f"output file exists: {self.path} (use --force to replace it)")
-        if self.path.is_dir():
-            raise SimcacheError(f"output path is a directory: {self.path}")
-        parent = self.path.parent
-        if not parent.exists():
-            raise SimcacheError(f"output directory does not exist: {parent}")
+        self.path = check_output(path, overwrite)
         self.k = int(metadata["top_k"])
         self.metadata = {"schema_version": SCHEMA_VERSION, **metadata}
         self.metadata.setdefault("tool_version", _tool_version())
         self._writer = None
         self._schema_fields = None
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._tmp = temp_beside(self.path)
         self.rows = 0
         self._pa = pa
 
@@ -540,8 +530,7 @@ class TraceWriter:
             raise SimcacheError("nothing was written: the trace would be empty")
         self._writer.close()
         self._writer = None
-        os.chmod(self._tmp, _default_mode())
-        os.replace(self._tmp, self.path)
+        commit(self._tmp, self.path)
 
     def abort(self):
         """Drop the temporary file; ``path`` is left as it was."""
@@ -645,13 +634,6 @@ def _sorted(trace: Trace) -> Trace:
         domains=trace.domains,
         metadata=trace.metadata,
     )
-
-
-def _default_mode() -> int:
-    """rw for everyone the umask allows: what a plain open() would have created."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def _first_line(exc: BaseException) -> str:

@@ -4,11 +4,9 @@ binary max-heap, both laid out in :class:`~simcache.state.CacheState` arrays."""
 from simcache._jit import kernel as jit
 
 # ---- circular doubly linked list per pool, with a sentinel node (head = oldest) -----------
-# Branch-free on purpose: numba keeps array reference counting out of the hot path only when
-# no branch picks between arrays, and a sentinel removes the head/tail special cases.
 
 
-@jit(inline="always")
+@jit
 def list_append(S, slot):
     end = S.slot_key.shape[0] + S.slot_pool[slot]
     last = S.prev[end]
@@ -18,18 +16,15 @@ def list_append(S, slot):
     S.prev[end] = slot
 
 
-@jit(inline="always")
+@jit
 def list_remove(S, slot):
-    """Unlink ``slot``; it is left pointing at itself, so removing it again is a no-op."""
     p = S.prev[slot]
     n = S.next[slot]
     S.next[p] = n
     S.prev[n] = p
-    S.prev[slot] = slot
-    S.next[slot] = slot
 
 
-@jit(inline="always")
+@jit
 def list_first_unpinned(S, pool, stamp, from_head):
     """First slot from the head (or tail) that the current group has not pinned, or -1."""
     end = S.slot_key.shape[0] + pool
@@ -49,7 +44,7 @@ def list_first_unpinned(S, pool, stamp, from_head):
 # ---- binary max-heap per pool, keyed by S.prio ---------------------------------------------
 
 
-@jit(inline="always")
+@jit
 def _sift_up(S, b, i):
     h = S.heap
     x = h[b + i]
@@ -67,7 +62,7 @@ def _sift_up(S, b, i):
     return i
 
 
-@jit(inline="always")
+@jit
 def _sift_down(S, b, i, n):
     h = S.heap
     x = h[b + i]
@@ -89,7 +84,7 @@ def _sift_down(S, b, i, n):
     S.hpos[x] = i
 
 
-@jit(inline="always")
+@jit
 def heap_push(S, slot):
     pool = S.slot_pool[slot]
     b = S.base[pool]
@@ -99,7 +94,7 @@ def heap_push(S, slot):
     _sift_up(S, b, n)
 
 
-@jit(inline="always")
+@jit
 def heap_fix(S, slot):
     """Restore heap order after ``S.prio[slot]`` changed."""
     pool = S.slot_pool[slot]
@@ -108,7 +103,7 @@ def heap_fix(S, slot):
     _sift_down(S, b, i, S.hsize[pool])
 
 
-@jit(inline="always")
+@jit
 def heap_remove(S, slot):
     pool = S.slot_pool[slot]
     b = S.base[pool]
@@ -123,7 +118,7 @@ def heap_remove(S, slot):
         _sift_down(S, b, i, n)
 
 
-@jit(inline="always")
+@jit
 def heap_max_unpinned(S, pool, stamp):
     """The unpinned slot of largest priority, or -1.
 
@@ -158,7 +153,7 @@ def heap_max_unpinned(S, pool, stamp):
     return best
 
 
-@jit(inline="always")
+@jit
 def scan_min_unpinned(S, pool, stamp, primary):
     """The unpinned slot with the smallest ``primary[key]``, ties by least recent access."""
     best = -1
@@ -176,6 +171,16 @@ def scan_min_unpinned(S, pool, stamp, primary):
             if S.last[slot] < S.last[best]:
                 best = slot
     return best
+
+
+@jit
+def note_access(S, slot, i, fill):
+    """Last access and in-cache frequency, for rules that rank by them."""
+    S.last[slot] = i
+    if fill:
+        S.freq[slot] = 1
+    else:
+        S.freq[slot] += 1
 
 
 @jit

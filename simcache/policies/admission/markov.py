@@ -23,7 +23,7 @@ from simcache._jit import kernel as jit
 # than the arithmetic here. Index (layer, a, b) directly.
 
 
-@jit(inline="always")
+@jit
 def _count(S, M, s, l):
     T = M.T
     top1 = M.top1
@@ -38,7 +38,7 @@ def _count(S, M, s, l):
                     T[l, a, b] *= M.decay
 
 
-@jit(inline="always")
+@jit
 def _active_sum(S, M, l, lo, hi):
     """s = sum of T[i, :] over the active experts, into M.work[:E]; returns sum(s)."""
     E = M.E
@@ -69,7 +69,7 @@ def learn(S, M, s, l, lo, hi):
         S.total[l] = total
 
 
-@jit(inline="always")
+@jit
 def p_return(S, M, key):
     """P(Return) of ``key``: its score over its layer's total (0 before any data)."""
     t = S.total[key // M.E]

@@ -2,9 +2,9 @@
 recently used. Frequency is in-cache frequency (reset on fill), as in libCacheSim's LFU."""
 
 from simcache._jit import kernel as jit
-from simcache.policies._order import noop_access, noop_evict, scan_min_unpinned
+from simcache.policies._order import noop_evict, note_access, scan_min_unpinned
 
-on_access = noop_access
+on_access = note_access
 on_evict = noop_evict
 
 

@@ -1,16 +1,18 @@
 """LRU: evict the least recently demanded resident.
 
-A linked list per pool in recency order; demanded experts move to the tail, so the pinned
-ones form a suffix and the victim is the head (or none, when the head is pinned too).
+A linked list per pool in recency order (head = least recent). Demanded experts move to the
+tail; the victim is the first unpinned resident from the head (pinned hits of the current
+step that have not been touched yet may still sit near the head, so they are skipped).
 """
 
 from simcache._jit import kernel as jit
-from simcache.policies._order import list_append, list_remove
+from simcache.policies._order import list_append, list_first_unpinned, list_remove
 
 
 @jit
 def on_access(S, slot, i, fill):
-    list_remove(S, slot)  # a no-op for a fresh fill (its node points at itself)
+    if not fill:
+        list_remove(S, slot)
     list_append(S, slot)
 
 
@@ -21,10 +23,4 @@ def on_evict(S, slot):
 
 @jit
 def victim(S, M, pool, stamp):
-    n = S.slot_key.shape[0]
-    head = S.next[n + pool]
-    if head >= n:
-        return -1  # empty
-    if S.pin[head] == stamp:
-        return -1  # every resident pinned (pinned ones are the most recent)
-    return head
+    return list_first_unpinned(S, pool, stamp, True)

@@ -3,10 +3,10 @@ used — the rule of the mixtral-offloading fork that the write-up describes. Sc
 the Markov learner (:mod:`simcache.policies.admission.markov`)."""
 
 from simcache._jit import kernel as jit
-from simcache.policies._order import noop_access, noop_evict
+from simcache.policies._order import noop_evict, note_access
 from simcache.policies.admission.markov import p_return
 
-on_access = noop_access
+on_access = note_access
 on_evict = noop_evict
 
 

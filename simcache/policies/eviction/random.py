@@ -20,7 +20,7 @@ _S27 = np.uint64(27)
 _S31 = np.uint64(31)
 
 
-@jit(inline="always")
+@jit
 def splitmix64(state):
     """Advance ``state[0]`` and return the next 64-bit output (Steele et al., 2014)."""
     state[0] += _GAMMA

@@ -1,0 +1,381 @@
+"""The ``simcache`` command: a thin skin over the library.
+
+Each command parses its options, calls one library function and prints or writes the result.
+Bad input raises :class:`simcache.SimcacheError`, shown as ``Error: <message>`` with exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+import simcache
+from simcache.errors import SimcacheError
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_TRACE = HERE / "traces" / "flame-moe-290m.parquet"
+
+
+def friendly(fn):
+    """Turn library errors (and file errors) into one-line click errors."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SimcacheError as exc:
+            raise click.ClickException(str(exc)) from None
+        except (OSError, MemoryError) as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+    return wrapper
+
+
+def _csv(kind):
+    def convert(ctx, param, value):
+        if value is None:
+            return None
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not items:
+            raise click.BadParameter("empty list")
+        if kind is int:
+            try:
+                return [int(v) for v in items]
+            except ValueError:
+                raise click.BadParameter(f"expected integers, got {value!r}") from None
+        return items
+
+    return convert
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="simcache", message="%(prog)s %(version)s")
+def main():
+    """Expert-cache simulation for offloaded Mixture-of-Experts inference.
+
+    Capture routing traces, simulate which experts to keep on the GPU, analyse routing
+    locality, and replay the decisions on a real GPU.
+    """
+
+
+# ---- info -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("trace", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@friendly
+def info(trace, as_json):
+    """Summarise a trace: model, shape, size and expert load balance."""
+    t = simcache.read_trace(trace)
+    summary = t.summary()
+    meta = {k: v for k, v in t.metadata.items() if k not in summary}
+    if as_json:
+        click.echo(json.dumps({"trace": str(trace), **summary, "metadata": meta}, indent=2))
+        return
+    click.echo(f"trace          {trace}")
+    click.echo(f"model          {summary['model']} ({summary['architecture']})")
+    click.echo(
+        f"shape          {summary['num_layers']} MoE layers x {summary['num_experts']} experts, "
+        f"top-{summary['top_k']}"
+    )
+    click.echo(
+        f"size           {summary['requests']:,} requests, {summary['tokens']:,} tokens "
+        f"({summary['prefill_tokens']:,} prefill, {summary['decode_tokens']:,} decode), "
+        f"{summary['rows']:,} rows"
+    )
+    eb = summary["expert_bytes"]
+    click.echo(f"expert size    {'unknown' if eb is None else f'{eb:,} bytes ({eb / 2**20:.1f} MiB)'}")
+    click.echo(
+        "load balance   max/mean expert use per layer: "
+        f"{summary['load_max_over_mean_min']:.2f} .. {summary['load_max_over_mean_max']:.2f} "
+        f"(mean {summary['load_max_over_mean_mean']:.2f}); unused experts per layer <= "
+        f"{summary['unused_experts_per_layer_max']}"
+    )
+    if summary["domains"]:
+        click.echo(f"domains        {', '.join(summary['domains'])}")
+    for key, value in meta.items():
+        if key not in ("num_layers", "num_experts", "top_k"):
+            click.echo(f"{key:<14} {value}")
+
+
+# ---- import ---------------------------------------------------------------------------------
+
+
+@main.command("import")
+@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--format", "fmt", type=click.Choice(["auto", "jsonl", "parquet", "flame"]), default="auto",
+    show_default=True, help="Input format; auto = by suffix, recognising the FLAME sample.",
+)
+@click.option("--request", help="Column holding the sequence id.")
+@click.option("--position", help="Column holding the token index.")
+@click.option("--layer", help="Column holding the MoE layer.")
+@click.option("--experts", help="Column holding the chosen experts.")
+@click.option("--weights", help="Column holding the gate weights.")
+@click.option("--token-id", help="Column holding the token id.")
+@click.option("--domain", help="Column holding a domain label.")
+@click.option("--num-experts", type=int, help="Experts per layer (default: largest id + 1).")
+@click.option("--model", help="Model name for the metadata.")
+@click.option("--expert-bytes", type=int, help="Bytes of one expert as served (for timing).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@friendly
+def import_(source, output, fmt, request, position, layer, experts, weights, token_id, domain,
+            num_experts, model, expert_bytes, force):
+    """Convert a foreign trace (JSONL, another tool's Parquet, the FLAME sample) to OUTPUT."""
+    from simcache.importers import import_file, import_flame
+
+    if output.exists() and not force:
+        raise SimcacheError(f"output file exists: {output} (use --force to replace it)")
+    if fmt == "auto":
+        fmt = "parquet" if source.suffix == ".parquet" else "jsonl"
+        if fmt == "parquet" and source.exists():
+            import pyarrow.parquet as pq
+
+            try:
+                names = set(pq.read_schema(source).names)
+            except Exception:
+                names = set()
+            if {"stream_idx", "contiguous_prefix", "scores"} <= names:
+                fmt = "flame"
+    if fmt == "flame":
+        trace = import_flame(source)
+    else:
+        options = {
+            k: v for k, v in dict(
+                request=request, position=position, layer=layer, experts=experts, weights=weights,
+                token_id=token_id, domain=domain, num_experts=num_experts, model=model,
+                expert_bytes=expert_bytes,
+            ).items() if v is not None
+        }
+        trace = import_file(source, fmt=fmt, **options)
+    simcache.write_trace(trace, output, overwrite=True)
+    click.echo(
+        f"wrote {output}: {trace.num_requests:,} requests, {trace.num_tokens:,} tokens, "
+        f"{trace.num_layers} layers x {trace.num_experts} experts, top-{trace.top_k}"
+    )
+
+
+# ---- synth ----------------------------------------------------------------------------------
+
+
+def _length(ctx, param, value):
+    try:
+        if ":" in value:
+            lo, hi = value.split(":")
+            return (int(lo), int(hi))
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected N or LO:HI, got {value!r}") from None
+
+
+@main.command()
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--requests", "num_requests", type=int, default=64, show_default=True)
+@click.option("--length", default="256", callback=_length, show_default=True,
+              help="Tokens per request: N, or LO:HI drawn uniformly.")
+@click.option("--layers", type=int, default=32, show_default=True)
+@click.option("--experts", type=int, default=8, show_default=True)
+@click.option("--top-k", type=int, default=2, show_default=True)
+@click.option("--transitions", type=click.Path(dir_okay=False, path_type=Path),
+              help="Walk these top-1 transition counts (.npy, layers x E x E).")
+@click.option("--communities", type=int, help="Parametric model: expert communities (default E/4).")
+@click.option("--stickiness", type=float, default=0.9, show_default=True)
+@click.option("--zipf", type=float, default=1.0, show_default=True)
+@click.option("--noise", type=float, default=0.1, show_default=True)
+@click.option("--prompt-length", type=int, default=0, show_default=True,
+              help="Mark the first tokens of each request as prefill.")
+@click.option("--expert-bytes", type=int, default=simcache.timing.MIXTRAL_EXPERT_BYTES, show_default=True)
+@click.option("--no-weights", is_flag=True, help="Leave out gate weights (smaller files).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@friendly
+def synth(output, num_requests, length, layers, experts, top_k, transitions, communities,
+          stickiness, zipf, noise, prompt_length, expert_bytes, no_weights, seed, force):
+    """Draw a synthetic routing trace (Markov chain or parametric) into OUTPUT."""
+    if output.exists() and not force:
+        raise SimcacheError(f"output file exists: {output} (use --force to replace it)")
+    counts = None
+    if transitions is not None:
+        import numpy as np
+
+        if not transitions.exists():
+            raise SimcacheError(f"transition file not found: {transitions}")
+        try:
+            counts = np.load(transitions, allow_pickle=False)
+        except ValueError as exc:
+            raise SimcacheError(f"{transitions}: not a numpy array ({exc})") from None
+    trace = simcache.synth(
+        num_requests, length, num_layers=layers, num_experts=experts, top_k=top_k,
+        transitions=counts, communities=communities, stickiness=stickiness, zipf=zipf,
+        noise=noise, prompt_length=prompt_length, weights=not no_weights, seed=seed,
+        expert_bytes=expert_bytes,
+    )
+    simcache.write_trace(trace, output)
+    accesses_b1 = trace.num_tokens * trace.num_layers * trace.top_k
+    click.echo(
+        f"wrote {output}: {trace.num_requests:,} requests, {trace.num_tokens:,} tokens, "
+        f"{trace.num_layers} layers x {trace.num_experts} experts, top-{trace.top_k} "
+        f"({accesses_b1:,} accesses at batch 1)"
+    )
+
+
+# ---- simulate -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("trace", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--policy", "policies", default="lru", callback=_csv(str), show_default=True,
+              help=f"Preset(s), comma-separated: {', '.join(simcache.PRESETS)}.")
+@click.option("--capacity", "capacities", callback=_csv(int),
+              help="Slots per layer (or in the global pool), comma-separated. Default: E/4 "
+                   "per layer.")
+@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True, help="Sequences decoding together.")
+@click.option("--prefill", type=click.Choice(["skip", "step"]), default="skip", show_default=True)
+@click.option("--threshold", default="0.1", show_default=True,
+              help="Markov admission tau: a number in [0, 1], or X/E for X times 1/E.")
+@click.option("--evict", type=click.Choice(list(simcache.EVICTION)), help="Override the eviction rule.")
+@click.option("--admit", type=click.Choice(list(simcache.ADMISSION)), help="Override the admission rule.")
+@click.option("--horizon", type=int, default=4, show_default=True, help="Steps ahead for markov-h.")
+@click.option("--prior", type=click.Path(dir_okay=False, path_type=Path),
+              help="Seed the Markov learner from a separate trace or a .npy count array.")
+@click.option("--split", type=float,
+              help="Score on this fraction of requests; fit the Markov prior on the rest.")
+@click.option("--seed", type=int, default=0, show_default=True, help="For --split and random eviction.")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
+              help="Timing tables from 'simcache probe' (default: H200 reference figures).")
+@click.option("--no-overlap", is_flag=True, help="Model copies without a side stream (serial).")
+@click.option("--expert-bytes", type=int, help="Override the trace's bytes per expert.")
+@click.option("--per-layer", is_flag=True, help="Also print per-layer counters.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write results to .parquet, .csv or .json.")
+@click.option("--decisions", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the decision log of the (single) run, for 'simcache replay'.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr (default: on for long runs at a terminal).")
+@friendly
+def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evict, admit, horizon,
+             prior, split, seed, calibration, no_overlap, expert_bytes, per_layer, as_json, out,
+             decisions, progress):
+    """Simulate expert caches over TRACE (default: the bundled FLAME-MoE-290M sample).
+
+    \b
+    Examples:
+      simcache simulate --policy lru,markov,belady,belady-bypass --capacity 8,16,32
+      simcache simulate my.parquet --policy markov --threshold 0.1 --batch 64
+      simcache simulate my.parquet --policy markov --split 0.5
+    """
+    from simcache.report import table, write_results
+    from simcache.simulator import Workload
+    from simcache.transitions import load_prior, split_requests
+
+    path = trace or DEFAULT_TRACE
+    if trace is None and not path.exists():
+        raise SimcacheError(f"no TRACE given and the bundled sample is missing: {path}")
+    t = simcache.read_trace(path)
+    L, E = t.num_layers, t.num_experts
+    if capacities is None:
+        capacities = [max(1, E // 4) if scope == "layer" else max(1, L * E // 4)]
+    prior_counts = None
+    notes = []
+    if split is not None:
+        if prior is not None:
+            raise SimcacheError("use either --split or --prior, not both")
+        train, t = split_requests(t, split, seed)
+        prior_counts = simcache.fit_prior(train)
+        notes.append(
+            f"scored on {t.num_requests:,} test requests; Markov prior fitted on "
+            f"{train.num_requests:,} train requests (split by request, seed {seed})"
+        )
+    elif prior is not None:
+        if prior.resolve() == Path(path).resolve():
+            raise SimcacheError("the prior is the trace being scored: fit it on a separate trace")
+        prior_counts = load_prior(prior, L, E)
+        notes.append(f"Markov prior from {prior}")
+    cal = simcache.load_calibration(calibration) if calibration is not None else None
+    if decisions is not None and len(policies) * len(capacities) != 1:
+        raise SimcacheError("--decisions needs exactly one policy and one capacity")
+    for p in policies:
+        simcache.policies.resolve(p, evict, admit)
+    work = Workload(t, batch, prefill)
+    runs = [(p, c) for p in policies for c in capacities]
+    total = work.demand.num_accesses * len(runs)
+    show = progress if progress is not None else (sys.stderr.isatty() and total > 20_000_000)
+    results = []
+    bar = click.progressbar(length=total, label="simulating", file=sys.stderr) if show else None
+    try:
+        if bar is not None:
+            bar.__enter__()
+        for p, c in runs:
+            results.append(
+                simcache.simulate(
+                    work, p, c, scope=scope, threshold=threshold, evict=evict, admit=admit,
+                    prior=prior_counts, horizon=horizon, seed=seed, calibration=cal,
+                    overlap=False if no_overlap else None, expert_bytes=expert_bytes,
+                    record=decisions is not None, progress=None if bar is None else bar.update,
+                )
+            )
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    if decisions is not None:
+        from simcache.decisions import write_decisions
+
+        write_decisions(work, results[0], decisions)
+        notes.append(f"decision log written to {decisions}")
+    records = [r.to_dict(per_layer=per_layer) for r in results]
+    for rec in records:
+        rec["trace"] = str(path)
+    if out is not None:
+        write_results(records, out)
+        notes.append(f"results written to {out}")
+    if as_json:
+        click.echo(json.dumps({"trace": str(path), "notes": notes, "results": records}, indent=2))
+        return
+    r0 = results[0]
+    click.echo(
+        f"trace: {path}\n"
+        f"model: {t.model}, {L} layers x {E} experts, top-{t.top_k}, "
+        f"{t.num_requests:,} requests, {t.num_tokens:,} tokens\n"
+        f"workload: batch {work.batch}, prefill {prefill}, scope {scope}: {r0.steps:,} steps, "
+        f"{r0.accesses:,} accesses"
+        + (f"\ntiming: {r0.calibration}, expert {r0.expert_bytes / 2**20:.2f} MiB, "
+           f"{'copy stream overlaps compute' if (cal or simcache.default_calibration()).overlap and not no_overlap else 'serial copies'}"
+           if r0.expert_bytes else "\ntiming: off (the trace has no expert_bytes; pass --expert-bytes)")
+    )
+    for note in notes:
+        click.echo(f"note: {note}")
+    click.echo("")
+    headers = ["policy", "capacity", "hit ratio", "hits", "fills", "bypasses", "forced", "evictions",
+               "reloads", "GB loaded", "ms/token", "tokens/s"]
+    rows = []
+    for r in results:
+        name = r.policy + (f" (tau={r.threshold:.3g})" if r.threshold is not None else "")
+        rows.append([
+            name, r.capacity, r.hit_ratio, r.hits, r.fills, r.bypasses, r.forced_bypasses,
+            r.evictions, r.reloads, None if r.bytes_loaded is None else r.bytes_loaded / 1e9,
+            None if r.time_per_token_s is None else r.time_per_token_s * 1e3, r.tokens_per_s,
+        ])
+    click.echo(table(headers, rows))
+    if per_layer:
+        for r in results:
+            click.echo(f"\n{r.policy}, capacity {r.capacity}, per layer:")
+            pl = r.per_layer
+            click.echo(table(
+                ["layer", "accesses", "hits", "hit ratio", "fills", "bypasses", "forced", "evictions", "reloads"],
+                [[l, int(pl["accesses"][l]), int(pl["hits"][l]),
+                  pl["hits"][l] / pl["accesses"][l] if pl["accesses"][l] else 0.0,
+                  int(pl["fills"][l]), int(pl["bypasses"][l]), int(pl["forced_bypasses"][l]),
+                  int(pl["evictions"][l]), int(pl["reloads"][l])] for l in range(L)],
+            ))
+
+
+if __name__ == "__main__":
+    main()

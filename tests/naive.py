@@ -1,0 +1,381 @@
+"""Slow reference twins of the simulator, written plainly from DESIGN §3-4.
+
+Nothing here is shared with the numba kernels: scheduling is a Python loop, demand is a
+``Counter`` sorted by expert, LRU/FIFO order lives in an ``OrderedDict``, Belady looks ahead in
+each key's list of access positions at every decision (no precomputed next-use array), and the
+Markov rule keeps its counts in nested lists. The tests
+compare the kernels with these access by access (outcome, slot and victim of every access).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter, OrderedDict
+
+import numpy as np
+
+HIT, FILL, BYPASS, FORCED = 0, 1, 2, 3
+MASK = (1 << 64) - 1
+
+
+def schedule(trace, batch=1, prefill="skip"):
+    """Steps as lists of (token index, previous processed token of the request or None)."""
+    L = trace.num_layers
+    req = trace.request[::L].tolist()
+    phase = trace.phase[::L].tolist()
+    requests = []  # (prompt token list, decode token list)
+    for t, r in enumerate(req):
+        if not requests or req[t - 1] != r or t == 0:
+            requests.append(([], []))
+        (requests[-1][0] if phase[t] == 0 else requests[-1][1]).append(t)
+    steps = []
+    active = [None] * batch  # per slot: [request index, next decode position in its list]
+    prev_of = {}
+    queue = list(range(len(requests)))
+    while True:
+        for b in range(batch):
+            while active[b] is None and queue:
+                r = queue.pop(0)
+                prompt, decode = requests[r]
+                if prefill == "step" and prompt:
+                    step = []
+                    for j, t in enumerate(prompt):
+                        step.append((t, prompt[j - 1] if j > 0 else None))
+                        prev_of[t] = prompt[j - 1] if j > 0 else None
+                    steps.append(step)
+                if decode:
+                    active[b] = [r, 0]
+        step = []
+        for b in range(batch):
+            if active[b] is None:
+                continue
+            r, j = active[b]
+            prompt, decode = requests[r]
+            t = decode[j]
+            if j > 0:
+                prev = decode[j - 1]
+            elif prefill == "step" and prompt:
+                prev = prompt[-1]
+            else:
+                prev = None
+            step.append((t, prev))
+            active[b][1] += 1
+            if active[b][1] == len(decode):
+                active[b] = None
+        if not step:
+            break
+        steps.append(step)
+    return steps
+
+
+def accesses(trace, steps):
+    """Flat list of groups: (step, layer, [(key, tokens), ...] with experts ascending)."""
+    L, E = trace.num_layers, trace.num_experts
+    ex = trace.experts.reshape(-1, L, trace.top_k)
+    groups = []
+    for s, step in enumerate(steps):
+        for l in range(L):
+            c = Counter()
+            for t, _ in step:
+                for e in ex[t, l].tolist():
+                    c[e] += 1
+            groups.append((s, l, [(l * E + e, c[e]) for e in sorted(c)]))
+    return groups
+
+
+def splitmix64(state):
+    state[0] = (state[0] + 0x9E3779B97F4A7C15) & MASK
+    z = state[0]
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
+class NaiveCache:
+    def __init__(self, trace, evict, admit, capacity, scope, *, tau, prior, horizon,
+                 decay_every, decay, seed, flat):
+        self.L, self.E = trace.num_layers, trace.num_experts
+        self.evict, self.admit_rule = evict, admit
+        self.scope = scope
+        pools = self.L if scope == "layer" else 1
+        self.cap = capacity
+        self.slots = [dict() for _ in range(pools)]  # slot -> key
+        self.where = {}  # key -> (pool, slot)
+        self.used = [0] * pools
+        self.recency = [OrderedDict() for _ in range(pools)]  # LRU order (oldest first)
+        self.insertion = [OrderedDict() for _ in range(pools)]  # FIFO order
+        self.last, self.freq = {}, {}
+        self.evicted = set()
+        self.flat = flat  # keys in access order
+        self.positions = {}
+        for j, k in enumerate(flat):
+            self.positions.setdefault(k, []).append(j)
+        self.tau, self.horizon = tau, horizon
+        self.decay_every, self.decay = decay_every, decay
+        E = self.E
+        self.T = [[[0.0] * E for _ in range(E)] for _ in range(self.L)]
+        if prior is not None:
+            for l in range(self.L):
+                for a in range(E):
+                    for b in range(E):
+                        self.T[l][a][b] = float(prior[l, a, b])
+        self.score = {}  # key -> (s, total) last computed
+        self.nodata = [True] * self.L
+        self.rng = [(seed ^ 0x9E3779B97F4A7C15) & MASK]
+
+    def pool(self, key):
+        return key // self.E if self.scope == "layer" else 0
+
+    # -- future knowledge, by looking ahead in each key's list of access positions ---------
+    def next_use(self, key, i):
+        where = self.positions.get(key, [])
+        j = bisect.bisect_right(where, i)
+        return where[j] if j < len(where) else None  # None: never again
+
+    def far(self, key, i):
+        """Sort key for 'farther next use': never-again beats everything, LRU among those."""
+        nu = self.next_use(key, i)
+        return (1, -self.last[key]) if nu is None else (0, nu)
+
+    # -- Markov learner -----------------------------------------------------------------------
+    def learn(self, step, l, pairs, top1, active):
+        E = self.E
+        T = self.T[l]
+        for prev, cur in pairs:
+            T[top1[prev][l]][top1[cur][l]] += 1.0
+        if self.decay_every > 0 and (step + 1) % self.decay_every == 0:
+            for a in range(E):
+                for b in range(E):
+                    T[a][b] *= self.decay
+        s = [0.0] * E
+        for key in active:
+            a = key - l * E
+            for e in range(E):
+                s[e] += T[a][e]
+        total = 0.0
+        for e in range(E):
+            total += s[e]
+        self.nodata[l] = total <= 0.0
+        if total <= 0.0:
+            return
+        if self.admit_rule == "markov-h":
+            pi = [x / total for x in s]
+            stay = [1.0] * E
+            rows = [sum_in_order(T[a]) for a in range(E)]
+            for h in range(self.horizon):
+                stay = [stay[e] * (1.0 - pi[e]) for e in range(E)]
+                if h + 1 == self.horizon:
+                    break
+                nxt = [0.0] * E
+                for a in range(E):
+                    if pi[a] == 0.0:
+                        continue
+                    if rows[a] > 0.0:
+                        f = pi[a] / rows[a]
+                        for b in range(E):
+                            nxt[b] += f * T[a][b]
+                    else:
+                        f = pi[a] / E
+                        for b in range(E):
+                            nxt[b] += f
+                pi = nxt
+            for e in range(E):
+                self.score[l * E + e] = (1.0 - stay[e], 1.0)
+        else:
+            for e in range(E):
+                self.score[l * E + e] = (s[e], total)
+
+    def p_return(self, key):
+        s, total = self.score.get(key, (0.0, 0.0))
+        return s / total if total > 0 else 0.0
+
+    # -- rules ------------------------------------------------------------------------------
+    def admit(self, key, i, pinned, later_misses):
+        rule = self.admit_rule
+        if rule == "all":
+            return True
+        if rule in ("markov", "markov-h"):
+            if self.nodata[key // self.E]:
+                return True
+            return self.p_return(key) >= self.tau
+        assert rule == "oracle"
+        p = self.pool(key)
+        n = len(self.flat)
+
+        def capped(k, j):
+            nu = self.next_use(k, j)
+            return n if nu is None else nu
+
+        me = capped(key, i)
+        unpinned = [k for k in self.slots[p].values() if k not in pinned]
+        room = self.cap - self.used[p] + len(unpinned)
+        nearer = sum(1 for k in unpinned if capped(k, self.last[k]) <= me)
+        nearer += sum(1 for (k, j) in later_misses if capped(k, j) < me)
+        return nearer < room
+
+    def victim(self, p, pinned, i):
+        cands = [k for k in self.slots[p].values() if k not in pinned]
+        if not cands:
+            return None
+        rule = self.evict
+        if rule == "lru":
+            return next(k for k in self.recency[p] if k not in pinned)
+        if rule == "fifo":
+            return next(k for k in self.insertion[p] if k not in pinned)
+        if rule == "lifo":
+            return next(k for k in reversed(self.insertion[p]) if k not in pinned)
+        if rule == "lfu":
+            return min(cands, key=lambda k: (self.freq[k], self.last[k]))
+        if rule == "markov":
+            return min(cands, key=lambda k: (self.p_return(k), self.last[k]))
+        if rule == "belady":
+            return max(cands, key=lambda k: self.far(k, self.last[k]))
+        if rule == "random":
+            by_slot = sorted((s, k) for s, k in self.slots[p].items() if k not in pinned)
+            r = splitmix64(self.rng) % len(by_slot)
+            return by_slot[r][1]
+        raise ValueError(rule)
+
+    def touch(self, key, i):
+        p = self.pool(key)
+        self.recency[p].pop(key, None)
+        self.recency[p][key] = True
+        self.last[key] = i
+
+
+def sum_in_order(values):
+    total = 0.0
+    for v in values:
+        total += v
+    return total
+
+
+def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="skip", tau=0.1,
+             prior=None, horizon=4, decay_every=100, decay=0.99, seed=0):
+    """Returns dict(outcome=[...], slot=[...], victim=[...], counters={name: [per layer]})."""
+    steps = schedule(trace, batch, prefill)
+    groups = accesses(trace, steps)
+    flat = [key for _, _, acc in groups for key, _ in acc]
+    L, E = trace.num_layers, trace.num_experts
+    top1 = trace.experts.reshape(-1, L, trace.top_k)[:, :, 0].tolist()
+    c = NaiveCache(trace, evict, admit, capacity, scope, tau=tau, prior=prior, horizon=horizon,
+                   decay_every=decay_every, decay=decay, seed=seed, flat=flat)
+    learns = admit in ("markov", "markov-h") or evict == "markov"
+    names = ("accesses", "hits", "fills", "bypasses", "forced_bypasses", "evictions", "reloads")
+    counters = {n: [0] * L for n in names}
+    outcome, slot_out, victim_out = [], [], []
+    i = 0
+    for s, l, acc in groups:
+        if learns:
+            pairs = [(prev, t) for t, prev in steps[s] if prev is not None]
+            c.learn(s, l, pairs, top1, [k for k, _ in acc])
+        counters["accesses"][l] += len(acc)
+        pinned = {k for k, _ in acc if k in c.where}
+        base_i = i
+        for j, (key, _) in enumerate(acc):
+            i = base_i + j
+            p = c.pool(key)
+            if key in c.where:
+                c.touch(key, i)
+                c.freq[key] += 1
+                counters["hits"][l] += 1
+                outcome.append(HIT)
+                slot_out.append(c.where[key][1])
+                victim_out.append(-1)
+                continue
+            later = [(k, base_i + jj) for jj, (k, _) in enumerate(acc) if jj > j and k not in c.where]
+            if not c.admit(key, i, pinned, later):
+                counters["bypasses"][l] += 1
+                outcome.append(BYPASS)
+                slot_out.append(-1)
+                victim_out.append(-1)
+                continue
+            gone = -1
+            if c.used[p] < c.cap:
+                slot = c.used[p]
+                c.used[p] += 1
+            else:
+                v = c.victim(p, pinned, i)
+                if v is None:
+                    counters["forced_bypasses"][l] += 1
+                    outcome.append(FORCED)
+                    slot_out.append(-1)
+                    victim_out.append(-1)
+                    continue
+                _, slot = c.where.pop(v)
+                c.recency[p].pop(v)
+                c.insertion[p].pop(v)
+                c.evicted.add(v)
+                counters["evictions"][l] += 1
+                gone = v
+            if key in c.evicted:
+                counters["reloads"][l] += 1
+            c.where[key] = (p, slot)
+            c.slots[p][slot] = key
+            c.insertion[p][key] = True
+            c.touch(key, i)
+            c.freq[key] = 1
+            pinned.add(key)
+            counters["fills"][l] += 1
+            outcome.append(FILL)
+            slot_out.append(slot)
+            victim_out.append(gone)
+        i = base_i + len(acc)
+    return {"outcome": outcome, "slot": slot_out, "victim": victim_out, "counters": counters}
+
+
+def lru_hits_flat(sequence, capacity):
+    """Hits of a textbook LRU over a flat key sequence (one access at a time)."""
+    cache = OrderedDict()
+    hits = 0
+    for k in sequence:
+        if k in cache:
+            hits += 1
+            cache.move_to_end(k)
+        else:
+            cache[k] = True
+            if len(cache) > capacity:
+                cache.popitem(last=False)
+    return hits
+
+
+def optimal_hits(groups, capacity, bypass=True):
+    """Exhaustive search for the most hits on one pool (tiny inputs only).
+
+    ``groups`` is a list of sets of keys demanded together. Every miss is loaded; with
+    ``bypass`` any subset of misses may be admitted, else as many as free and evictable slots
+    allow (admission is forced). Evictions only make room for admitted misses and never touch
+    a key demanded by the same group.
+    """
+    from functools import lru_cache
+    from itertools import combinations
+
+    groups = [frozenset(g) for g in groups]
+
+    @lru_cache(maxsize=None)
+    def best(g, cache):
+        if g == len(groups):
+            return 0
+        demand = groups[g]
+        hits = len(cache & demand)
+        misses = sorted(demand - cache)
+        evictable = sorted(cache - demand)
+        room = capacity - len(cache)
+        out = -1
+        sizes = range(len(misses) + 1) if bypass else [min(len(misses), room + len(evictable))]
+        for n_admit in sizes:
+            for admitted in combinations(misses, n_admit):
+                n_evict = max(0, n_admit - room)
+                if n_evict > len(evictable):
+                    continue
+                for gone in combinations(evictable, n_evict):
+                    nxt = (cache - frozenset(gone)) | frozenset(admitted)
+                    out = max(out, hits + best(g + 1, nxt))
+        return out
+
+    return best(0, frozenset())
+
+
+def as_arrays(result):
+    return (np.array(result["outcome"], np.int8), np.array(result["slot"], np.int32),
+            np.array(result["victim"], np.int32))
