@@ -15,6 +15,7 @@ The bookkeeping lives once, in :func:`_run`; a policy only answers ``victim`` an
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -28,15 +29,15 @@ from simcache.policies import learner_for, policy_name, resolve
 from simcache.state import Learner, new_state
 from simcache.timing import Calibration, default_calibration
 from simcache.trace import Trace
-from simcache.workload import Demand, Steps, demand, next_use, schedule, step_pairs
+from simcache.workload import Demand, Steps, demand, future_order, schedule, step_pairs
 
 SCOPES = ("layer", "global")
 
 # decision codes (record=True), also the first four counter columns
 HIT, FILL, BYPASS, FORCED_BYPASS = 0, 1, 2, 3
 OUTCOME_NAMES = ("hit", "fill", "bypass", "forced")
-EVICTIONS, RELOADS = 4, 5
-COUNTER_NAMES = ("hits", "fills", "bypasses", "forced_bypasses", "evictions", "reloads")
+EVICTIONS, RELOADS, ACCESSES = 4, 5, 6
+COUNTER_NAMES = ("hits", "fills", "bypasses", "forced_bypasses", "evictions", "reloads", "accesses")
 
 CHUNK_ACCESSES = 4_000_000  # accesses per kernel call between progress updates
 
@@ -44,19 +45,23 @@ CHUNK_ACCESSES = 4_000_000  # accesses per kernel call between progress updates
 @jit
 def _run(
     g0, g1, group_ptr, tokens, L, per_layer, S, M,
-    evict_tag, admit_tag, learner_tag, has_future,
+    evict_tag, admit_tag, learner_tag, record_tag,
     counters, layer_time, t_copy, ffn_lut, overlap,
-    record, out_outcome, out_slot, out_victim,
+    out_outcome, out_slot, out_victim,
 ):
     """Serve groups g0..g1-1. Per access it counts the outcome (counters[layer, outcome]),
-    evictions and reloads; per group it adds the group's predicted time to layer_time.
+    evictions and reloads; per group it adds the accesses (counters[layer, ACCESSES]) and
+    the group's compute and predicted time (layer_time[layer, 0 and 1]).
 
-    Policy codes arrive as tuple lengths (see :func:`_tag`), so each policy pair compiles to
-    its own specialisation in which the dispatch chains fold away (+35% accesses/s on LRU).
+    Policy codes and the record flag arrive as tuple lengths (see :func:`_tag`), so each
+    policy pair compiles to its own specialisation in which the dispatch chains and unused
+    bookkeeping fold away (+35% accesses/s on LRU).
     """
     evict = len(evict_tag) - 1
     admit_code = len(admit_tag) - 1
     learner = len(learner_tag) - 1
+    record = len(record_tag) == 2
+    has_future = evict == dispatch.BELADY or admit_code == dispatch.ORACLE
     s = g0 // L
     l = g0 - s * L - 1
     for g in range(g0, g1):
@@ -71,12 +76,12 @@ def _run(
         pool = l if per_layer else 0
         stamp = g + 1
         dispatch.learn(learner, S, M, s, l, lo, hi)
-        # 1. demanded residents are hits, pinned for this group: no miss may evict them
+        # 1. demanded residents are hits, pinned for this group: no miss may evict them.
+        # Branch-free: an absent key's slot -1 pins the spare last entry of S.pin (a branch
+        # here mispredicts on every other access: -20% accesses/s).
         if hi - lo > 1:  # (a lone access has no other miss to protect itself from)
             for i in range(lo, hi):
-                slot = S.where[S.keys[i]]
-                if slot >= 0:
-                    S.pin[slot] = stamp
+                S.pin[S.where[S.keys[i]]] = stamp
         # 2. in expert order: hits are touched, misses ask admission and eviction. Touching
         # hits and fills in one order that does not depend on which were hits keeps LRU a
         # stack algorithm (hits never fall as capacity grows).
@@ -88,10 +93,10 @@ def _run(
             cost = ffn_lut[tokens[i]]
             compute += cost
             slot = S.where[key]
-            if slot >= 0:  # a hit (misses of this group are filled only at their own index)
-                S.pin[slot] = stamp
+            if slot >= 0:  # a hit (misses of this group are filled only at their own index;
+                # pass 1 pinned it, or it is the group's only access)
                 if has_future:
-                    S.nu[slot] = S.next_use[i]
+                    S.nu[slot] = S.future[i]
                 dispatch.on_access(evict, S, slot, i, False)
                 counters[l, HIT] += 1
                 if record:
@@ -123,7 +128,7 @@ def _run(
                     S.slot_key[slot] = key
                     S.pin[slot] = stamp
                     if has_future:
-                        S.nu[slot] = S.next_use[i]
+                        S.nu[slot] = S.future[i]
                     dispatch.on_access(evict, S, slot, i, True)
                     outcome = FILL
             counters[l, outcome] += 1
@@ -134,10 +139,12 @@ def _run(
         # 3. time of this group: copies on a side stream overlap compute, but the last loaded
         # expert can only compute after its copy; without overlap the two add up
         transfer = loads * t_copy
+        counters[l, ACCESSES] += hi - lo
+        layer_time[l, 0] += compute
         if overlap:
-            layer_time[l] += max(compute, transfer + last_miss)
+            layer_time[l, 1] += max(compute, transfer + last_miss)
         else:
-            layer_time[l] += compute + transfer
+            layer_time[l, 1] += compute + transfer
 
 
 def _tag(code: int) -> tuple:
@@ -153,7 +160,7 @@ class Workload:
     """A trace scheduled for one batch size and prefill mode, with its access stream.
 
     Built once and reused across policies and capacities (:func:`simulate` accepts it in place
-    of a trace). Next use and the Markov learner's inputs are computed on first need.
+    of a trace). Future order and the Markov learner's inputs are computed on first need.
     """
 
     def __init__(self, trace: Trace, batch: int = 1, prefill: str = "skip"):
@@ -167,16 +174,16 @@ class Workload:
                 "no accesses to simulate: every token is prefill and prefill is skipped "
                 "(use --prefill step)"
             )
-        self._next_use = None
+        self._future = None
         self._pairs = None
         self._top1 = None
 
     @property
-    def next_use(self) -> np.ndarray:
-        if self._next_use is None:
-            d = self.demand
-            self._next_use = next_use(d.keys, d.num_layers * d.num_experts)
-        return self._next_use
+    def future(self) -> np.ndarray:
+        """Belady's order of every access's next use (:func:`simcache.workload.future_order`)."""
+        if self._future is None:
+            self._future = future_order(self.demand)
+        return self._future
 
     @property
     def pairs(self):
@@ -184,10 +191,10 @@ class Workload:
             self._pairs = step_pairs(self.steps)
         return self._pairs
 
-    @property
-    def layer_accesses(self) -> np.ndarray:
-        d = self.demand
-        return np.bincount(d.keys // d.num_experts, minlength=d.num_layers).astype(np.int64)
+    @functools.cached_property
+    def max_tokens(self) -> int:
+        """Most tokens any expert gets in one (step, layer)."""
+        return int(self.demand.tokens.max())
 
     @property
     def top1(self) -> np.ndarray:
@@ -464,7 +471,7 @@ def simulate(
     d = work.demand
     n_acc = d.num_accesses
     needs_future = eviction.needs_future or admission.needs_future
-    future = work.next_use if needs_future else np.zeros(0, np.int64)
+    future = work.future if needs_future else np.zeros(0, np.int64)
     caps = [capacity] * L if scope == "layer" else [capacity]
     S = new_state(d.keys, future, L * E, L, caps, seed=seed)
     learner = learner_for(eviction, admission)
@@ -475,15 +482,15 @@ def simulate(
         raise SimcacheError(f"expert_bytes must be positive, got {eb}")
     cal = calibration if calibration is not None else default_calibration()
     if eb is None:
-        t_copy, lut, cal_name = 0.0, np.zeros(int(d.tokens.max()) + 1), None
+        t_copy, lut, cal_name = 0.0, np.zeros(work.max_tokens + 1), None
     else:
         t_copy = cal.copy_seconds(eb)
-        lut = cal.ffn_seconds_for(np.arange(int(d.tokens.max()) + 1), eb)
+        lut = cal.ffn_seconds_for(np.arange(work.max_tokens + 1), eb)
         cal_name = cal.device
     ov = cal.overlap if overlap is None else bool(overlap)
 
     counters = np.zeros((L, len(COUNTER_NAMES)), np.int64)
-    layer_time = np.zeros(L, np.float64)
+    layer_time = np.zeros((L, 2), np.float64)
     if record:
         rec = (np.full(n_acc, -1, np.int8), np.full(n_acc, -1, np.int32), np.full(n_acc, -1, np.int32))
     else:
@@ -499,21 +506,19 @@ def simulate(
         g_end = max(g_end, g + 1)
         _run(
             g, g_end, gp, d.tokens, L, scope == "layer", S, M,
-            _tag(eviction.code), _tag(admission.code), _tag(learner),
-            needs_future, counters, layer_time, t_copy, lut, ov, record, rec[0], rec[1], rec[2],
+            _tag(eviction.code), _tag(admission.code), _tag(learner), _tag(int(record)),
+            counters, layer_time, t_copy, lut, ov, rec[0], rec[1], rec[2],
         )
         if progress is not None:
             progress(int(gp[g_end] - gp[g]))
         g = g_end
     elapsed = time.perf_counter() - start
 
-    per_layer = {"accesses": work.layer_accesses.copy()}
-    per_layer.update({name: counters[:, j].copy() for j, name in enumerate(COUNTER_NAMES)})
-    # compute does not depend on the policy; transfer is loads x copy time
-    per_layer["compute_s"] = np.bincount(d.keys // E, weights=lut[d.tokens], minlength=L)
+    per_layer = {name: counters[:, j].copy() for j, name in enumerate(COUNTER_NAMES)}
     loads = counters[:, FILL] + counters[:, BYPASS] + counters[:, FORCED_BYPASS]
+    per_layer["compute_s"] = layer_time[:, 0].copy()
     per_layer["transfer_s"] = loads * t_copy
-    per_layer["time_s"] = layer_time
+    per_layer["time_s"] = layer_time[:, 1].copy()
     return SimResult(
         policy=policy_name(eviction.name, admission.name),
         evict=eviction.name,

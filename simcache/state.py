@@ -20,7 +20,7 @@ CacheState = namedtuple(
     "CacheState",
     [
         "keys",  # (accesses,) int32: the access stream
-        "next_use",  # (accesses,) int64, or (0,) when no policy needs the future
+        "future",  # (accesses,) int64 rank of the next use (workload.future_order), or (0,)
         "where",  # (keys,) int32: slot holding the key, -1 if not resident
         "evicted",  # (keys,) bool: the key was evicted at least once (reload counting)
         "slot_key",  # (slots,) int32
@@ -28,8 +28,9 @@ CacheState = namedtuple(
         "base",  # (pools,) int64
         "cap",  # (pools,) int64
         "used",  # (pools,) int64: slots filled so far (never decreases)
-        "pin",  # (slots,) int64: stamp of the group that last demanded the slot
-        "nu",  # (slots,) int64: next use of the resident (encoded, see workload.next_use)
+        "pin",  # (slots + 1,) int64: stamp of the group that last demanded the slot; the
+        #        spare last entry absorbs pins of absent keys (slot -1)
+        "nu",  # (slots,) int64: the resident's future rank (see workload.future_order)
         # policy-owned order structures
         "last",  # (slots,) int64: access index of the last hit or fill (LFU, Markov ties)
         "freq",  # (slots,) int64: accesses since the fill (LFU)
@@ -65,7 +66,7 @@ Learner = namedtuple(
 )
 
 
-def new_state(keys, next_use, num_keys, num_layers, pool_caps, seed=0):
+def new_state(keys, future, num_keys, num_layers, pool_caps, seed=0):
     """A cold cache: every slot free, every key absent."""
     pools = len(pool_caps)
     cap = np.asarray(pool_caps, np.int64)
@@ -75,7 +76,7 @@ def new_state(keys, next_use, num_keys, num_layers, pool_caps, seed=0):
     slot_pool = np.repeat(np.arange(pools, dtype=np.int32), cap)
     return CacheState(
         keys=keys,
-        next_use=next_use,
+        future=future,
         where=np.full(num_keys, -1, np.int32),
         evicted=np.zeros(num_keys, np.bool_),
         slot_key=np.full(slots, -1, np.int32),
@@ -83,7 +84,7 @@ def new_state(keys, next_use, num_keys, num_layers, pool_caps, seed=0):
         base=base,
         cap=cap,
         used=np.zeros(pools, np.int64),
-        pin=np.zeros(slots, np.int64),
+        pin=np.zeros(slots + 1, np.int64),
         last=np.zeros(slots, np.int64),
         freq=np.zeros(slots, np.int64),
         nu=np.zeros(slots, np.int64),

@@ -181,8 +181,11 @@ class Trace:
             bad = hi if hi >= E else lo
             raise SimcacheError(f"expert id {bad} is outside [0, {E}) (num_experts={E})")
         if k > 1:
-            ordered = np.sort(self.experts, axis=1)
-            dup = np.nonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))[0]
+            repeats = np.zeros(rows, np.bool_)
+            for a in range(k):
+                for b in range(a + 1, k):
+                    repeats |= self.experts[:, a] == self.experts[:, b]
+            dup = np.flatnonzero(repeats)
             if dup.size:
                 r = int(dup[0])
                 raise SimcacheError(
@@ -191,6 +194,11 @@ class Trace:
                 )
         if int(self.layer.min()) < 0 or int(self.layer.max()) >= L:
             raise SimcacheError(f"layer index outside [0, {L}) (num_layers={L})")
+        r, p, ly = self.request, self.position, self.layer
+        twice = np.flatnonzero((r[1:] == r[:-1]) & (p[1:] == p[:-1]) & (ly[1:] == ly[:-1]))
+        if twice.size:
+            i = int(twice[0])
+            raise SimcacheError(f"token (request {r[i]}, position {p[i]}) appears twice at layer {ly[i]}")
         if rows % L:
             raise SimcacheError(f"{rows} rows is not a whole number of tokens x {L} layers")
         blocks = self.layer.reshape(-1, L)
@@ -204,11 +212,8 @@ class Trace:
         pos = self.position.reshape(-1, L)
         if not ((req == req[:, :1]).all() and (pos == pos[:, :1]).all()):
             raise SimcacheError(f"some token is missing layers: rows are not in blocks of {L} layers")
-        tr, tp = req[:, 0], pos[:, 0]
+        tr = req[:, 0]
         same = tr[1:] == tr[:-1]
-        if (same & (tp[1:] == tp[:-1])).any():
-            i = int(np.nonzero(same & (tp[1:] == tp[:-1]))[0][0])
-            raise SimcacheError(f"token (request {tr[i]}, position {tp[i]}) appears twice")
         if not ((self.phase == 0) | (self.phase == 1)).all():
             raise SimcacheError("phase must be 0 (prefill) or 1 (decode)")
         ph = self.phase.reshape(-1, L)
@@ -390,41 +395,55 @@ def read_trace(path) -> Trace:
             raise SimcacheError(f"{path}: column '{name}' must be an integer, got {schema.field(i).type}")
     if not pa.types.is_integer(schema.field("experts").type.value_type):
         raise SimcacheError(f"{path}: column 'experts' must hold integers")
-    try:
-        table = pf.read()
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise SimcacheError(f"{path}: cannot read ({_first_line(exc)})") from None
-    if table.num_rows == 0:
+    if pf.metadata.num_rows == 0:
         raise SimcacheError(f"{path}: trace is empty (no rows)")
+    names = set(schema.names)
+
+    def read(name):
+        # one column at a time, so Arrow's copy of the file never sits beside all of ours
+        try:
+            return pf.read(columns=[name]).column(0).combine_chunks()
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise SimcacheError(f"{path}: cannot read column '{name}' ({_first_line(exc)})") from None
 
     def column(name, dtype):
-        if name not in table.column_names:
+        if name not in names:
             return None
-        return np.ascontiguousarray(table.column(name).to_numpy(), dtype=dtype)
+        return np.ascontiguousarray(read(name).to_numpy(zero_copy_only=False), dtype=dtype)
 
     def fixed_list(name, dtype):
-        if name not in table.column_names:
+        if name not in names:
             return None
-        col = table.column(name).combine_chunks()
+        col = read(name)
         if col.null_count:
             raise SimcacheError(f"{path}: column '{name}' has null rows")
-        return np.ascontiguousarray(col.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, k)
+        values = col.flatten().to_numpy(zero_copy_only=False)
+        if values.shape[0] != len(col) * k:
+            raise SimcacheError(f"{path}: column '{name}' has null entries")
+        return np.ascontiguousarray(values, dtype=dtype).reshape(-1, k)
 
     domain, domains = None, ()
-    if "domain" in table.column_names:
-        col = table.column("domain").combine_chunks()
+    if "domain" in names:
+        col = read("domain")
         if not pa.types.is_dictionary(col.type):
             col = col.dictionary_encode()
         domains = tuple(str(x) for x in col.dictionary.to_pylist())
         domain = np.asarray(col.indices.fill_null(-1).to_numpy(zero_copy_only=False), np.int16)
-    experts = fixed_list("experts", np.int64)
     E = int(meta["num_experts"])
+    if E > np.iinfo(np.int16).max:
+        raise SimcacheError(f"{path}: num_experts={E} does not fit the int16 expert column")
+    raw = fixed_list("experts", None)  # native width: range-checked before narrowing
+    lo, hi = int(raw.min()), int(raw.max())
+    if lo < 0 or hi >= E:
+        raise SimcacheError(f"{path}: expert id {hi if hi >= E else lo} is outside [0, {E}) (num_experts={E})")
+    experts = raw.astype(np.int16, copy=False)
+    del raw
     trace = Trace(
         request=column("request", np.int32),
         position=column("position", np.int32),
         phase=column("phase", np.int8),
         layer=column("layer", np.int16),
-        experts=_expert_ids(experts, E),
+        experts=experts,
         weights=fixed_list("weights", np.float32),
         token_id=column("token_id", np.int32),
         domain=domain,

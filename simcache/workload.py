@@ -56,9 +56,9 @@ class Demand:
     ----------
     group_ptr : int64 (steps * layers + 1,)
         Group g = (step g // L, layer g % L) owns accesses ``group_ptr[g]:group_ptr[g+1]``.
-    keys : int32 (accesses,)
-        ``layer * E + expert``.
-    tokens : int32 (accesses,)
+    keys : int16 or int32 (accesses,)
+        ``layer * E + expert`` (int16 when layers x E < 32768).
+    tokens : int16 or int32 (accesses,)
         Tokens of the step routed to that expert (its compute load).
     """
 
@@ -166,21 +166,24 @@ def demand(trace: Trace, steps: Steps) -> Demand:
     """The access stream of ``steps`` over ``trace`` (see module docstring)."""
     L, E = trace.num_layers, trace.num_experts
     experts = trace.token_experts()
-    sizes = _group_sizes(steps.step_ptr, steps.step_tokens, experts, E)
-    group_ptr = np.zeros(sizes.shape[0] + 1, np.int64)
-    np.cumsum(sizes, out=group_ptr[1:])
-    keys = np.empty(group_ptr[-1], np.int32)
-    tokens = np.empty(group_ptr[-1], np.int32)
+    group_ptr = np.zeros(steps.num_steps * L + 1, np.int64)
+    _group_sizes(steps.step_ptr, steps.step_tokens, experts, E, group_ptr[1:])
+    np.cumsum(group_ptr, out=group_ptr)
+    # the narrowest types that hold every key and token count: half the memory of int32 on
+    # typical models (layers x experts < 32768, steps under 32768 tokens)
+    int16_max = np.iinfo(np.int16).max
+    biggest_step = int(np.diff(steps.step_ptr).max()) if steps.num_steps else 0
+    keys = np.empty(group_ptr[-1], np.int16 if L * E <= int16_max else np.int32)
+    tokens = np.empty(group_ptr[-1], np.int16 if biggest_step <= int16_max else np.int32)
     _fill_groups(steps.step_ptr, steps.step_tokens, experts, E, group_ptr, keys, tokens)
     return Demand(group_ptr, keys, tokens, L, E)
 
 
 @jit
-def _group_sizes(step_ptr, step_tokens, experts, E):
+def _group_sizes(step_ptr, step_tokens, experts, E, sizes):
     n_steps = step_ptr.shape[0] - 1
     L = experts.shape[1]
     k = experts.shape[2]
-    sizes = np.zeros(n_steps * L, np.int64)
     seen = np.full(E, -1, np.int64)
     for s in range(n_steps):
         for l in range(L):
@@ -194,7 +197,6 @@ def _group_sizes(step_ptr, step_tokens, experts, E):
                         seen[e] = g
                         c += 1
             sizes[g] = c
-    return sizes
 
 
 @jit
@@ -282,3 +284,65 @@ def step_pairs(steps: Steps):
     pair_ptr = np.zeros(steps.num_steps + 1, np.int64)
     np.cumsum(counts, out=pair_ptr[1:])
     return pair_ptr, np.ascontiguousarray(prev[has]), np.ascontiguousarray(tok[has])
+
+
+def future_order(d: Demand) -> np.ndarray:
+    """For every access, the rank of its key's next use in Belady's order (DESIGN §4, with
+    pinning): larger = needed later.
+
+    Two keys whose next uses fall in the same (step, layer) are both needed then, and pinning
+    means the one kept cannot be swapped for the other during that step; so ties between
+    next uses in one group are broken by the use after that, and so on: the rank orders the
+    *sequence* of groups in which a key is used again, lexicographically (with "never again"
+    after every group). Keys whose whole future is identical are ordered by the position of
+    their last use. An access with no later use gets ``2 * n - i`` as in :func:`next_use`, so
+    residents never needed again rank farthest, the least recently used first.
+
+    Examples
+    --------
+    Step 0 demands {0, 1}; step 1 demands {0, 1} again; after that only 1 returns (step 2).
+    Both next uses fall in step 1, so the use after decides: key 1 is needed sooner.
+
+    >>> import numpy as np
+    >>> d = Demand(np.array([0, 2, 4, 5]), np.array([0, 1, 0, 1, 1], np.int32),
+    ...            np.ones(5, np.int32), 1, 2)
+    >>> r = future_order(d)
+    >>> bool(r[0] > r[1])
+    True
+    """
+    n = d.keys.shape[0]
+    out = next_use(d.keys, d.num_layers * d.num_experts)
+    _rank_in_place(d.group_ptr, out, n)
+    return out
+
+
+@jit
+def _rank_in_place(group_ptr, nxt, n):
+    """Turn next-use indices into ranks of the future use sequence (see future_order)."""
+    rank = np.empty(n, np.int64)
+    n_groups = group_ptr.shape[0] - 1
+    r = n
+    big = 4 * n  # "never again", above every rank
+    order = np.empty(max(1, int(np.max(np.diff(group_ptr))) if n_groups > 0 else 1), np.int64)
+    value = np.empty(order.shape[0], np.int64)
+    for g in range(n_groups - 1, -1, -1):
+        lo = group_ptr[g]
+        hi = group_ptr[g + 1]
+        m = hi - lo
+        # sort the group's accesses by (rank of their next use, position): insertion sort
+        for a in range(m):
+            j = lo + a
+            v = rank[nxt[j]] if nxt[j] < n else big
+            b = a - 1
+            while b >= 0 and (value[b] > v or (value[b] == v and order[b] > j)):
+                value[b + 1] = value[b]
+                order[b + 1] = order[b]
+                b -= 1
+            value[b + 1] = v
+            order[b + 1] = j
+        for a in range(m - 1, -1, -1):
+            r -= 1
+            rank[order[a]] = r
+    for i in range(n):
+        if nxt[i] < n:
+            nxt[i] = rank[nxt[i]]

@@ -93,7 +93,7 @@ def splitmix64(state):
 
 class NaiveCache:
     def __init__(self, trace, evict, admit, capacity, scope, *, tau, prior, horizon,
-                 decay_every, decay, seed, flat):
+                 decay_every, decay, seed, flat, group_of):
         self.L, self.E = trace.num_layers, trace.num_experts
         self.evict, self.admit_rule = evict, admit
         self.scope = scope
@@ -107,6 +107,7 @@ class NaiveCache:
         self.last, self.freq = {}, {}
         self.evicted = set()
         self.flat = flat  # keys in access order
+        self.group_of = group_of  # group index of every access
         self.positions = {}
         for j, k in enumerate(flat):
             self.positions.setdefault(k, []).append(j)
@@ -127,15 +128,20 @@ class NaiveCache:
         return key // self.E if self.scope == "layer" else 0
 
     # -- future knowledge, by looking ahead in each key's list of access positions ---------
-    def next_use(self, key, i):
+    def future_key(self, key, i):
+        """Order of a key's future after access i: the groups it is used in, compared
+        lexicographically (pinning makes two next uses in one step a real tie, broken by the
+        use after), then the position of its last use; (1,) = never used again."""
         where = self.positions.get(key, [])
-        j = bisect.bisect_right(where, i)
-        return where[j] if j < len(where) else None  # None: never again
+        uses = where[bisect.bisect_right(where, i):]
+        if not uses:
+            return (1,)
+        return (0, [self.group_of[j] for j in uses] + [float("inf")], uses[-1])
 
     def far(self, key, i):
         """Sort key for 'farther next use': never-again beats everything, LRU among those."""
-        nu = self.next_use(key, i)
-        return (1, -self.last[key]) if nu is None else (0, nu)
+        fk = self.future_key(key, i)
+        return fk + (-self.last[key],) if fk == (1,) else fk
 
     # -- Markov learner -----------------------------------------------------------------------
     def learn(self, step, l, pairs, top1, active):
@@ -200,17 +206,11 @@ class NaiveCache:
             return self.p_return(key) >= self.tau
         assert rule == "oracle"
         p = self.pool(key)
-        n = len(self.flat)
-
-        def capped(k, j):
-            nu = self.next_use(k, j)
-            return n if nu is None else nu
-
-        me = capped(key, i)
+        me = self.future_key(key, i)
         unpinned = [k for k in self.slots[p].values() if k not in pinned]
         room = self.cap - self.used[p] + len(unpinned)
-        nearer = sum(1 for k in unpinned if capped(k, self.last[k]) <= me)
-        nearer += sum(1 for (k, j) in later_misses if capped(k, j) < me)
+        nearer = sum(1 for k in unpinned if self.future_key(k, self.last[k]) <= me)
+        nearer += sum(1 for (k, j) in later_misses if self.future_key(k, j) < me)
         return nearer < room
 
     def victim(self, p, pinned, i):
@@ -256,10 +256,11 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
     steps = schedule(trace, batch, prefill)
     groups = accesses(trace, steps)
     flat = [key for _, _, acc in groups for key, _ in acc]
+    group_of = [g for g, (_, _, acc) in enumerate(groups) for _ in acc]
     L, E = trace.num_layers, trace.num_experts
     top1 = trace.experts.reshape(-1, L, trace.top_k)[:, :, 0].tolist()
     c = NaiveCache(trace, evict, admit, capacity, scope, tau=tau, prior=prior, horizon=horizon,
-                   decay_every=decay_every, decay=decay, seed=seed, flat=flat)
+                   decay_every=decay_every, decay=decay, seed=seed, flat=flat, group_of=group_of)
     learns = admit in ("markov", "markov-h") or evict == "markov"
     names = ("accesses", "hits", "fills", "bypasses", "forced_bypasses", "evictions", "reloads")
     counters = {n: [0] * L for n in names}
@@ -343,9 +344,10 @@ def optimal_hits(groups, capacity, bypass=True):
     """Exhaustive search for the most hits on one pool (tiny inputs only).
 
     ``groups`` is a list of sets of keys demanded together. Every miss is loaded; with
-    ``bypass`` any subset of misses may be admitted, else as many as free and evictable slots
-    allow (admission is forced). Evictions only make room for admitted misses and never touch
-    a key demanded by the same group.
+    ``bypass`` any subset of misses may be admitted; without, misses are admitted in key order
+    while free or evictable slots remain and the rest are forced bypasses (the simulator's
+    rule: only the choice of victims is free). Evictions only make room for admitted misses
+    and never touch a key demanded by the same group.
     """
     from functools import lru_cache
     from itertools import combinations
@@ -362,15 +364,17 @@ def optimal_hits(groups, capacity, bypass=True):
         evictable = sorted(cache - demand)
         room = capacity - len(cache)
         out = -1
-        sizes = range(len(misses) + 1) if bypass else [min(len(misses), room + len(evictable))]
-        for n_admit in sizes:
-            for admitted in combinations(misses, n_admit):
-                n_evict = max(0, n_admit - room)
-                if n_evict > len(evictable):
-                    continue
-                for gone in combinations(evictable, n_evict):
-                    nxt = (cache - frozenset(gone)) | frozenset(admitted)
-                    out = max(out, hits + best(g + 1, nxt))
+        if bypass:
+            choices = [c for n_admit in range(len(misses) + 1) for c in combinations(misses, n_admit)]
+        else:
+            choices = [tuple(misses[: min(len(misses), room + len(evictable))])]
+        for admitted in choices:
+            n_evict = max(0, len(admitted) - room)
+            if n_evict > len(evictable):
+                continue
+            for gone in combinations(evictable, n_evict):
+                nxt = (cache - frozenset(gone)) | frozenset(admitted)
+                out = max(out, hits + best(g + 1, nxt))
         return out
 
     return best(0, frozenset())

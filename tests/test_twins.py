@@ -68,3 +68,14 @@ def test_flame_lru_whole(flame):
     """The whole FLAME trace at batch 4, LRU and markov against the twins."""
     compare(flame, "lru", "all", 16, batch=4)
     compare(flame, "lru", "markov", 16, batch=4, tau="1/E")
+
+
+@pytest.mark.parametrize("policy", ["belady", "belady-bypass"])
+def test_flame_global_pool_uses_the_heap(flame, policy):
+    """A global pool above belady.SCAN_MAX slots takes the heap path."""
+    from simcache.policies.eviction.belady import SCAN_MAX
+
+    sub = flame.select_requests(range(1, 61))
+    capacity = SCAN_MAX + 72
+    e, a = simcache.policies.PRESETS[policy]
+    compare(sub, e, a, capacity, scope="global", batch=4)

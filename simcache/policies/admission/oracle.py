@@ -20,7 +20,7 @@ from simcache._jit import kernel as jit
 @jit
 def admit(S, M, pool, i, hi, stamp):
     n = S.keys.shape[0]
-    me = min(S.next_use[i], n)
+    me = min(S.future[i], n)
     room = S.cap[pool] - S.used[pool]
     nearer = 0
     for slot in range(S.base[pool], S.base[pool] + S.used[pool]):
@@ -31,6 +31,6 @@ def admit(S, M, pool, i, hi, stamp):
             nearer += 1
     for j in range(i + 1, hi):
         if S.where[S.keys[j]] < 0:
-            if min(S.next_use[j], n) < me:
+            if min(S.future[j], n) < me:
                 nearer += 1
     return nearer < room
