@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,10 +30,19 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except SimcacheError as exc:
             raise click.ClickException(str(exc)) from None
+        except BrokenPipeError:  # output piped into head and the like: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(0) from None
         except (OSError, MemoryError) as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
 
     return wrapper
+
+
+def _shown(path) -> str:
+    """A path relative to the working directory when it lies below it."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
 
 
 def _csv(kind):
@@ -341,7 +351,7 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
         return
     r0 = results[0]
     click.echo(
-        f"trace: {path}\n"
+        f"trace: {_shown(path)}\n"
         f"model: {t.model}, {L} layers x {E} experts, top-{t.top_k}, "
         f"{t.num_requests:,} requests, {t.num_tokens:,} tokens\n"
         f"workload: batch {work.batch}, prefill {prefill}, scope {scope}: {r0.steps:,} steps, "
