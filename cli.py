@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 
 import simcache
 from simcache.errors import SimcacheError
@@ -385,6 +386,89 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
                   int(pl["fills"][l]), int(pl["bypasses"][l]), int(pl["forced_bypasses"][l]),
                   int(pl["evictions"][l]), int(pl["reloads"][l])] for l in range(L)],
             ))
+
+
+# ---- analyze --------------------------------------------------------------------------------
+
+
+def _with_null(rec, name, digits=3):
+    v = rec.get(name)
+    if v is None:
+        return None
+    n = rec.get(name + "_null")
+    text = f"{v:.{digits}f}"
+    if n is None:
+        return text
+    inside = n["lo"] - 1e-9 <= v <= n["hi"] + 1e-9
+    return f"{text} [{n['lo']:.{digits}f},{n['hi']:.{digits}f}]{'' if inside else ' *'}"
+
+
+@main.command()
+@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--null", "null_samples", type=int, default=20, show_default=True,
+              help="Null-model samples (shuffles within sequences, or multinomial resamples).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cut", type=float, default=0.05, show_default=True,
+              help="Transitions with P >= cut form the graph whose strongly connected components are counted.")
+@click.option("--json", "as_json", is_flag=True, help="Print one record per layer as JSON.")
+@click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write PNG figures here.")
+@friendly
+def analyze(path, null_samples, seed, cut, as_json, plots):
+    """Routing locality and transition structure of PATH (a trace, or a .npy count array of
+    shape layers x E x E), each statistic against a null model.
+
+    \b
+    In the table, [lo,hi] is the null's 95% interval; * marks a value outside it.
+    """
+    from simcache.analysis import analyze as run_analysis
+    from simcache.report import table
+
+    path = path or DEFAULT_TRACE
+    a = run_analysis(path, null_samples=null_samples, seed=seed, cut=cut)
+    written = []
+    if plots is not None:
+        from simcache.plots import write_plots
+
+        written = [str(p) for p in write_plots(a, plots)]
+    if as_json:
+        data = a.to_dict()
+        data["plots"] = written
+        click.echo(json.dumps(data, indent=2))
+        return
+    kind = "trace" if a.kind == "trace" else "transition counts"
+    click.echo(f"{kind}: {_shown(path)}: {a.num_layers} layers x {a.num_experts} experts"
+               + (f", top-{a.top_k}" if a.top_k else ""))
+    null = ("positions shuffled within each sequence" if a.kind == "trace"
+            else "rows redrawn from the column marginals (multinomial, same row sums)")
+    click.echo(f"null model: {null}, {null_samples} samples, seed {seed}; SCC cut P >= {cut}")
+    click.echo("")
+    rows = []
+    for rec in a.layers:
+        rows.append([
+            rec["layer"], _with_null(rec, "repeat_top1"), rec["repeat_top1_random"],
+            _with_null(rec, "overlap_any"), rec["overlap_any_random"],
+            _with_null(rec, "one_minus_abs_lambda2"), _with_null(rec, "fiedler"),
+            rec["scc_count"], rec["communities"], _with_null(rec, "modularity"), rec["zero_rows"],
+            rec["load_max_over_mean"],
+        ])
+    click.echo(table(
+        ["layer", "top-1 repeat", "1/E", "any overlap", "random", "1-|l2|", "Fiedler",
+         "SCC", "comm.", "modularity", "zero rows", "load max/mean"], rows))
+    o = a.overall()
+    click.echo("")
+    click.echo("mean over layers: " + ", ".join(
+        f"{name} {_with_null(o, name)}" for name in
+        ("repeat_top1", "overlap_any", "one_minus_abs_lambda2", "fiedler", "modularity")
+        if o.get(name) is not None))
+    if a.domains:
+        click.echo("")
+        click.echo(f"domain specialisation: share of a domain's tokens that route to its top expert "
+                   f"(uniform {a.domains['uniform_share']:.3f})")
+        drows = [[name, d["tokens"], float(np.mean(d["max_share_by_layer"])), float(np.max(d["max_share_by_layer"]))]
+                 for name, d in a.domains["by_domain"].items()]
+        click.echo(table(["domain", "tokens", "mean over layers", "max over layers"], drows))
+    for p in written:
+        click.echo(f"wrote {p}")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def test_flat_global_pool_equals_libcachesim(tmp_path):
     keys = work.demand.keys.astype(np.int64)
     path = tmp_path / "flat.bin"
     write_oracle_general(keys, path)
-    for capacity in (8, 32, 100):
+    for capacity in (8, 32, min(100, t.num_layers * t.num_experts)):
         for policy, cls in (("lru", lcs.LRU), ("fifo", lcs.FIFO), ("belady", lcs.Belady)):
             r = simcache.simulate(work, policy, capacity, scope="global")
             assert r.hits == lcs_hits(cls, path, capacity, keys.size), (policy, capacity)
