@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -386,6 +387,86 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
                   int(pl["fills"][l]), int(pl["bypasses"][l]), int(pl["forced_bypasses"][l]),
                   int(pl["evictions"][l]), int(pl["reloads"][l])] for l in range(L)],
             ))
+
+
+# ---- capture --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--model", "model_name", required=True,
+              help="Local checkpoint path, an alias (mixtral, olmoe, qwen3-moe, deepseek-v2-lite, "
+                   "gpt-oss-20b, switch-base-128, ...) or a hub name present in the local cache.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Trace to write (default: <model>.parquet).")
+@click.option("--text", "texts", multiple=True, metavar="[LABEL=]PATH",
+              help="Teacher-forced text: a file or folder, labelled with a domain (repeatable).")
+@click.option("--generate", "new_tokens", type=int, help="Generate N tokens from each --prompt instead.")
+@click.option("--prompt", "prompts", multiple=True, help="A prompt for --generate (repeatable).")
+@click.option("--prompts-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Prompts for --generate, one per line.")
+@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per teacher-forced sequence.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--prompt-tokens", type=int, default=0, show_default=True,
+              help="Mark the first N tokens of each teacher-forced sequence as prefill.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Default: bfloat16 on a GPU, float32 on the CPU.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@friendly
+def capture(model_name, out, texts, new_tokens, prompts, prompts_file, max_length, batch_size,
+            prompt_tokens, device, dtype, force):
+    """Capture the routing of a Hugging Face MoE model into a trace.
+
+    \b
+    Examples:
+      simcache capture --model mixtral --text code=src/ --text prose=book.txt --out mixtral.parquet
+      simcache capture --model ./my-olmoe --generate 128 --prompts-file prompts.txt --device cuda
+    """
+    from simcache import capture as cap
+
+    out = out or Path(f"{Path(model_name).name}.parquet")
+    if out.exists() and not force:
+        raise SimcacheError(f"output file exists: {out} (use --force to replace it)")
+    if bool(texts) == (new_tokens is not None):
+        raise SimcacheError("give either --text [LABEL=]PATH (teacher-forced) or --generate N with prompts")
+    docs, prompt_list = None, list(prompts)
+    if texts:
+        docs = cap.read_texts(texts)
+    else:
+        if prompts_file is not None:
+            if not prompts_file.exists():
+                raise SimcacheError(f"prompts file not found: {prompts_file}")
+            prompt_list += [l for l in prompts_file.read_text().splitlines() if l.strip()]
+        if not prompt_list:
+            raise SimcacheError("--generate needs --prompt or --prompts-file")
+    model, tokenizer, arch = cap.load_model(model_name, device, dtype)
+    show = sys.stderr.isatty()
+    state = {"n": 0, "start": time.perf_counter(), "shown": 0.0}
+    unit = "tokens" if docs else "prompts"
+
+    def progress(n):  # a status line on stderr, at most once a second
+        state["n"] += n
+        now = time.perf_counter()
+        if show and now - state["shown"] >= 1.0:
+            state["shown"] = now
+            rate = state["n"] / max(now - state["start"], 1e-9)
+            click.echo(f"\rcapturing: {state['n']:,} {unit}, {rate:,.0f} {unit}/s", nl=False, err=True)
+
+    if docs:
+        stats = cap.capture_text(model, tokenizer, arch, docs, out, name=model_name, max_length=max_length,
+                                 batch_size=batch_size, prompt_tokens=prompt_tokens, overwrite=force,
+                                 progress=progress)
+    else:
+        stats = cap.capture_generate(model, tokenizer, arch, prompt_list, out, name=model_name,
+                                     new_tokens=new_tokens, overwrite=force, progress=progress)
+    if show:
+        click.echo("", err=True)
+    t = simcache.read_trace(out)
+    click.echo(
+        f"wrote {_shown(out)}: {stats.requests:,} sequences, {stats.tokens:,} tokens, "
+        f"{t.num_layers} MoE layers x {t.num_experts} experts, top-{t.top_k} "
+        f"({arch.name}; {stats.tokens_per_s:,.0f} tokens/s on {device})"
+    )
 
 
 # ---- analyze --------------------------------------------------------------------------------

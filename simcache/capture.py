@@ -1,0 +1,462 @@
+"""Capture routing traces from Hugging Face MoE models (DESIGN §7).
+
+A forward hook on every router module records, per token and MoE layer, the experts the router
+chose and the weights the model applies to them — the router's own outputs, so the trace is
+exactly what the model routed. Transformers (>= 5) gives every supported architecture a router
+module (``*Router``) beside an ``experts`` module; the registry below names them and says how
+each picks its top-k.
+
+Two modes: teacher-forced over text (routing of token t depends only on tokens <= t, so this
+equals what decoding that text would route, and it is fast) and generation from prompts. Rows
+stream to the file in row groups through :class:`~simcache.trace.TraceWriter`, so memory stays
+bounded and an interrupted capture leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from simcache.errors import SimcacheError
+from simcache.trace import TraceWriter
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    model_types: tuple[str, ...]
+    selection: str  # how the router picks its top-k, as implemented by transformers
+    seq2seq: bool = False
+
+
+ARCHITECTURES = {
+    a.name: a
+    for a in (
+        Architecture("mixtral", ("mixtral",), "softmax over experts, top-k, renormalised to sum 1"),
+        Architecture("qwen2-moe", ("qwen2_moe",), "softmax, top-k, renormalised iff norm_topk_prob"),
+        Architecture("qwen3-moe", ("qwen3_moe",), "softmax, top-k, renormalised iff norm_topk_prob"),
+        Architecture("olmoe", ("olmoe",), "softmax, top-k, renormalised iff norm_topk_prob"),
+        Architecture("deepseek-v2", ("deepseek_v2",),
+                     "softmax; greedy or group-limited greedy top-k; x routed_scaling_factor"),
+        Architecture("deepseek-v3", ("deepseek_v3",),
+                     "sigmoid + correction bias; groups by top-2 sum; top-k; renormalised; x scaling"),
+        Architecture("gpt-oss", ("gpt_oss",), "top-k of the logits, softmax over those k"),
+        Architecture("phimoe", ("phimoe",), "sparsemixer top-2"),
+        Architecture("switch", ("switch_transformers",),
+                     "softmax, top-1 (tokens over an expert's capacity are recorded but not computed)",
+                     seq2seq=True),
+    )
+}
+
+ALIASES = {
+    "mixtral": "mistralai/Mixtral-8x7B-v0.1",
+    "mixtral-8x22b": "mistralai/Mixtral-8x22B-v0.1",
+    "qwen-moe": "Qwen/Qwen1.5-MoE-A2.7B",
+    "qwen2-moe": "Qwen/Qwen2-57B-A14B",
+    "qwen3-moe": "Qwen/Qwen3-30B-A3B",
+    "olmoe": "allenai/OLMoE-1B-7B-0924",
+    "deepseek-v2-lite": "deepseek-ai/DeepSeek-V2-Lite",
+    "deepseek-v3": "deepseek-ai/DeepSeek-V3",
+    "gpt-oss-20b": "openai/gpt-oss-20b",
+    "phimoe": "microsoft/Phi-3.5-MoE-instruct",
+    "switch-base-128": "google/switch-base-128",
+}
+
+
+def architecture_of(model_type: str) -> Architecture:
+    for arch in ARCHITECTURES.values():
+        if model_type in arch.model_types:
+            return arch
+    names = ", ".join(ARCHITECTURES)
+    raise SimcacheError(f"model type '{model_type}' has no MoE router simcache knows (supported: {names})")
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+
+def load_model(name: str, device: str = "cpu", dtype: str | None = None):
+    """(model, tokenizer, architecture) for a local path, an alias or a hub name that is in
+    the local cache. Nothing is downloaded."""
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    path = Path(name)
+    source = str(path) if path.exists() else ALIASES.get(name, name)
+    local_only = not path.exists()
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        if path.exists():
+            raise SimcacheError(f"{path} holds no readable model config ({str(exc).splitlines()[0]})") from None
+        alias = f" ('{name}' = {source})" if name in ALIASES else ""
+        raise SimcacheError(
+            f"no local weights for {name}{alias}: no model hub is reachable here; download the "
+            f"checkpoint where one is and pass --model /path/to/checkpoint, or point HF_HOME at a "
+            f"cache that holds it"
+        ) from None
+    arch = architecture_of(getattr(config, "model_type", "?"))
+    torch_dtype = _dtype(dtype, device)
+    auto = transformers.AutoModelForSeq2SeqLM if arch.seq2seq else transformers.AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(source, local_files_only=local_only, dtype=torch_dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except OSError as exc:
+        raise SimcacheError(f"cannot load {source}: {str(exc).splitlines()[0]}") from None
+    try:
+        model.to(torch.device(device))
+    except (RuntimeError, AssertionError) as exc:
+        raise SimcacheError(f"cannot use device '{device}': {str(exc).splitlines()[0]}") from None
+    model.eval()
+    return model, tokenizer, arch
+
+
+def _dtype(dtype: str | None, device: str):
+    import torch
+
+    if dtype is None:
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise SimcacheError(f"dtype must be one of {', '.join(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+# ---- the router tap -------------------------------------------------------------------------
+
+
+class RouterTap:
+    """Forward hooks on every router of a model, in module order (= MoE layer order; for
+    Switch, encoder layers then decoder layers).
+
+    After a forward pass, :meth:`take` returns experts and weights per MoE layer, each of
+    shape (tokens, k), highest gate first, tokens in batch-major order.
+    """
+
+    def __init__(self, model):
+        self.names = []
+        self.routers = []
+        for name, module in model.named_modules():
+            if type(module).__name__.endswith("Router"):
+                self.names.append(name)
+                self.routers.append(module)
+        if not self.routers:
+            raise SimcacheError(
+                f"{type(model).__name__} has no MoE router module (supported: {', '.join(ARCHITECTURES)})"
+            )
+        self._out: list = [None] * len(self.routers)
+        self._handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
+
+    def _hook(self, i):
+        def hook(module, args, output):
+            self._out[i] = _router_choice(output)
+
+        return hook
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.routers)
+
+    def take(self):
+        if any(o is None for o in self._out):
+            missing = [self.names[i] for i, o in enumerate(self._out) if o is None]
+            raise SimcacheError(f"routers did not run: {', '.join(missing)}")
+        out, self._out = self._out, [None] * len(self.routers)
+        return out
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _router_choice(output):
+    """(experts, weights) as int16 / float32 numpy (tokens, k), highest weight first."""
+    import torch
+
+    a, b, c = output[0], output[1], output[2]
+    if a.dtype.is_floating_point and c.dtype in (torch.int64, torch.int32):
+        weights, experts = b, c  # (logits, weights, indices): the TopK routers
+    else:  # Switch: (one-hot dispatch mask, top-1 probability, logits)
+        experts = c.argmax(dim=-1, keepdim=True)
+        weights = b
+    experts = experts.reshape(-1, experts.shape[-1])
+    weights = weights.reshape(-1, weights.shape[-1]).float()
+    order = torch.sort(weights, dim=-1, descending=True, stable=True).indices
+    experts = torch.gather(experts, 1, order)
+    weights = torch.gather(weights, 1, order)
+    return experts.to("cpu", torch.int16).numpy(), weights.cpu().numpy()
+
+
+def expert_bytes(model, tap: RouterTap) -> int:
+    """Bytes of one expert's weights, from the model's own expert parameters and dtype."""
+    root = dict(model.named_modules())
+    name = tap.names[0]
+    parent = root[name.rsplit(".", 1)[0]] if "." in name else model
+    experts = getattr(parent, "experts", None)
+    if experts is None:
+        raise SimcacheError(f"no experts module beside router {name}")
+    total = sum(p.numel() * p.element_size() for p in experts.parameters())
+    n = getattr(tap.routers[0], "num_experts", None)
+    if n is None:
+        n = len(experts)
+    return int(total // n)
+
+
+def moe_shape(model, tap: RouterTap) -> tuple[int, int]:
+    """(num_experts, top_k) from the model config."""
+    cfg = model.config
+    E = next(getattr(cfg, a) for a in ("num_local_experts", "num_experts", "n_routed_experts")
+             if getattr(cfg, a, None))
+    k = 1 if getattr(cfg, "model_type", "") == "switch_transformers" else cfg.num_experts_per_tok
+    return int(E), int(k)
+
+
+def context_length(model) -> int | None:
+    cfg = model.config
+    for a in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if getattr(cfg, a, None):
+            return int(getattr(cfg, a))
+    return None
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+
+def read_texts(specs: Iterable[str]) -> list[tuple[str, str, str]]:
+    """``[LABEL=]PATH`` specs -> (label, file, text) documents. A folder contributes every text
+    file under it (binary files are skipped); a file given by name must be text."""
+    docs = []
+    for spec in specs:
+        label, _, path_text = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        path = Path(path_text)
+        if not path.exists():
+            raise SimcacheError(f"text path not found: {path}")
+        label = label or (path.stem if path.is_file() else path.name)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        found = 0
+        for f in files:
+            text = _read_text(f, strict=not path.is_dir())
+            if text is None:
+                continue
+            if not text.strip():
+                if not path.is_dir():
+                    raise SimcacheError(f"{f} is empty")
+                continue
+            docs.append((label, str(f), text))
+            found += 1
+        if not found:
+            raise SimcacheError(f"{path} holds no text")
+    return docs
+
+
+def _read_text(path: Path, strict: bool) -> str | None:
+    data = path.read_bytes()
+    if b"\x00" in data[:8192]:
+        if strict:
+            raise SimcacheError(f"{path} is binary, not text")
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        if strict:
+            raise SimcacheError(f"{path} is not UTF-8 text") from None
+        return None
+
+
+# ---- capture --------------------------------------------------------------------------------
+
+
+@dataclass
+class CaptureStats:
+    tokens: int
+    requests: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+def _chunks(docs, tokenizer, max_length) -> Iterator[tuple[str, list[int]]]:
+    for label, _, text in docs:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for lo in range(0, len(ids), max_length):
+            piece = ids[lo: lo + max_length]
+            if len(piece) >= 2:
+                yield label, piece
+
+
+def _metadata(model, tap, arch, name, mode, corpus):
+    E, k = moe_shape(model, tap)
+    import torch
+
+    return dict(
+        model=str(name),
+        architecture=arch.name,
+        model_type=model.config.model_type,
+        num_layers=tap.num_layers,
+        num_experts=E,
+        top_k=k,
+        expert_bytes=expert_bytes(model, tap),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        capture=mode,
+        corpus=corpus,
+        router_selection=arch.selection,
+        router_modules=tap.names,
+        torch_version=torch.__version__,
+    )
+
+
+def capture_text(model, tokenizer, arch, docs, out, *, name="model", max_length=512, batch_size=8,
+                 prompt_tokens=0, overwrite=False, progress: Callable[[int], None] | None = None,
+                 ) -> CaptureStats:
+    """Teacher-forced capture over ``docs`` (from :func:`read_texts`) into ``out``.
+
+    Every document is tokenized and cut into sequences of ``max_length`` tokens (each one a
+    request); sequences of equal length run ``batch_size`` at a time. The first
+    ``prompt_tokens`` of each sequence are marked prefill (phase 0), the rest decode.
+    """
+    import torch
+
+    ctx = context_length(model)
+    if max_length < 2:
+        raise SimcacheError(f"max-length must be at least 2, got {max_length}")
+    if ctx is not None and max_length > ctx:
+        raise SimcacheError(f"max-length {max_length} exceeds the model's context of {ctx} tokens")
+    if batch_size < 1:
+        raise SimcacheError(f"batch-size must be positive, got {batch_size}")
+    device = next(model.parameters()).device
+    tap = RouterTap(model)
+    corpus = sorted({f"{label}: {path}" for label, path, _ in docs})
+    meta = _metadata(model, tap, arch, name, f"teacher-forced, sequences of {max_length} tokens", corpus)
+    k = meta["top_k"]
+    L = tap.num_layers
+    requests = tokens = 0
+    start = time.perf_counter()
+    try:
+        with TraceWriter(out, overwrite=overwrite, **meta) as writer:
+            pending: dict[int, list] = {}
+
+            def run(batch):
+                nonlocal requests, tokens
+                n, s = len(batch), len(batch[0][1])
+                ids = torch.tensor([b[1] for b in batch], device=device)
+                with torch.inference_mode():
+                    if arch.seq2seq:
+                        model(input_ids=ids, decoder_input_ids=_shift_right(model, ids))
+                    else:
+                        model(input_ids=ids, use_cache=False)
+                choices = tap.take()
+                experts = np.stack([c[0] for c in choices], axis=1)  # (n*s, L, k)
+                weights = np.stack([c[1] for c in choices], axis=1)
+                req = np.repeat(np.arange(requests, requests + n, dtype=np.int32), s * L)
+                pos = np.tile(np.repeat(np.arange(s, dtype=np.int32), L), n)
+                writer.write(
+                    request=req, position=pos,
+                    phase=(pos >= prompt_tokens).astype(np.int8),
+                    layer=np.tile(np.arange(L, dtype=np.int16), n * s),
+                    experts=experts.reshape(-1, k), weights=weights.reshape(-1, k),
+                    token_id=np.repeat(ids.cpu().numpy().reshape(-1), L),
+                    domain=np.repeat(np.array([b[0] for b in batch], dtype=object), s * L),
+                )
+                requests += n
+                tokens += n * s
+                if progress is not None:
+                    progress(n * s)
+
+            for label, piece in _chunks(docs, tokenizer, max_length):
+                group = pending.setdefault(len(piece), [])
+                group.append((label, piece))
+                if len(group) == batch_size:
+                    run(group)
+                    pending[len(piece)] = []
+            for group in pending.values():
+                if group:
+                    run(group)
+            if requests == 0:
+                raise SimcacheError("the text holds no sequence of two or more tokens")
+    finally:
+        tap.close()
+    return CaptureStats(tokens, requests, time.perf_counter() - start)
+
+
+def capture_generate(model, tokenizer, arch, prompts: list[str], out, *, name="model", new_tokens=64,
+                     overwrite=False, progress=None, domain: str | None = None) -> CaptureStats:
+    """Greedy generation of ``new_tokens`` tokens from each prompt, one sequence at a time:
+    prompt tokens are recorded as prefill (phase 0), generated tokens fed back as decode."""
+    import torch
+
+    if arch.seq2seq:
+        raise SimcacheError("generation capture supports decoder-only models; use --text for Switch")
+    if new_tokens < 1:
+        raise SimcacheError(f"--generate must be positive, got {new_tokens}")
+    ctx = context_length(model)
+    device = next(model.parameters()).device
+    tap = RouterTap(model)
+    meta = _metadata(model, tap, arch, name, f"greedy generation of {new_tokens} tokens",
+                     [f"{len(prompts)} prompts"])
+    L, k = tap.num_layers, meta["top_k"]
+    # transformers renamed the key-value cache argument (past_key_values -> cache) in 5.x
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    tokens = 0
+    start = time.perf_counter()
+    try:
+        with TraceWriter(out, overwrite=overwrite, **meta) as writer:
+            for r, prompt in enumerate(prompts):
+                ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+                if ids.shape[1] == 0:
+                    raise SimcacheError(f"prompt {r} is empty")
+                if ctx is not None and ids.shape[1] + new_tokens > ctx:
+                    raise SimcacheError(
+                        f"prompt {r} ({ids.shape[1]} tokens) plus {new_tokens} new tokens exceeds the "
+                        f"model's context of {ctx}")
+                rows = []
+                position = 0
+                cur = ids
+                past = {}
+                with torch.inference_mode():
+                    for step in range(new_tokens):
+                        out_ = model(input_ids=cur, use_cache=True, **past)
+                        past = {cache_arg: getattr(out_, cache_arg)}
+                        choices = tap.take()
+                        n = cur.shape[1]
+                        experts = np.stack([c[0] for c in choices], axis=1)
+                        weights = np.stack([c[1] for c in choices], axis=1)
+                        rows.append((position, n, step > 0, cur[0].cpu().numpy(), experts, weights))
+                        position += n
+                        cur = out_.logits[:, -1:].argmax(dim=-1)
+                for position, n, decode, tok, experts, weights in rows:
+                    pos = np.repeat(np.arange(position, position + n, dtype=np.int32), L)
+                    writer.write(
+                        request=np.full(n * L, r, np.int32), position=pos,
+                        phase=np.full(n * L, 1 if decode else 0, np.int8),
+                        layer=np.tile(np.arange(L, dtype=np.int16), n),
+                        experts=experts.reshape(-1, k), weights=weights.reshape(-1, k),
+                        token_id=np.repeat(tok, L),
+                        domain=None if domain is None else [domain] * (n * L),
+                    )
+                    tokens += n
+                if progress is not None:
+                    progress(1)
+    finally:
+        tap.close()
+    return CaptureStats(tokens, len(prompts), time.perf_counter() - start)
+
+
+def _shift_right(model, ids):
+    """Decoder inputs for teacher forcing an encoder-decoder on the same text."""
+    cfg = model.config
+    start = getattr(cfg, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(cfg, "pad_token_id", None) or 0
+    shifted = ids.new_full(ids.shape, start)
+    shifted[:, 1:] = ids[:, :-1]
+    return shifted
