@@ -552,5 +552,141 @@ def analyze(path, null_samples, seed, cut, as_json, plots):
         click.echo(f"wrote {p}")
 
 
+# ---- probe and replay (need torch) -----------------------------------------------------------
+
+
+def _preset_options(fn):
+    fn = click.option("--ffn", type=int, help="Expert FFN size, for --preset custom.")(fn)
+    fn = click.option("--hidden", type=int, help="Hidden size, for --preset custom.")(fn)
+    fn = click.option("--preset", default="mixtral-8x7b", show_default=True,
+                      help="Expert shapes: mixtral-8x7b, qwen-moe, deepseek-v2-lite, olmoe, gpt-oss, custom.")(fn)
+    fn = click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+                      show_default=True)(fn)
+    fn = click.option("--device", type=click.Choice(["cpu"]), help="Run on the CPU (tiny shapes; tests).")(fn)
+    fn = click.option("--gpu", type=int, help="CUDA device index.")(fn)
+    return fn
+
+
+def _torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise SimcacheError("this command needs torch: pip install 'simcache[replay]'") from None
+
+
+@main.command()
+@_preset_options
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the calibration JSON here.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def probe(gpu, device, dtype, preset, hidden, ffn, out, as_json):
+    """Measure a GPU's copy bandwidth, copy latency, expert FFN time and copy/compute overlap.
+
+    Writes the calibration that 'simcache simulate --calibration' and 'simcache replay' read.
+    """
+    _torch()
+    from replay.experts import DTYPES, pick_device
+    from replay.presets import resolve
+    from replay.probe import probe as run_probe
+    from simcache.report import table
+
+    dev = pick_device(gpu if gpu is not None else (None if device == "cpu" else 0), device)
+    if dev.type != "cuda":
+        raise SimcacheError("probe measures a GPU: give --gpu N")
+    p = resolve(preset, hidden, ffn)
+    cal = run_probe(dev, p, DTYPES[dtype])
+    if out is not None:
+        cal.save(out)
+    if as_json:
+        click.echo(cal.to_json())
+        return
+    click.echo(f"{cal.device}: {cal.source}")
+    click.echo(table(["copy size", "pinned GB/s"], [[f"{b / 2**20:g} MiB", g] for b, g in zip(cal.copy_bytes, cal.copy_gbps)]))
+    x = cal.extra
+    click.echo(table(["copy size", "pageable GB/s"], [[f"{b / 2**20:g} MiB", g] for b, g in zip(x["pageable_bytes"], x["pageable_gbps"])]))
+    click.echo(f"copy latency (64 B): {x['copy_latency_us']:.1f} us")
+    click.echo(table([f"tokens", f"{p.name} expert FFN ms"], [[t, s * 1e3] for t, s in zip(cal.ffn_tokens, cal.ffn_seconds)]))
+    click.echo(f"copy/compute overlap: {x['overlap_efficiency']:.2f} (copy {x['overlap_copy_s'] * 1e3:.2f} ms, "
+               f"compute {x['overlap_compute_s'] * 1e3:.2f} ms, both {x['overlap_both_s'] * 1e3:.2f} ms)")
+    if out is not None:
+        click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("trace", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@_preset_options
+@click.option("--policy", "policies", default="lru", callback=_csv(str), show_default=True)
+@click.option("--capacity", "capacities", default="2", callback=_csv(int), show_default=True)
+@click.option("--batch", "batches", default="1", callback=_csv(int), show_default=True)
+@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
+@click.option("--threshold", default="0.1", show_default=True)
+@click.option("--evict", type=click.Choice(list(simcache.EVICTION)))
+@click.option("--admit", type=click.Choice(list(simcache.ADMISSION)))
+@click.option("--layers", help="Replay only these MoE layers: 0-3 or 0,2,5 (host memory).")
+@click.option("--steps", type=int, help="Replay only the first N steps (2 of them untimed warm-up).")
+@click.option("--bypass-buffers", type=int, default=4, show_default=True)
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
+              help="Calibration for the prediction (from 'simcache probe'); default: probe now.")
+@click.option("--decisions", type=click.Path(dir_okay=False, path_type=Path),
+              help="A decision log from 'simcache simulate --decisions' to follow (checked against the trace).")
+@click.option("--verify", is_flag=True, help="Also check outputs against an all-experts-resident run.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results (.json/.csv/.parquet).")
+@friendly
+def replay(trace, gpu, device, dtype, preset, hidden, ffn, policies, capacities, batches, scope, threshold,
+           evict, admit, layers, steps, bypass_buffers, calibration, decisions, verify, as_json, out):
+    """Run a policy's decisions on a GPU with real-shaped expert tensors and compare the
+    measured time with the simulator's prediction.
+
+    \b
+    Example:
+      simcache replay traces/trained-mixtral-8e.parquet --gpu 0 --preset mixtral-8x7b \
+          --policy lru,markov --capacity 2,4 --batch 1,16 --steps 200
+    """
+    _torch()
+    from replay.experts import DTYPES
+    from replay.harness import Replayer
+    from replay.presets import resolve
+    from simcache.report import table, write_results
+
+    path = trace or DEFAULT_TRACE
+    t = simcache.read_trace(path)
+    runs = [(p, c, b) for b in batches for p in policies for c in capacities]
+    if decisions is not None and len(runs) != 1:
+        raise SimcacheError("--decisions needs exactly one policy, capacity and batch")
+    for p in policies:
+        simcache.policies.resolve(p, evict, admit)
+    rp = Replayer(t, resolve(preset, hidden, ffn, t.num_experts), gpu=gpu, device=device, dtype=dtype, layers=layers)
+    if calibration is not None:
+        cal = simcache.load_calibration(calibration)
+    elif rp.dev.type == "cuda":
+        from replay.probe import probe as run_probe
+
+        cal = run_probe(rp.dev, rp.preset, DTYPES[dtype])
+    else:
+        cal = None
+    results = [rp.run(p, c, scope=scope, batch=b, threshold=threshold, evict=evict, admit=admit, steps=steps,
+                      bypass_buffers=bypass_buffers, calibration=cal, decisions_file=decisions, verify=verify)
+               for p, c, b in runs]
+    records = [dict(r.to_dict(), trace=str(path)) for r in results]
+    if out is not None:
+        write_results(records, out)
+    if as_json:
+        click.echo(json.dumps({"trace": str(path), "results": records}, indent=2))
+        return
+    r0 = results[0]
+    click.echo(f"trace: {_shown(path)}; preset {rp.preset.name} ({r0.expert_bytes / 2**20:.1f} MiB experts, {dtype}); "
+               f"device {r0.device}; layers {layers or 'all'}; prediction from "
+               f"{'the built-in default' if cal is None else cal.source}")
+    rows = []
+    for r in results:
+        rows.append([r.policy, r.capacity, r.batch, r.steps, r.hits, r.loads, r.bytes_moved / 1e9,
+                     r.measured_per_token_s * 1e3, r.predicted_per_token_s * 1e3, f"{r.error * 100:+.1f}%",
+                     r.copy_gbps_median, r.stall_s * 1e3, r.host_issue_us_per_group,
+                     None if r.verified is None else ("equal" if r.verified else f"DIFF {r.max_abs_diff:.3g}")])
+    click.echo(table(["policy", "cap", "batch", "steps", "hits", "loads", "GB moved", "measured ms/tok",
+                      "predicted ms/tok", "error", "copy GB/s", "stall ms", "host us/group", "outputs"], rows))
+
+
 if __name__ == "__main__":
     main()

@@ -47,7 +47,7 @@ def _run(
     g0, g1, group_ptr, tokens, L, per_layer, S, M,
     evict_tag, admit_tag, learner_tag, record_tag,
     counters, layer_time, t_copy, ffn_lut, overlap,
-    out_outcome, out_slot, out_victim,
+    out_outcome, out_slot, out_victim, out_group_time,
 ):
     """Serve groups g0..g1-1. Per access it counts the outcome (counters[layer, outcome]),
     evictions and reloads; per group it adds the accesses (counters[layer, ACCESSES]) and
@@ -142,9 +142,12 @@ def _run(
         counters[l, ACCESSES] += hi - lo
         layer_time[l, 0] += compute
         if overlap:
-            layer_time[l, 1] += max(compute, transfer + last_miss)
+            t = max(compute, transfer + last_miss)
         else:
-            layer_time[l, 1] += compute + transfer
+            t = compute + transfer
+        layer_time[l, 1] += t
+        if record:
+            out_group_time[g] = t
 
 
 def _tag(code: int) -> tuple:
@@ -209,11 +212,13 @@ class Workload:
 @dataclass
 class Decisions:
     """Per access: outcome code (0 hit, 1 fill, 2 bypass, 3 forced bypass), slot inside its
-    pool (hits and fills, else -1) and the evicted key (fills that evicted, else -1)."""
+    pool (hits and fills, else -1) and the evicted key (fills that evicted, else -1); per
+    (step, layer) group: the predicted time in seconds."""
 
     outcome: np.ndarray
     slot: np.ndarray
     victim: np.ndarray
+    group_time: np.ndarray
 
 
 @dataclass
@@ -489,15 +494,16 @@ def simulate(
         cal_name = cal.device
     ov = cal.overlap if overlap is None else bool(overlap)
 
+    gp = d.group_ptr
     counters = np.zeros((L, len(COUNTER_NAMES)), np.int64)
     layer_time = np.zeros((L, 2), np.float64)
     if record:
-        rec = (np.full(n_acc, -1, np.int8), np.full(n_acc, -1, np.int32), np.full(n_acc, -1, np.int32))
+        rec = (np.full(n_acc, -1, np.int8), np.full(n_acc, -1, np.int32), np.full(n_acc, -1, np.int32),
+               np.zeros(gp.shape[0] - 1, np.float64))
     else:
-        rec = (np.zeros(1, np.int8), np.zeros(1, np.int32), np.zeros(1, np.int32))
+        rec = (np.zeros(1, np.int8), np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1))
 
     start = time.perf_counter()
-    gp = d.group_ptr
     n_groups = gp.shape[0] - 1
     g = 0
     while g < n_groups:
@@ -507,7 +513,7 @@ def simulate(
         _run(
             g, g_end, gp, d.tokens, L, scope == "layer", S, M,
             _tag(eviction.code), _tag(admission.code), _tag(learner), _tag(int(record)),
-            counters, layer_time, t_copy, lut, ov, rec[0], rec[1], rec[2],
+            counters, layer_time, t_copy, lut, ov, *rec,
         )
         if progress is not None:
             progress(int(gp[g_end] - gp[g]))
