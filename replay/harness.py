@@ -19,6 +19,7 @@ simulator's prediction for exactly the replayed steps and layers.
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,119 +203,132 @@ def _run(rp: Replayer, policy, capacity, scope, batch, threshold, evict, admit, 
     copy_stream = torch.cuda.Stream(dev) if cuda else None
     dec = sim.decisions
 
-    def run(groups, measure, resident=None):
-        """Issue every group; returns (host seconds issuing, per-load events, stall events, outputs)."""
-        loads_ev, stall_ev, outputs, group_ev, group_host = [], [], [], [], []
-        prev_done = None
-        ring_free = [None] * bypass_buffers
-        ring_next = 0
-        host = 0.0
+    # the issue sequence of every group, built before any timing: computes of hits first, then
+    # each load, and the computes of loaded experts in load order; a bypass buffer reused inside
+    # a group gets the compute that reads it issued before the copy that overwrites it
+    def build(groups):
+        seq_all, n_loads, ring_next = [], 0, 0
         for s, l, lo, hi in groups:
-            t0 = time.perf_counter()
-            if cuda and measure:
-                g_start = torch.cuda.Event(enable_timing=True)
-                g_start.record()
-            x = plan.x(s)  # (n, H)
-            out = torch.zeros_like(x)
             pool_base = (l * capacity) if scope == "layer" else 0
-            pending = []  # loaded experts whose compute is not issued yet: (i, buf, event, ring)
-
-            def compute(i, buf, done, r):
-                if done is not None:
-                    stream = torch.cuda.current_stream(dev)
-                    if measure:
-                        before = torch.cuda.Event(enable_timing=True)
-                        after = torch.cuda.Event(enable_timing=True)
-                        before.record()
-                        stream.wait_event(done)
-                        after.record()
-                        stall_ev.append((before, after))
-                    else:
-                        stream.wait_event(done)
+            seq = []
+            for i in range(lo, hi):
+                if dec.outcome[i] == HIT:
+                    idx, w = plan.routing(i)
+                    seq.append(("C", idx, w, slots[pool_base + int(dec.slot[i])], -1, -1, key_row[int(d.keys[i])]))
+            pending = []
+            for i in range(lo, hi):
+                if dec.outcome[i] == HIT:
+                    continue
+                row = key_row[int(d.keys[i])]
+                if dec.outcome[i] == FILL:
+                    buf, r = slots[pool_base + int(dec.slot[i])], -1
+                else:
+                    r = ring_next
+                    ring_next = (ring_next + 1) % bypass_buffers
+                    buf = ring[r]
+                    while any(p[5] == r for p in pending):
+                        seq.append(pending.pop(0))
+                seq.append(("L", n_loads, buf, store.host[row], r))
                 idx, w = plan.routing(i)
-                apply_expert(out, x, idx, w, buf, preset.hidden, preset.ffn)
-                if r >= 0 and cuda:
-                    ev = torch.cuda.Event()
-                    ev.record()
-                    ring_free[r] = ev
+                pending.append(("C", idx, w, buf, n_loads, r, row))
+                n_loads += 1
+            seq.extend(pending)
+            seq_all.append((s, seq))
+        return seq_all, n_loads
 
-            if resident is not None:  # reference: every expert resident, no copies
-                for i in range(lo, hi):
-                    compute(i, resident[key_row[int(d.keys[i])]], None, -1)
-            else:
-                # hits first: they compute while this group's loads are on the copy stream
-                for i in range(lo, hi):
-                    if dec.outcome[i] == HIT:
-                        compute(i, slots[pool_base + dec.slot[i]], None, -1)
-                loaded = [i for i in range(lo, hi) if dec.outcome[i] != HIT]
-                if loaded and cuda and prev_done is not None:
-                    copy_stream.wait_event(prev_done)  # earlier computes may read what we overwrite
-                for i in loaded:
-                    if dec.outcome[i] == FILL:
-                        buf, r = slots[pool_base + dec.slot[i]], -1
+    def run(schedule, n_loads, measure):
+        """Issue every group; returns host seconds per group and the events to read."""
+        def events(n, timing=measure):
+            return [torch.cuda.Event(enable_timing=timing) for _ in range(n)] if cuda else [None] * n
+
+        n_groups = len(schedule)
+        l_start, l_done, st_before, st_after = events(n_loads), events(n_loads), events(n_loads), events(n_loads)
+        g_start, g_done = events(n_groups), events(n_groups)
+        frees = events(sum(1 for _, seq in schedule for op in seq if op[0] == "C" and op[5] >= 0), False)
+        outputs, group_host = [], []
+        prev_done, ring_free, used_free = None, [None] * bypass_buffers, 0
+        current = torch.cuda.current_stream(dev) if cuda else None
+        gc_was = gc.isenabled()
+        gc.disable()
+        try:
+            for g, (s, seq) in enumerate(schedule):
+                t0 = time.perf_counter()
+                if cuda:
+                    g_start[g].record()
+                x = plan.x(s)  # (n, H)
+                out = torch.zeros_like(x)  # (n, H)
+                waited = False
+                for op in seq:
+                    if op[0] == "L":
+                        _, lid, buf, src, r = op
+                        if cuda:
+                            if not waited and prev_done is not None:
+                                copy_stream.wait_event(prev_done)  # earlier computes may read what we overwrite
+                            if r >= 0 and ring_free[r] is not None:
+                                copy_stream.wait_event(ring_free[r])
+                            with torch.cuda.stream(copy_stream):
+                                l_start[lid].record()
+                                buf.copy_(src, non_blocking=True)
+                                l_done[lid].record()
+                        else:
+                            buf.copy_(src)
+                        waited = True
                     else:
-                        r = ring_next
-                        ring_next = (ring_next + 1) % bypass_buffers
-                        buf = ring[r]
-                        # a buffer reused inside this group: issue the compute that reads it first
-                        while any(p[3] == r for p in pending):
-                            compute(*pending.pop(0))
-                        if cuda and ring_free[r] is not None:
-                            copy_stream.wait_event(ring_free[r])
-                    src = store.host[key_row[int(d.keys[i])]]
-                    done = None
-                    if cuda:
-                        with torch.cuda.stream(copy_stream):
-                            start = torch.cuda.Event(enable_timing=measure)
-                            done = torch.cuda.Event(enable_timing=measure)
-                            start.record()
-                            buf.copy_(src, non_blocking=True)
-                            done.record()
-                        loads_ev.append((start, done))
-                    else:
-                        buf.copy_(src)
-                    pending.append((i, buf, done, r))
-                while pending:
-                    compute(*pending.pop(0))
-            if cuda:
-                prev_done = torch.cuda.Event(enable_timing=measure)
-                prev_done.record()
-                if measure:
-                    group_ev.append((g_start, prev_done))
-            if verify:
-                outputs.append(out)
-            group_host.append(time.perf_counter() - t0)
-            host += group_host[-1]
-        return host, loads_ev, stall_ev, outputs, (group_ev, group_host)
+                        _, idx, w, buf, lid, r, _row = op
+                        if cuda and lid >= 0:
+                            st_before[lid].record()
+                            current.wait_event(l_done[lid])
+                            st_after[lid].record()
+                        apply_expert(out, x, idx, w, buf, preset.hidden, preset.ffn)
+                        if cuda and r >= 0:
+                            frees[used_free].record()
+                            ring_free[r] = frees[used_free]
+                            used_free += 1
+                if cuda:
+                    g_done[g].record()
+                    prev_done = g_done[g]
+                if verify:
+                    outputs.append(out)
+                group_host.append(time.perf_counter() - t0)
+        finally:
+            if gc_was:
+                gc.enable()
+        return group_host, (l_start, l_done, st_before, st_after, g_start, g_done), outputs
 
     groups = plan.groups
     warm = [g for g in groups if g[0] < warmup_steps]
     timed = [g for g in groups if g[0] >= warmup_steps]
-    # warm-up: compute kernels, copies and allocator, untimed
-    run(warm, measure=False)
+    warm_schedule, warm_loads = build(warm)
+    schedule, n_loads = build(timed)
+    run(warm_schedule, warm_loads, measure=False)  # untimed: kernels, copies, allocator
     if cuda:
         torch.cuda.synchronize(dev)
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
     wall0 = time.perf_counter()
-    host, loads_ev, stall_ev, outputs, (group_ev, group_host) = run(timed, measure=True)
+    group_host, ev, outputs = run(schedule, n_loads, measure=True)
     if cuda:
         end.record()
         torch.cuda.synchronize(dev)
         measured = begin.elapsed_time(end) / 1e3
-        group_gpu = [a.elapsed_time(b) / 1e3 for a, b in group_ev]
-        copy_times = np.array([a.elapsed_time(b) / 1e3 for a, b in loads_ev])
-        stall = float(sum(a.elapsed_time(b) for a, b in stall_ev) / 1e3)
+        l_start, l_done, st_before, st_after, g_start, g_done = ev
+        copy_times = np.array([a.elapsed_time(b) / 1e3 for a, b in zip(l_start, l_done)])
+        stall = float(sum(a.elapsed_time(b) for a, b in zip(st_before, st_after)) / 1e3)
+        group_gpu = [a.elapsed_time(b) / 1e3 for a, b in zip(g_start, g_done)]
     else:
         measured = time.perf_counter() - wall0
         copy_times = np.zeros(0)
         stall = 0.0
         group_gpu = []
+    host = float(sum(group_host))
 
     verified = max_diff = None
     if verify:
         resident = store.host.to(dev)
-        _, _, _, reference, _ = run(timed, measure=False, resident=resident)
+        # the reference: the same computes in the same order, every expert resident, no copies
+        ref_schedule = [(s_, [("C", op[1], op[2], resident[op[6]], -1, -1, op[6]) for op in seq if op[0] == "C"])
+                        for s_, seq in schedule]
+        _, _, reference = run(ref_schedule, 0, measure=False)
         diffs = [float((a.float() - b.float()).abs().max()) for a, b in zip(outputs, reference)]
         max_diff = max(diffs) if diffs else 0.0
         verified = all(torch.equal(a, b) for a, b in zip(outputs, reference))

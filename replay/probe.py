@@ -3,8 +3,11 @@
 * pinned and pageable host-to-device bandwidth by copy size (GB/s, 1e9 bytes), device events
   around back-to-back copies after an untimed warm-up;
 * per-copy latency (a 64-byte copy, median);
-* the expert FFN (the replay harness's own gather, SwiGLU and scatter) by token count, wall
-  clock over back-to-back calls, so kernel-launch overhead is counted as the replay sees it;
+* the expert FFN (the replay harness's own gather, SwiGLU and scatter) by token count, as
+  device time: captured in a CUDA graph and replayed, so host launch gaps are left out;
+* the host's cost to issue work: the replay harness runs LRU on a synthetic one-layer trace
+  and a least-squares fit of its per-(step, layer) host time gives a fixed cost and costs per
+  expert computed and per expert loaded;
 * copy / compute overlap: an expert-sized copy on a side stream against FFNs on the default
   stream, both alone and together.
 
@@ -69,23 +72,69 @@ def _experts(dev, preset, dtype, n):
 
 
 def ffn_seconds(dev, preset: Preset, dtype, tokens=TOKENS, calls=20):
-    """Seconds per expert FFN call (gather, SwiGLU, weighted scatter) by token count."""
+    """Device seconds per expert FFN call (gather, SwiGLU, weighted scatter) by token count:
+    ``calls`` calls over rotating experts captured in one CUDA graph, replayed and timed with
+    events. Also returns the host-paced wall time per call of the same loop run eagerly."""
     experts = _experts(dev, preset, dtype, 4 if preset.expert_bytes() > 64 * MIB else 16)
-    out = []
+    device_s, wall_s = [], []
     for t in tokens:
-        x = torch.randn((t, preset.hidden), device=dev).to(dtype)
+        x = torch.randn((t, preset.hidden), device=dev).to(dtype)  # (T, H)
         y = torch.zeros_like(x)
         idx = torch.arange(t, device=dev)
         w = torch.ones((t, 1), device=dev, dtype=dtype)
-        for e in experts[:2]:
-            apply_expert(y, x, idx, w, e, preset.hidden, preset.ffn)
+
+        def loop():
+            for c in range(calls):
+                apply_expert(y, x, idx, w, experts[c % len(experts)], preset.hidden, preset.ffn)
+
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            loop()  # warm-up (and cuBLAS workspace) outside the capture
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loop()
+        graph.replay()
         torch.cuda.synchronize(dev)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(3):
+            graph.replay()
+        b.record()
+        torch.cuda.synchronize(dev)
+        device_s.append(a.elapsed_time(b) / 1e3 / (3 * calls))
         t0 = time.perf_counter()
-        for c in range(calls):
-            apply_expert(y, x, idx, w, experts[c % len(experts)], preset.hidden, preset.ffn)
+        loop()
         torch.cuda.synchronize(dev)
-        out.append((time.perf_counter() - t0) / calls)
-    return out
+        wall_s.append((time.perf_counter() - t0) / calls)
+        del graph
+    return device_s, wall_s
+
+
+def host_costs(dev, preset: Preset, dtype_name: str):
+    """(fixed, per expert, per load) host seconds to issue a (step, layer) in the replay
+    harness, fitted (non-negative least squares) on LRU runs over a synthetic one-layer trace."""
+    from scipy.optimize import nnls
+
+    import simcache
+    from replay.harness import Replayer
+
+    E = preset.num_experts or 8
+    k = preset.top_k or 2
+    trace = simcache.synth(48, 48, num_layers=1, num_experts=E, top_k=k, seed=7, expert_bytes=None)
+    rp = Replayer(trace, preset, gpu=dev.index, dtype=dtype_name)
+    rows, times = [], []
+    for batch in (1, 8):
+        for capacity in sorted({max(1, E // 4), max(1, E // 2)}):
+            r = rp.run("lru", capacity, batch=batch, steps=40)
+            for e, l, h in zip(r.extra["group_experts"], r.extra["group_loads"], r.extra["group_host_s"]):
+                rows.append([1.0, e, l])
+                times.append(h)
+    coef, _ = nnls(np.array(rows), np.array(times))
+    del rp
+    torch.cuda.empty_cache()
+    return [float(c) for c in coef]
 
 
 def overlap_efficiency(dev, preset: Preset, dtype, tokens=64):
@@ -130,8 +179,9 @@ def probe(dev: torch.device, preset: Preset, dtype: torch.dtype, sizes=COPY_SIZE
     pinned = [_copy_gbps(dev, s, True) for s in sizes]
     pageable = [_copy_gbps(dev, s, False) for s in sizes[::2]]
     latency = _latency_us(dev)
-    ffn = ffn_seconds(dev, preset, dtype)
+    ffn, ffn_wall = ffn_seconds(dev, preset, dtype)
     eff, t_copy, t_comp, t_both = overlap_efficiency(dev, preset, dtype)
+    host = host_costs(dev, preset, str(dtype).replace("torch.", ""))
     eb = preset.expert_bytes(torch.tensor([], dtype=dtype).element_size())
     return simcache.Calibration(
         device=name,
@@ -141,6 +191,9 @@ def probe(dev: torch.device, preset: Preset, dtype: torch.dtype, sizes=COPY_SIZE
         ffn_tokens=list(TOKENS),
         ffn_seconds=[float(f) for f in ffn],
         overlap=eff >= 0.7,
+        host_group_s=host[0],
+        host_expert_s=host[1],
+        host_load_s=host[2],
         source=f"simcache probe on {name}, preset {preset.name}, {str(dtype).replace('torch.', '')}, "
                f"torch {torch.__version__}",
         extra={
@@ -152,5 +205,6 @@ def probe(dev: torch.device, preset: Preset, dtype: torch.dtype, sizes=COPY_SIZE
             "overlap_compute_s": t_comp,
             "overlap_both_s": t_both,
             "preset": preset.name,
+            "ffn_wall_seconds": [float(f) for f in ffn_wall],
         },
     )
