@@ -607,8 +607,6 @@ def probe(gpu, device, dtype, preset, hidden, ffn, out, as_json):
     click.echo(f"copy latency (64 B): {x['copy_latency_us']:.1f} us")
     click.echo(table(["tokens", f"{p.name} expert FFN ms (device)", "ms (host-paced)"],
                      [[t, s * 1e3, w * 1e3] for t, s, w in zip(cal.ffn_tokens, cal.ffn_seconds, x["ffn_wall_seconds"])]))
-    click.echo(f"host issue per (step, layer): {cal.host_group_s * 1e6:.1f} us + {cal.host_expert_s * 1e6:.1f} us "
-               f"per expert + {cal.host_load_s * 1e6:.1f} us per load")
     click.echo(f"copy/compute overlap: {x['overlap_efficiency']:.2f} (copy {x['overlap_copy_s'] * 1e3:.2f} ms, "
                f"compute {x['overlap_compute_s'] * 1e3:.2f} ms, both {x['overlap_both_s'] * 1e3:.2f} ms)")
     if out is not None:

@@ -5,9 +5,6 @@
 * per-copy latency (a 64-byte copy, median);
 * the expert FFN (the replay harness's own gather, SwiGLU and scatter) by token count, as
   device time: captured in a CUDA graph and replayed, so host launch gaps are left out;
-* the host's cost to issue work: the replay harness runs LRU on a synthetic one-layer trace
-  and a least-squares fit of its per-(step, layer) host time gives a fixed cost and costs per
-  expert computed and per expert loaded;
 * copy / compute overlap: an expert-sized copy on a side stream against FFNs on the default
   stream, both alone and together.
 
@@ -112,31 +109,6 @@ def ffn_seconds(dev, preset: Preset, dtype, tokens=TOKENS, calls=20):
     return device_s, wall_s
 
 
-def host_costs(dev, preset: Preset, dtype_name: str):
-    """(fixed, per expert, per load) host seconds to issue a (step, layer) in the replay
-    harness, fitted (non-negative least squares) on LRU runs over a synthetic one-layer trace."""
-    from scipy.optimize import nnls
-
-    import simcache
-    from replay.harness import Replayer
-
-    E = preset.num_experts or 8
-    k = preset.top_k or 2
-    trace = simcache.synth(48, 48, num_layers=1, num_experts=E, top_k=k, seed=7, expert_bytes=None)
-    rp = Replayer(trace, preset, gpu=dev.index, dtype=dtype_name)
-    rows, times = [], []
-    for batch in (1, 8):
-        for capacity in sorted({max(1, E // 4), max(1, E // 2)}):
-            r = rp.run("lru", capacity, batch=batch, steps=40)
-            for e, l, h in zip(r.extra["group_experts"], r.extra["group_loads"], r.extra["group_host_s"]):
-                rows.append([1.0, e, l])
-                times.append(h)
-    coef, _ = nnls(np.array(rows), np.array(times))
-    del rp
-    torch.cuda.empty_cache()
-    return [float(c) for c in coef]
-
-
 def overlap_efficiency(dev, preset: Preset, dtype, tokens=64):
     """How much of the shorter of (one expert copy, FFNs of equal length) hides under the
     other when they run on two streams: 1 = perfect overlap, 0 = serialised."""
@@ -181,7 +153,6 @@ def probe(dev: torch.device, preset: Preset, dtype: torch.dtype, sizes=COPY_SIZE
     latency = _latency_us(dev)
     ffn, ffn_wall = ffn_seconds(dev, preset, dtype)
     eff, t_copy, t_comp, t_both = overlap_efficiency(dev, preset, dtype)
-    host = host_costs(dev, preset, str(dtype).replace("torch.", ""))
     eb = preset.expert_bytes(torch.tensor([], dtype=dtype).element_size())
     return simcache.Calibration(
         device=name,
@@ -191,9 +162,6 @@ def probe(dev: torch.device, preset: Preset, dtype: torch.dtype, sizes=COPY_SIZE
         ffn_tokens=list(TOKENS),
         ffn_seconds=[float(f) for f in ffn],
         overlap=eff >= 0.7,
-        host_group_s=host[0],
-        host_expert_s=host[1],
-        host_load_s=host[2],
         source=f"simcache probe on {name}, preset {preset.name}, {str(dtype).replace('torch.', '')}, "
                f"torch {torch.__version__}",
         extra={

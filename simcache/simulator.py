@@ -46,7 +46,7 @@ CHUNK_ACCESSES = 4_000_000  # accesses per kernel call between progress updates
 def _run(
     g0, g1, group_ptr, tokens, L, per_layer, S, M,
     evict_tag, admit_tag, learner_tag, record_tag,
-    counters, layer_time, t_copy, ffn_lut, overlap, host,
+    counters, layer_time, t_copy, ffn_lut, overlap,
     out_outcome, out_slot, out_victim, out_group_time,
 ):
     """Serve groups g0..g1-1. Per access it counts the outcome (counters[layer, outcome]),
@@ -145,8 +145,6 @@ def _run(
             t = max(compute, transfer + last_miss)
         else:
             t = compute + transfer
-        # the host must issue it all too: (fixed, per expert, per load) seconds
-        t = max(t, host[0] + host[1] * (hi - lo) + host[2] * loads)
         layer_time[l, 1] += t
         if record:
             out_group_time[g] = t
@@ -495,9 +493,6 @@ def simulate(
         lut = cal.ffn_seconds_for(np.arange(work.max_tokens + 1), eb)
         cal_name = cal.device
     ov = cal.overlap if overlap is None else bool(overlap)
-    host = np.array([cal.host_group_s, cal.host_expert_s, cal.host_load_s], np.float64)
-    if eb is None:
-        host[:] = 0.0
 
     gp = d.group_ptr
     counters = np.zeros((L, len(COUNTER_NAMES)), np.int64)
@@ -518,7 +513,7 @@ def simulate(
         _run(
             g, g_end, gp, d.tokens, L, scope == "layer", S, M,
             _tag(eviction.code), _tag(admission.code), _tag(learner), _tag(int(record)),
-            counters, layer_time, t_copy, lut, ov, host, *rec,
+            counters, layer_time, t_copy, lut, ov, *rec,
         )
         if progress is not None:
             progress(int(gp[g_end] - gp[g]))

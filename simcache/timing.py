@@ -2,11 +2,11 @@
 
 Per (step, layer): transfer = loads x copy time of one expert; compute = sum over demanded
 experts of the FFN time (on the GPU) for the tokens routed to it. With a copy stream
-(``overlap``) the device part takes max(compute, transfer + the last loaded expert's compute),
-else compute + transfer. The host must also issue that work: the (step, layer) takes the larger
-of the device part and the host part (a fixed cost, plus costs per expert computed and per
-expert loaded). Only expert work is modelled: attention and the rest of the model are not, so
-the reported time per token is the *expert* time.
+(``overlap``) a (step, layer) takes max(compute, transfer + the last loaded expert's compute),
+else compute + transfer. Only expert work on the GPU is modelled: attention, the rest of the
+model and the host's time to issue the work are not, so the reported time per token is the
+*expert* time of a runtime that keeps the GPU fed (docs/replay.md shows where a Python harness
+does not).
 
 A :class:`Calibration` holds the measured tables; ``simcache probe`` writes one as JSON on a
 GPU, and the built-in default carries the H200 figures of DESIGN §5.
@@ -48,10 +48,6 @@ class Calibration:
         so its time follows their bytes).
     overlap : bool
         Whether copies run on a side stream concurrently with compute.
-    host_group_s, host_expert_s, host_load_s : float
-        Host time to issue a (step, layer): a fixed part, per expert computed and per expert
-        loaded. A (step, layer) takes at least this long however fast the GPU is (0 = not
-        modelled, as in the built-in default).
     source : str
         Where the numbers come from.
     """
@@ -63,15 +59,8 @@ class Calibration:
     ffn_tokens: list = field(default_factory=list)
     ffn_seconds: list = field(default_factory=list)
     overlap: bool = True
-    host_group_s: float = 0.0
-    host_expert_s: float = 0.0
-    host_load_s: float = 0.0
     source: str = ""
     extra: dict = field(default_factory=dict)
-
-    def host_seconds(self, experts, loads):
-        """Host time to issue one (step, layer): ``experts`` computes, ``loads`` copies."""
-        return self.host_group_s + self.host_expert_s * experts + self.host_load_s * loads
 
     def copy_seconds(self, nbytes: float) -> float:
         """Seconds to copy ``nbytes`` from pinned host memory to the GPU."""
