@@ -185,3 +185,27 @@ def test_interrupted_capture_leaves_no_file(tmp_path, corpus, monkeypatch):
         cap.capture_text(m, tok, arch, cap.read_texts([str(corpus)]), tmp_path / "t.parquet",
                          max_length=8, batch_size=1, progress=boom)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("name,trace", [("mixtral", "trained-mixtral-8e"), ("olmoe", "trained-olmoe-32e")])
+def test_shipped_checkpoints_reproduce_their_traces(name, trace, tmp_path):
+    """The shipped checkpoints, run here on the CPU on the token ids a shipped trace records,
+    route as the GPU capture did (bf16 on an H200)."""
+    from .conftest import ROOT
+
+    t = simcache.read_trace(ROOT / "traces" / f"{trace}.parquet")
+    model, tok, arch = cap.load_model(str(ROOT / "models" / name), dtype="bfloat16")
+    first = t.select_requests([0, 100, 300])
+    tap = cap.RouterTap(model)
+    agree = total = 0
+    for r in (0, 100, 300):
+        rows = first.select_requests([r])
+        ids = torch.tensor(rows.token_id[:: rows.num_layers].astype(np.int64))[None]
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False)
+        got = np.stack([c[0] for c in tap.take()], axis=1)  # (tokens, L, k)
+        want = rows.token_experts()
+        agree += (got[:, :, 0] == want[:, :, 0]).sum()
+        total += want[:, :, 0].size
+    tap.close()
+    assert agree / total > 0.95, agree / total
