@@ -212,16 +212,9 @@ def synth(output, num_requests, length, layers, experts, top_k, transitions, com
     """Draw a synthetic routing trace (Markov chain or parametric) into OUTPUT."""
     if output.exists() and not force:
         raise SimcacheError(f"output file exists: {output} (use --force to replace it)")
-    counts = None
-    if transitions is not None:
-        import numpy as np
+    from simcache.transitions import load_counts
 
-        if not transitions.exists():
-            raise SimcacheError(f"transition file not found: {transitions}")
-        try:
-            counts = np.load(transitions, allow_pickle=False)
-        except ValueError as exc:
-            raise SimcacheError(f"{transitions}: not a numpy array ({exc})") from None
+    counts = None if transitions is None else load_counts(transitions)
     trace = simcache.synth(
         num_requests, length, num_layers=layers, num_experts=experts, top_k=top_k,
         transitions=counts, communities=communities, stickiness=stickiness, zipf=zipf,

@@ -106,13 +106,9 @@ def analyze(source, *, null_samples: int = 20, seed: int = 0, cut: float = 0.05,
         return _analyze_counts(source, "array", null_samples, seed, cut, max_communities)
     path = Path(source)
     if path.suffix == ".npy":
-        if not path.exists():
-            raise SimcacheError(f"count array not found: {path}")
-        try:
-            counts = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise SimcacheError(f"{path}: not a numpy array ({exc})") from None
-        return _analyze_counts(counts, str(path), null_samples, seed, cut, max_communities)
+        from simcache.transitions import load_counts
+
+        return _analyze_counts(load_counts(path), str(path), null_samples, seed, cut, max_communities)
     from simcache.trace import read_trace
 
     return _analyze_trace(read_trace(path), str(path), null_samples, seed, cut, max_communities)

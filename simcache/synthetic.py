@@ -183,6 +183,15 @@ def _draw(cdf):
 
 
 @jit
+def _is_new(out, t, l, r, e):
+    """Expert e is not among the first r experts already drawn for (token t, layer l)."""
+    for q in range(r):
+        if out[t, l, q] == e:
+            return False
+    return True
+
+
+@jit
 def _fill_rest(out, t, l, k, E, first, cdf):
     """Experts 2..k of a token: distinct draws from ``cdf`` (uniform after many rejections)."""
     out[t, l, 0] = first
@@ -191,12 +200,7 @@ def _fill_rest(out, t, l, k, E, first, cdf):
         while True:
             e = _draw(cdf) if tries < 64 else np.random.randint(0, E)
             tries += 1
-            dup = False
-            for q in range(r):
-                if out[t, l, q] == e:
-                    dup = True
-                    break
-            if not dup:
+            if _is_new(out, t, l, r, e):
                 out[t, l, r] = e
                 break
 
@@ -242,12 +246,7 @@ def _walk_communities(lengths, L, k, E, members, member_cdf, stickiness, noise, 
                         else:
                             e = members[l, c, _draw(member_cdf[l, c])]
                         tries += 1
-                        dup = False
-                        for z in range(q):
-                            if out[t, l, z] == e:
-                                dup = True
-                                break
-                        if not dup:
+                        if _is_new(out, t, l, q, e):
                             out[t, l, q] = e
                             break
             t += 1

@@ -37,18 +37,25 @@ def fit_prior(trace: Trace) -> np.ndarray:
     return transition_counts(trace)
 
 
+def load_counts(path) -> np.ndarray:
+    """A ``.npy`` array of transition counts, with a one-line error for a missing or bad file
+    (its shape is the caller's to check)."""
+    path = Path(path)
+    if not path.exists():
+        raise SimcacheError(f"count array not found: {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise SimcacheError(f"{path}: not a numpy array ({str(exc).splitlines()[0]})") from None
+
+
 def load_prior(path, num_layers: int, num_experts: int) -> np.ndarray:
     """A prior from a trace file (fitted here) or a ``.npy`` count array (layers, E, E)."""
     from simcache.trace import read_trace
 
     path = Path(path)
     if path.suffix == ".npy":
-        if not path.exists():
-            raise SimcacheError(f"prior file not found: {path}")
-        try:
-            counts = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise SimcacheError(f"{path}: not a numpy count array ({exc})") from None
+        counts = load_counts(path)
     else:
         counts = fit_prior(read_trace(path))
     if counts.shape != (num_layers, num_experts, num_experts):
