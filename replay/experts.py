@@ -7,7 +7,6 @@ Tensor dimensions used in shape comments:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -93,10 +92,3 @@ def apply_expert(out, x, idx, weight, w, hidden, ffn_size):
     """out[idx] += weight * FFN(x[idx]); out (n, H), idx (T,), weight (T, 1)."""
     y = ffn(x.index_select(0, idx), w, hidden, ffn_size)  # (T, H)
     out.index_add_(0, idx, y * weight)
-
-
-def env_summary(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "device": str(device), "cpu_count": os.cpu_count()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
