@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import simcache  # noqa: E402
-from simcache.simulator import Workload  # noqa: E402
+from simcache.workload import Workload  # noqa: E402
 
 SEED_MATRIX = ROOT.parent / "shared" / "traces" / "raw" / "seed-transition-matrices" / "mixtral_top1_transition_counts.npy"
 

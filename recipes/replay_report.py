@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import simcache  # noqa: E402
-from simcache.simulator import Workload  # noqa: E402
+from simcache.workload import Workload  # noqa: E402
 
 RUNS = {
     "mixtral-8x7b": "traces/trained-mixtral-8e.parquet",

@@ -11,7 +11,8 @@ replay the decisions on a real GPU.
 
 from simcache.errors import SimcacheError
 from simcache.policies import ADMISSION, EVICTION, PRESETS
-from simcache.simulator import SimResult, Workload, simulate
+from simcache.simulator import SimResult, simulate
+from simcache.workload import Workload
 from simcache.synthetic import synth
 from simcache.timing import Calibration, default_calibration, load_calibration
 from simcache.trace import Trace, TraceWriter, read_trace, write_trace

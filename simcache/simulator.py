@@ -15,7 +15,6 @@ The bookkeeping lives once, in :func:`_run`; a policy only answers ``victim`` an
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,7 +28,7 @@ from simcache.policies import learner_for, policy_name, resolve
 from simcache.state import Learner, new_state
 from simcache.timing import Calibration, default_calibration
 from simcache.trace import Trace
-from simcache.workload import Demand, Steps, demand, future_order, schedule, step_pairs
+from simcache.workload import Workload
 
 SCOPES = ("layer", "global")
 
@@ -154,56 +153,6 @@ def _tag(code: int) -> tuple:
     """A compile-time constant for numba: the code as the length of a tuple. (numba's own
     ``literally`` re-enters the compiler on every call; a tuple's length is part of its type.)"""
     return (0,) * (code + 1)
-
-
-# ---- the prepared workload ---------------------------------------------------------------
-
-
-class Workload:
-    """A trace scheduled for one batch size and prefill mode, with its access stream.
-
-    Built once and reused across policies and capacities (:func:`simulate` accepts it in place
-    of a trace). Future order and the Markov learner's inputs are computed on first need.
-    """
-
-    def __init__(self, trace: Trace, batch: int = 1, prefill: str = "skip"):
-        self.trace = trace
-        self.batch = int(batch) if isinstance(batch, (int, np.integer)) else batch
-        self.prefill = prefill
-        self.steps: Steps = schedule(trace, batch, prefill)
-        self.demand: Demand = demand(trace, self.steps)
-        if self.demand.num_accesses == 0:
-            raise SimcacheError(
-                "no accesses to simulate: every token is prefill and prefill is skipped "
-                "(use --prefill step)"
-            )
-        self._future = None
-        self._pairs = None
-        self._top1 = None
-
-    @property
-    def future(self) -> np.ndarray:
-        """Belady's order of every access's next use (:func:`simcache.workload.future_order`)."""
-        if self._future is None:
-            self._future = future_order(self.demand)
-        return self._future
-
-    @property
-    def pairs(self):
-        if self._pairs is None:
-            self._pairs = step_pairs(self.steps)
-        return self._pairs
-
-    @functools.cached_property
-    def max_tokens(self) -> int:
-        """Most tokens any expert gets in one (step, layer)."""
-        return int(self.demand.tokens.max())
-
-    @property
-    def top1(self) -> np.ndarray:
-        if self._top1 is None:
-            self._top1 = np.ascontiguousarray(self.trace.token_experts()[:, :, 0])
-        return self._top1
 
 
 # ---- results -------------------------------------------------------------------------------

@@ -429,15 +429,10 @@ def read_trace(path) -> Trace:
             col = col.dictionary_encode()
         domains = tuple(str(x) for x in col.dictionary.to_pylist())
         domain = np.asarray(col.indices.fill_null(-1).to_numpy(zero_copy_only=False), np.int16)
-    E = int(meta["num_experts"])
-    if E > np.iinfo(np.int16).max:
-        raise SimcacheError(f"{path}: num_experts={E} does not fit the int16 expert column")
-    raw = fixed_list("experts", None)  # native width: range-checked before narrowing
-    lo, hi = int(raw.min()), int(raw.max())
-    if lo < 0 or hi >= E:
-        raise SimcacheError(f"{path}: expert id {hi if hi >= E else lo} is outside [0, {E}) (num_experts={E})")
-    experts = raw.astype(np.int16, copy=False)
-    del raw
+    try:  # native width: range-checked before narrowing to int16
+        experts = _expert_ids(fixed_list("experts", None), int(meta["num_experts"]))
+    except SimcacheError as exc:
+        raise SimcacheError(f"{path}: {exc}") from None
     trace = Trace(
         request=column("request", np.int32),
         position=column("position", np.int32),

@@ -11,6 +11,7 @@ the oracle admission are a few lines each.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -346,3 +347,46 @@ def _rank_in_place(group_ptr, nxt, n):
     for i in range(n):
         if nxt[i] < n:
             nxt[i] = rank[nxt[i]]
+
+
+# ---- the prepared workload ---------------------------------------------------------------
+
+
+class Workload:
+    """A trace scheduled for one batch size and prefill mode, with its access stream.
+
+    Built once and reused across policies and capacities (:func:`simulate` accepts it in place
+    of a trace). Future order and the Markov learner's inputs are computed on first need.
+    """
+
+    def __init__(self, trace: Trace, batch: int = 1, prefill: str = "skip"):
+        self.trace = trace
+        self.batch = int(batch) if isinstance(batch, (int, np.integer)) else batch
+        self.prefill = prefill
+        self.steps: Steps = schedule(trace, batch, prefill)
+        self.demand: Demand = demand(trace, self.steps)
+        if self.demand.num_accesses == 0:
+            raise SimcacheError(
+                "no accesses to simulate: every token is prefill and prefill is skipped "
+                "(use --prefill step)"
+            )
+
+    @functools.cached_property
+    def future(self) -> np.ndarray:
+        """Belady's order of every access's next use (:func:`simcache.workload.future_order`)."""
+        return future_order(self.demand)
+
+    @functools.cached_property
+    def pairs(self):
+        """(pair_ptr, pair_prev, pair_cur): the Markov learner's consecutive-token pairs."""
+        return step_pairs(self.steps)
+
+    @functools.cached_property
+    def max_tokens(self) -> int:
+        """Most tokens any expert gets in one (step, layer)."""
+        return int(self.demand.tokens.max())
+
+    @functools.cached_property
+    def top1(self) -> np.ndarray:
+        """Top-1 expert of every token and layer, (tokens, layers)."""
+        return np.ascontiguousarray(self.trace.token_experts()[:, :, 0])

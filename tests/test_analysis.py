@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import simcache
-from cli import main
+from simcache.cli import main
 from simcache.analysis import analyze, one_minus_abs_lambda2
 
 from .conftest import SEED_MATRICES, require

@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 from click.testing import CliRunner  # noqa: E402
 
 import simcache  # noqa: E402
-from cli import main  # noqa: E402
+from simcache.cli import main  # noqa: E402
 from simcache import capture as cap  # noqa: E402
 
 from . import tiny_models  # noqa: E402

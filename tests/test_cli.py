@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import simcache
-from cli import main
+from simcache.cli import main
 
 from .conftest import FLAME_RAW, TRACES, random_trace, require
 

@@ -42,7 +42,7 @@ def test_counters_add_up_and_occupancy_bounded(trace, data, evict, admit):
     # occupancy, replayed from the decisions: fills add a resident, evictions remove one
     d = r.decisions
     E = trace.num_experts
-    from simcache.simulator import Workload
+    from simcache.workload import Workload
 
     keys = Workload(trace, batch, prefill).demand.keys
     pool = (keys // E) if scope == "layer" else np.zeros_like(keys)

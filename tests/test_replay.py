@@ -10,10 +10,10 @@ torch = pytest.importorskip("torch")
 from click.testing import CliRunner  # noqa: E402
 
 import simcache  # noqa: E402
-from cli import main  # noqa: E402
-from replay import experts as rx  # noqa: E402
-from replay.harness import Replayer, parse_layers, replay  # noqa: E402
-from replay.presets import PRESETS, resolve  # noqa: E402
+from simcache.cli import main  # noqa: E402
+from simcache.replay import experts as rx  # noqa: E402
+from simcache.replay.harness import Replayer, parse_layers, replay  # noqa: E402
+from simcache.replay.presets import PRESETS, resolve  # noqa: E402
 
 from .conftest import random_trace  # noqa: E402
 
@@ -92,11 +92,11 @@ def test_preset_must_match_the_trace():
 
 def test_memory_is_checked_up_front(monkeypatch):
     t = random_trace(8, layers=3, experts=6)
-    monkeypatch.setattr("replay.harness.host_available_bytes", lambda: 10_000)
+    monkeypatch.setattr("simcache.replay.harness.host_available_bytes", lambda: 10_000)
     with pytest.raises(simcache.SimcacheError, match="pinned host memory.*--layers"):
         Replayer(t, TINY, device="cpu", dtype="float32")
-    monkeypatch.setattr("replay.harness.host_available_bytes", lambda: 1 << 40)
-    monkeypatch.setattr("replay.harness.gpu_free_bytes", lambda dev: 1000)
+    monkeypatch.setattr("simcache.replay.harness.host_available_bytes", lambda: 1 << 40)
+    monkeypatch.setattr("simcache.replay.harness.gpu_free_bytes", lambda dev: 1000)
     rp = Replayer(t, TINY, device="cpu", dtype="float32")
     with pytest.raises(simcache.SimcacheError, match="GPU memory"):
         rp.run("lru", 4, steps=5)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 import simcache
-from replay.experts import apply_expert
-from replay.presets import Preset
+from simcache.replay.experts import apply_expert
+from simcache.replay.presets import Preset
 
 MIB = 1 << 20
 COPY_SIZES = [256 << 10, 1 * MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB, 1024 * MIB]

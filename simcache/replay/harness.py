@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 import simcache
-from replay.experts import (DTYPES, ExpertStore, apply_expert, gpu_free_bytes, host_available_bytes,
+from simcache.replay.experts import (DTYPES, ExpertStore, apply_expert, gpu_free_bytes, host_available_bytes,
                             pick_device)
-from replay.presets import Preset
+from simcache.replay.presets import Preset
 from simcache.errors import SimcacheError
-from simcache.simulator import BYPASS, FILL, FORCED_BYPASS, HIT, Workload
+from simcache.simulator import BYPASS, FILL, FORCED_BYPASS, HIT
+from simcache.workload import Workload
 
 
 @dataclass

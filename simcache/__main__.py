@@ -1,0 +1,5 @@
+"""``python -m simcache`` runs the command line."""
+
+from simcache.cli import main
+
+main()

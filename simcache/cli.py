@@ -1,0 +1,686 @@
+"""The ``simcache`` command: a thin skin over the library.
+
+Each command parses its options, calls one library function and prints or writes the result.
+Bad input raises :class:`simcache.SimcacheError`, shown as ``Error: <message>`` with exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+import simcache
+from simcache.errors import SimcacheError
+
+HERE = Path(__file__).resolve().parent.parent  # the checkout: traces/ sits beside simcache/
+DEFAULT_TRACE = HERE / "traces" / "flame-moe-290m.parquet"
+
+
+def friendly(fn):
+    """Turn library errors (and file errors) into one-line click errors."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SimcacheError as exc:
+            raise click.ClickException(str(exc)) from None
+        except BrokenPipeError:  # output piped into head and the like: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(0) from None
+        except (OSError, MemoryError) as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+    return wrapper
+
+
+def _shown(path) -> str:
+    """A path relative to the working directory when it lies below it."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+def _csv(kind):
+    def convert(ctx, param, value):
+        if value is None:
+            return None
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not items:
+            raise click.BadParameter("empty list")
+        if kind is int:
+            try:
+                return [int(v) for v in items]
+            except ValueError:
+                raise click.BadParameter(f"expected integers, got {value!r}") from None
+        return items
+
+    return convert
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="simcache", message="%(prog)s %(version)s")
+def main():
+    """Expert-cache simulation for offloaded Mixture-of-Experts inference.
+
+    Capture routing traces, simulate which experts to keep on the GPU, analyse routing
+    locality, and replay the decisions on a real GPU.
+    """
+
+
+# ---- info -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("trace", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@friendly
+def info(trace, as_json):
+    """Summarise a trace: model, shape, size and expert load balance."""
+    t = simcache.read_trace(trace)
+    summary = t.summary()
+    meta = {k: v for k, v in t.metadata.items() if k not in summary}
+    if as_json:
+        click.echo(json.dumps({"trace": str(trace), **summary, "metadata": meta}, indent=2))
+        return
+    click.echo(f"trace          {trace}")
+    click.echo(f"model          {summary['model']} ({summary['architecture']})")
+    click.echo(
+        f"shape          {summary['num_layers']} MoE layers x {summary['num_experts']} experts, "
+        f"top-{summary['top_k']}"
+    )
+    click.echo(
+        f"size           {summary['requests']:,} requests, {summary['tokens']:,} tokens "
+        f"({summary['prefill_tokens']:,} prefill, {summary['decode_tokens']:,} decode), "
+        f"{summary['rows']:,} rows"
+    )
+    eb = summary["expert_bytes"]
+    click.echo(f"expert size    {'unknown' if eb is None else f'{eb:,} bytes ({eb / 2**20:.1f} MiB)'}")
+    click.echo(
+        "load balance   max/mean expert use per layer: "
+        f"{summary['load_max_over_mean_min']:.2f} .. {summary['load_max_over_mean_max']:.2f} "
+        f"(mean {summary['load_max_over_mean_mean']:.2f}); unused experts per layer <= "
+        f"{summary['unused_experts_per_layer_max']}"
+    )
+    if summary["domains"]:
+        click.echo(f"domains        {', '.join(summary['domains'])}")
+    for key, value in meta.items():
+        if key not in ("num_layers", "num_experts", "top_k"):
+            click.echo(f"{key:<14} {value}")
+
+
+# ---- import ---------------------------------------------------------------------------------
+
+
+@main.command("import")
+@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--format", "fmt", type=click.Choice(["auto", "jsonl", "parquet", "flame"]), default="auto",
+    show_default=True, help="Input format; auto = by suffix, recognising the FLAME sample.",
+)
+@click.option("--request", help="Column holding the sequence id.")
+@click.option("--position", help="Column holding the token index.")
+@click.option("--layer", help="Column holding the MoE layer.")
+@click.option("--experts", help="Column holding the chosen experts.")
+@click.option("--weights", help="Column holding the gate weights.")
+@click.option("--token-id", help="Column holding the token id.")
+@click.option("--domain", help="Column holding a domain label.")
+@click.option("--num-experts", type=int, help="Experts per layer (default: largest id + 1).")
+@click.option("--model", help="Model name for the metadata.")
+@click.option("--expert-bytes", type=int, help="Bytes of one expert as served (for timing).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@friendly
+def import_(source, output, fmt, request, position, layer, experts, weights, token_id, domain,
+            num_experts, model, expert_bytes, force):
+    """Convert a foreign trace (JSONL, another tool's Parquet, the FLAME sample) to OUTPUT."""
+    from simcache.importers import import_file, import_flame
+
+    if output.exists() and not force:
+        raise SimcacheError(f"output file exists: {output} (use --force to replace it)")
+    if fmt == "auto":
+        fmt = "parquet" if source.suffix == ".parquet" else "jsonl"
+        if fmt == "parquet" and source.exists():
+            import pyarrow.parquet as pq
+
+            try:
+                names = set(pq.read_schema(source).names)
+            except Exception:
+                names = set()
+            if {"stream_idx", "contiguous_prefix", "scores"} <= names:
+                fmt = "flame"
+    if fmt == "flame":
+        trace = import_flame(source)
+    else:
+        options = {
+            k: v for k, v in dict(
+                request=request, position=position, layer=layer, experts=experts, weights=weights,
+                token_id=token_id, domain=domain, num_experts=num_experts, model=model,
+                expert_bytes=expert_bytes,
+            ).items() if v is not None
+        }
+        trace = import_file(source, fmt=fmt, **options)
+    simcache.write_trace(trace, output, overwrite=True)
+    click.echo(
+        f"wrote {output}: {trace.num_requests:,} requests, {trace.num_tokens:,} tokens, "
+        f"{trace.num_layers} layers x {trace.num_experts} experts, top-{trace.top_k}"
+    )
+
+
+# ---- synth ----------------------------------------------------------------------------------
+
+
+def _length(ctx, param, value):
+    try:
+        if ":" in value:
+            lo, hi = value.split(":")
+            return (int(lo), int(hi))
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected N or LO:HI, got {value!r}") from None
+
+
+@main.command()
+@click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--requests", "num_requests", type=int, default=64, show_default=True)
+@click.option("--length", default="256", callback=_length, show_default=True,
+              help="Tokens per request: N, or LO:HI drawn uniformly.")
+@click.option("--layers", type=int, default=32, show_default=True)
+@click.option("--experts", type=int, default=8, show_default=True)
+@click.option("--top-k", type=int, default=2, show_default=True)
+@click.option("--transitions", type=click.Path(dir_okay=False, path_type=Path),
+              help="Walk these top-1 transition counts (.npy, layers x E x E).")
+@click.option("--communities", type=int, help="Parametric model: expert communities (default E/4).")
+@click.option("--stickiness", type=float, default=0.9, show_default=True)
+@click.option("--zipf", type=float, default=1.0, show_default=True)
+@click.option("--noise", type=float, default=0.1, show_default=True)
+@click.option("--prompt-length", type=int, default=0, show_default=True,
+              help="Mark the first tokens of each request as prefill.")
+@click.option("--expert-bytes", type=int, default=simcache.timing.MIXTRAL_EXPERT_BYTES, show_default=True)
+@click.option("--no-weights", is_flag=True, help="Leave out gate weights (smaller files).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@friendly
+def synth(output, num_requests, length, layers, experts, top_k, transitions, communities,
+          stickiness, zipf, noise, prompt_length, expert_bytes, no_weights, seed, force):
+    """Draw a synthetic routing trace (Markov chain or parametric) into OUTPUT."""
+    if output.exists() and not force:
+        raise SimcacheError(f"output file exists: {output} (use --force to replace it)")
+    from simcache.transitions import load_counts
+
+    counts = None if transitions is None else load_counts(transitions)
+    trace = simcache.synth(
+        num_requests, length, num_layers=layers, num_experts=experts, top_k=top_k,
+        transitions=counts, communities=communities, stickiness=stickiness, zipf=zipf,
+        noise=noise, prompt_length=prompt_length, weights=not no_weights, seed=seed,
+        expert_bytes=expert_bytes,
+    )
+    simcache.write_trace(trace, output)
+    accesses_b1 = trace.num_tokens * trace.num_layers * trace.top_k
+    click.echo(
+        f"wrote {output}: {trace.num_requests:,} requests, {trace.num_tokens:,} tokens, "
+        f"{trace.num_layers} layers x {trace.num_experts} experts, top-{trace.top_k} "
+        f"({accesses_b1:,} accesses at batch 1)"
+    )
+
+
+# ---- simulate -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("trace", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--policy", "policies", default="lru", callback=_csv(str), show_default=True,
+              help=f"Preset(s), comma-separated: {', '.join(simcache.PRESETS)}.")
+@click.option("--capacity", "capacities", callback=_csv(int),
+              help="Slots per layer (or in the global pool), comma-separated. Default: E/4 "
+                   "per layer.")
+@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True, help="Sequences decoding together.")
+@click.option("--prefill", type=click.Choice(["skip", "step"]), default="skip", show_default=True)
+@click.option("--threshold", default="0.1", show_default=True,
+              help="Markov admission tau: a number in [0, 1], or X/E for X times 1/E.")
+@click.option("--evict", type=click.Choice(list(simcache.EVICTION)), help="Override the eviction rule.")
+@click.option("--admit", type=click.Choice(list(simcache.ADMISSION)), help="Override the admission rule.")
+@click.option("--horizon", type=int, default=4, show_default=True, help="Steps ahead for markov-h.")
+@click.option("--prior", type=click.Path(dir_okay=False, path_type=Path),
+              help="Seed the Markov learner from a separate trace or a .npy count array.")
+@click.option("--split", type=float,
+              help="Score on this fraction of requests; fit the Markov prior on the rest.")
+@click.option("--seed", type=int, default=0, show_default=True, help="For --split and random eviction.")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
+              help="Timing tables from 'simcache probe' (default: H200 reference figures).")
+@click.option("--no-overlap", is_flag=True, help="Model copies without a side stream (serial).")
+@click.option("--expert-bytes", type=int, help="Override the trace's bytes per expert.")
+@click.option("--per-layer", is_flag=True, help="Also print per-layer counters.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write results to .parquet, .csv or .json.")
+@click.option("--decisions", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the decision log of the (single) run, for 'simcache replay'.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr (default: on for long runs at a terminal).")
+@friendly
+def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evict, admit, horizon,
+             prior, split, seed, calibration, no_overlap, expert_bytes, per_layer, as_json, out,
+             decisions, progress):
+    """Simulate expert caches over TRACE (default: the bundled FLAME-MoE-290M sample).
+
+    \b
+    Examples:
+      simcache simulate --policy lru,markov,belady,belady-bypass --capacity 8,16,32
+      simcache simulate my.parquet --policy markov --threshold 0.1 --batch 64
+      simcache simulate my.parquet --policy markov --split 0.5
+    """
+    from simcache.report import table, write_results
+    from simcache.workload import Workload
+    from simcache.transitions import load_prior, split_requests
+
+    path = trace or DEFAULT_TRACE
+    if trace is None and not path.exists():
+        raise SimcacheError(f"no TRACE given and the bundled sample is missing: {path}")
+    t = simcache.read_trace(path)
+    L, E = t.num_layers, t.num_experts
+    if capacities is None:
+        capacities = [max(1, E // 4) if scope == "layer" else max(1, L * E // 4)]
+    prior_counts = None
+    notes = []
+    if split is not None:
+        if prior is not None:
+            raise SimcacheError("use either --split or --prior, not both")
+        train, t = split_requests(t, split, seed)
+        prior_counts = simcache.fit_prior(train)
+        notes.append(
+            f"scored on {t.num_requests:,} test requests; Markov prior fitted on "
+            f"{train.num_requests:,} train requests (split by request, seed {seed})"
+        )
+    elif prior is not None:
+        if prior.resolve() == Path(path).resolve():
+            raise SimcacheError("the prior is the trace being scored: fit it on a separate trace")
+        prior_counts = load_prior(prior, L, E)
+        notes.append(f"Markov prior from {prior}")
+    cal = simcache.load_calibration(calibration) if calibration is not None else None
+    if decisions is not None and len(policies) * len(capacities) != 1:
+        raise SimcacheError("--decisions needs exactly one policy and one capacity")
+    for p in policies:
+        simcache.policies.resolve(p, evict, admit)
+    work = Workload(t, batch, prefill)
+    runs = [(p, c) for p in policies for c in capacities]
+    total = work.demand.num_accesses * len(runs)
+    show = progress if progress is not None else (sys.stderr.isatty() and total > 20_000_000)
+    results = []
+    bar = click.progressbar(length=total, label="simulating", file=sys.stderr) if show else None
+    try:
+        if bar is not None:
+            bar.__enter__()
+        for p, c in runs:
+            results.append(
+                simcache.simulate(
+                    work, p, c, scope=scope, threshold=threshold, evict=evict, admit=admit,
+                    prior=prior_counts, horizon=horizon, seed=seed, calibration=cal,
+                    overlap=False if no_overlap else None, expert_bytes=expert_bytes,
+                    record=decisions is not None, progress=None if bar is None else bar.update,
+                )
+            )
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    if decisions is not None:
+        from simcache.decisions import write_decisions
+
+        write_decisions(work, results[0], decisions)
+        notes.append(f"decision log written to {decisions}")
+    records = [r.to_dict(per_layer=per_layer) for r in results]
+    for rec in records:
+        rec["trace"] = str(path)
+    if out is not None:
+        write_results(records, out)
+        notes.append(f"results written to {out}")
+    if as_json:
+        click.echo(json.dumps({"trace": str(path), "notes": notes, "results": records}, indent=2))
+        return
+    r0 = results[0]
+    click.echo(
+        f"trace: {_shown(path)}\n"
+        f"model: {t.model}, {L} layers x {E} experts, top-{t.top_k}, "
+        f"{t.num_requests:,} requests, {t.num_tokens:,} tokens\n"
+        f"workload: batch {work.batch}, prefill {prefill}, scope {scope}: {r0.steps:,} steps, "
+        f"{r0.accesses:,} accesses"
+        + (f"\ntiming: {r0.calibration}, expert {r0.expert_bytes / 2**20:.2f} MiB, "
+           f"{'copy stream overlaps compute' if (cal or simcache.default_calibration()).overlap and not no_overlap else 'serial copies'}"
+           if r0.expert_bytes else "\ntiming: off (the trace has no expert_bytes; pass --expert-bytes)")
+    )
+    for note in notes:
+        click.echo(f"note: {note}")
+    click.echo("")
+    headers = ["policy", "capacity", "hit ratio", "hits", "fills", "bypasses", "forced", "evictions",
+               "reloads", "GB loaded", "ms/token", "tokens/s"]
+    rows = []
+    for r in results:
+        name = r.policy + (f" (tau={r.threshold:.3g})" if r.threshold is not None else "")
+        rows.append([
+            name, r.capacity, r.hit_ratio, r.hits, r.fills, r.bypasses, r.forced_bypasses,
+            r.evictions, r.reloads, None if r.bytes_loaded is None else r.bytes_loaded / 1e9,
+            None if r.time_per_token_s is None else r.time_per_token_s * 1e3, r.tokens_per_s,
+        ])
+    click.echo(table(headers, rows))
+    if per_layer:
+        for r in results:
+            click.echo(f"\n{r.policy}, capacity {r.capacity}, per layer:")
+            pl = r.per_layer
+            click.echo(table(
+                ["layer", "accesses", "hits", "hit ratio", "fills", "bypasses", "forced", "evictions", "reloads"],
+                [[l, int(pl["accesses"][l]), int(pl["hits"][l]),
+                  pl["hits"][l] / pl["accesses"][l] if pl["accesses"][l] else 0.0,
+                  int(pl["fills"][l]), int(pl["bypasses"][l]), int(pl["forced_bypasses"][l]),
+                  int(pl["evictions"][l]), int(pl["reloads"][l])] for l in range(L)],
+            ))
+
+
+# ---- capture --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--model", "model_name", required=True,
+              help="Local checkpoint path, an alias (mixtral, olmoe, qwen3-moe, deepseek-v2-lite, "
+                   "gpt-oss-20b, switch-base-128, ...) or a hub name present in the local cache.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Trace to write (default: <model>.parquet).")
+@click.option("--text", "texts", multiple=True, metavar="[LABEL=]PATH",
+              help="Teacher-forced text: a file or folder, labelled with a domain (repeatable).")
+@click.option("--generate", "new_tokens", type=int, help="Generate N tokens from each --prompt instead.")
+@click.option("--prompt", "prompts", multiple=True, help="A prompt for --generate (repeatable).")
+@click.option("--prompts-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Prompts for --generate, one per line.")
+@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per teacher-forced sequence.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--prompt-tokens", type=int, default=0, show_default=True,
+              help="Mark the first N tokens of each teacher-forced sequence as prefill.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Default: bfloat16 on a GPU, float32 on the CPU.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@friendly
+def capture(model_name, out, texts, new_tokens, prompts, prompts_file, max_length, batch_size,
+            prompt_tokens, device, dtype, force):
+    """Capture the routing of a Hugging Face MoE model into a trace.
+
+    \b
+    Examples:
+      simcache capture --model mixtral --text code=src/ --text prose=book.txt --out mixtral.parquet
+      simcache capture --model ./my-olmoe --generate 128 --prompts-file prompts.txt --device cuda
+    """
+    from simcache import capture as cap
+
+    out = out or Path(f"{Path(model_name).name}.parquet")
+    if out.exists() and not force:
+        raise SimcacheError(f"output file exists: {out} (use --force to replace it)")
+    if bool(texts) == (new_tokens is not None):
+        raise SimcacheError("give either --text [LABEL=]PATH (teacher-forced) or --generate N with prompts")
+    docs, prompt_list = None, list(prompts)
+    if texts:
+        docs = cap.read_texts(texts)
+    else:
+        if prompts_file is not None:
+            if not prompts_file.exists():
+                raise SimcacheError(f"prompts file not found: {prompts_file}")
+            prompt_list += [l for l in prompts_file.read_text().splitlines() if l.strip()]
+        if not prompt_list:
+            raise SimcacheError("--generate needs --prompt or --prompts-file")
+    model, tokenizer, arch = cap.load_model(model_name, device, dtype)
+    show = sys.stderr.isatty()
+    state = {"n": 0, "start": time.perf_counter(), "shown": 0.0}
+    unit = "tokens" if docs else "prompts"
+
+    def progress(n):  # a status line on stderr, at most once a second
+        state["n"] += n
+        now = time.perf_counter()
+        if show and now - state["shown"] >= 1.0:
+            state["shown"] = now
+            rate = state["n"] / max(now - state["start"], 1e-9)
+            click.echo(f"\rcapturing: {state['n']:,} {unit}, {rate:,.0f} {unit}/s", nl=False, err=True)
+
+    if docs:
+        stats = cap.capture_text(model, tokenizer, arch, docs, out, name=model_name, max_length=max_length,
+                                 batch_size=batch_size, prompt_tokens=prompt_tokens, overwrite=force,
+                                 progress=progress)
+    else:
+        stats = cap.capture_generate(model, tokenizer, arch, prompt_list, out, name=model_name,
+                                     new_tokens=new_tokens, overwrite=force, progress=progress)
+    if show:
+        click.echo("", err=True)
+    t = simcache.read_trace(out)
+    click.echo(
+        f"wrote {_shown(out)}: {stats.requests:,} sequences, {stats.tokens:,} tokens, "
+        f"{t.num_layers} MoE layers x {t.num_experts} experts, top-{t.top_k} "
+        f"({arch.name}; {stats.tokens_per_s:,.0f} tokens/s on {device})"
+    )
+
+
+# ---- analyze --------------------------------------------------------------------------------
+
+
+def _with_null(rec, name, digits=3):
+    v = rec.get(name)
+    if v is None:
+        return None
+    n = rec.get(name + "_null")
+    text = f"{v:.{digits}f}"
+    if n is None:
+        return text
+    inside = n["lo"] - 1e-9 <= v <= n["hi"] + 1e-9
+    return f"{text} [{n['lo']:.{digits}f},{n['hi']:.{digits}f}]{'' if inside else ' *'}"
+
+
+@main.command()
+@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--null", "null_samples", type=int, default=20, show_default=True,
+              help="Null-model samples (shuffles within sequences, or multinomial resamples).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cut", type=float, default=0.05, show_default=True,
+              help="Transitions with P >= cut form the graph whose strongly connected components are counted.")
+@click.option("--json", "as_json", is_flag=True, help="Print one record per layer as JSON.")
+@click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write PNG figures here.")
+@friendly
+def analyze(path, null_samples, seed, cut, as_json, plots):
+    """Routing locality and transition structure of PATH (a trace, or a .npy count array of
+    shape layers x E x E), each statistic against a null model.
+
+    \b
+    In the table, [lo,hi] is the null's 95% interval; * marks a value outside it.
+    """
+    from simcache.analysis import analyze as run_analysis
+    from simcache.report import table
+
+    path = path or DEFAULT_TRACE
+    a = run_analysis(path, null_samples=null_samples, seed=seed, cut=cut)
+    written = []
+    if plots is not None:
+        from simcache.plots import write_plots
+
+        written = [str(p) for p in write_plots(a, plots)]
+    if as_json:
+        data = a.to_dict()
+        data["plots"] = written
+        click.echo(json.dumps(data, indent=2))
+        return
+    kind = "trace" if a.kind == "trace" else "transition counts"
+    click.echo(f"{kind}: {_shown(path)}: {a.num_layers} layers x {a.num_experts} experts"
+               + (f", top-{a.top_k}" if a.top_k else ""))
+    null = ("positions shuffled within each sequence" if a.kind == "trace"
+            else "rows redrawn from the column marginals (multinomial, same row sums)")
+    click.echo(f"null model: {null}, {null_samples} samples, seed {seed}; SCC cut P >= {cut}")
+    click.echo("")
+    rows = []
+    for rec in a.layers:
+        rows.append([
+            rec["layer"], _with_null(rec, "repeat_top1"), rec["repeat_top1_random"],
+            _with_null(rec, "overlap_any"), rec["overlap_any_random"],
+            _with_null(rec, "one_minus_abs_lambda2"), _with_null(rec, "fiedler"),
+            rec["scc_count"], rec["communities"], _with_null(rec, "modularity"), rec["zero_rows"],
+            rec["load_max_over_mean"],
+        ])
+    click.echo(table(
+        ["layer", "top-1 repeat", "1/E", "any overlap", "random", "1-|l2|", "Fiedler",
+         "SCC", "comm.", "modularity", "zero rows", "load max/mean"], rows))
+    o = a.overall()
+    click.echo("")
+    click.echo("mean over layers: " + ", ".join(
+        f"{name} {_with_null(o, name)}" for name in
+        ("repeat_top1", "overlap_any", "one_minus_abs_lambda2", "fiedler", "modularity")
+        if o.get(name) is not None))
+    if a.domains:
+        click.echo("")
+        click.echo(f"domain specialisation: share of a domain's tokens that route to its top expert "
+                   f"(uniform {a.domains['uniform_share']:.3f})")
+        drows = [[name, d["tokens"], float(np.mean(d["max_share_by_layer"])), float(np.max(d["max_share_by_layer"]))]
+                 for name, d in a.domains["by_domain"].items()]
+        click.echo(table(["domain", "tokens", "mean over layers", "max over layers"], drows))
+    for p in written:
+        click.echo(f"wrote {p}")
+
+
+# ---- probe and replay (need torch) -----------------------------------------------------------
+
+
+def _preset_options(fn):
+    fn = click.option("--ffn", type=int, help="Expert FFN size, for --preset custom.")(fn)
+    fn = click.option("--hidden", type=int, help="Hidden size, for --preset custom.")(fn)
+    fn = click.option("--preset", default="mixtral-8x7b", show_default=True,
+                      help="Expert shapes: mixtral-8x7b, qwen-moe, deepseek-v2-lite, olmoe, gpt-oss, custom.")(fn)
+    fn = click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+                      show_default=True)(fn)
+    fn = click.option("--device", type=click.Choice(["cpu"]), help="Run on the CPU (tiny shapes; tests).")(fn)
+    fn = click.option("--gpu", type=int, help="CUDA device index.")(fn)
+    return fn
+
+
+def _torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise SimcacheError("this command needs torch: pip install 'simcache[replay]'") from None
+
+
+@main.command()
+@_preset_options
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the calibration JSON here.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def probe(gpu, device, dtype, preset, hidden, ffn, out, as_json):
+    """Measure a GPU's copy bandwidth, copy latency, expert FFN time and copy/compute overlap.
+
+    Writes the calibration that 'simcache simulate --calibration' and 'simcache replay' read.
+    """
+    _torch()
+    from simcache.replay.experts import DTYPES, pick_device
+    from simcache.replay.presets import resolve
+    from simcache.replay.probe import probe as run_probe
+    from simcache.report import table
+
+    dev = pick_device(gpu if gpu is not None else (None if device == "cpu" else 0), device)
+    if dev.type != "cuda":
+        raise SimcacheError("probe measures a GPU: give --gpu N")
+    p = resolve(preset, hidden, ffn)
+    cal = run_probe(dev, p, DTYPES[dtype])
+    if out is not None:
+        cal.save(out)
+    if as_json:
+        click.echo(cal.to_json())
+        return
+    click.echo(f"{cal.device}: {cal.source}")
+    click.echo(table(["copy size", "pinned GB/s"], [[f"{b / 2**20:g} MiB", g] for b, g in zip(cal.copy_bytes, cal.copy_gbps)]))
+    x = cal.extra
+    click.echo(table(["copy size", "pageable GB/s"], [[f"{b / 2**20:g} MiB", g] for b, g in zip(x["pageable_bytes"], x["pageable_gbps"])]))
+    click.echo(f"copy latency (64 B): {x['copy_latency_us']:.1f} us")
+    click.echo(table(["tokens", f"{p.name} expert FFN ms (device)", "ms (host-paced)"],
+                     [[t, s * 1e3, w * 1e3] for t, s, w in zip(cal.ffn_tokens, cal.ffn_seconds, x["ffn_wall_seconds"])]))
+    click.echo(f"copy/compute overlap: {x['overlap_efficiency']:.2f} (copy {x['overlap_copy_s'] * 1e3:.2f} ms, "
+               f"compute {x['overlap_compute_s'] * 1e3:.2f} ms, both {x['overlap_both_s'] * 1e3:.2f} ms)")
+    if out is not None:
+        click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("trace", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@_preset_options
+@click.option("--policy", "policies", default="lru", callback=_csv(str), show_default=True)
+@click.option("--capacity", "capacities", default="2", callback=_csv(int), show_default=True)
+@click.option("--batch", "batches", default="1", callback=_csv(int), show_default=True)
+@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
+@click.option("--threshold", default="0.1", show_default=True)
+@click.option("--evict", type=click.Choice(list(simcache.EVICTION)))
+@click.option("--admit", type=click.Choice(list(simcache.ADMISSION)))
+@click.option("--layers", help="Replay only these MoE layers: 0-3 or 0,2,5 (host memory).")
+@click.option("--steps", type=int, help="Replay only the first N steps (2 of them untimed warm-up).")
+@click.option("--bypass-buffers", type=int, default=4, show_default=True)
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
+              help="Calibration for the prediction (from 'simcache probe'); default: probe now.")
+@click.option("--decisions", type=click.Path(dir_okay=False, path_type=Path),
+              help="A decision log from 'simcache simulate --decisions' to follow (checked against the trace).")
+@click.option("--verify", is_flag=True, help="Also check outputs against an all-experts-resident run.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results (.json/.csv/.parquet).")
+@friendly
+def replay(trace, gpu, device, dtype, preset, hidden, ffn, policies, capacities, batches, scope, threshold,
+           evict, admit, layers, steps, bypass_buffers, calibration, decisions, verify, as_json, out):
+    """Run a policy's decisions on a GPU with real-shaped expert tensors and compare the
+    measured time with the simulator's prediction.
+
+    \b
+    Example:
+      simcache replay traces/trained-mixtral-8e.parquet --gpu 0 --preset mixtral-8x7b \
+          --policy lru,markov --capacity 2,4 --batch 1,16 --steps 200
+    """
+    _torch()
+    from simcache.replay.experts import DTYPES
+    from simcache.replay.harness import Replayer
+    from simcache.replay.presets import resolve
+    from simcache.report import table, write_results
+
+    path = trace or DEFAULT_TRACE
+    t = simcache.read_trace(path)
+    runs = [(p, c, b) for b in batches for p in policies for c in capacities]
+    if decisions is not None and len(runs) != 1:
+        raise SimcacheError("--decisions needs exactly one policy, capacity and batch")
+    for p in policies:
+        simcache.policies.resolve(p, evict, admit)
+    rp = Replayer(t, resolve(preset, hidden, ffn, t.num_experts), gpu=gpu, device=device, dtype=dtype, layers=layers)
+    if calibration is not None:
+        cal = simcache.load_calibration(calibration)
+    elif rp.dev.type == "cuda":
+        from simcache.replay.probe import probe as run_probe
+
+        cal = run_probe(rp.dev, rp.preset, DTYPES[dtype])
+    else:
+        cal = None
+    results = [rp.run(p, c, scope=scope, batch=b, threshold=threshold, evict=evict, admit=admit, steps=steps,
+                      bypass_buffers=bypass_buffers, calibration=cal, decisions_file=decisions, verify=verify)
+               for p, c, b in runs]
+    records = [dict(r.to_dict(), trace=str(path)) for r in results]
+    if out is not None:
+        write_results(records, out)
+    if as_json:
+        click.echo(json.dumps({"trace": str(path), "results": records}, indent=2))
+        return
+    r0 = results[0]
+    click.echo(f"trace: {_shown(path)}; preset {rp.preset.name} ({r0.expert_bytes / 2**20:.1f} MiB experts, {dtype}); "
+               f"device {r0.device}; layers {layers or 'all'}; prediction from "
+               f"{'the built-in default' if cal is None else cal.source}")
+    rows = []
+    for r in results:
+        rows.append([r.policy, r.capacity, r.batch, r.steps, r.hits, r.loads, r.bytes_moved / 1e9,
+                     r.measured_per_token_s * 1e3, r.predicted_per_token_s * 1e3, f"{r.error * 100:+.1f}%",
+                     r.copy_gbps_median, r.stall_s * 1e3, r.host_issue_us_per_group,
+                     None if r.verified is None else ("equal" if r.verified else f"DIFF {r.max_abs_diff:.3g}")])
+    click.echo(table(["policy", "cap", "batch", "steps", "hits", "loads", "GB moved", "measured ms/tok",
+                      "predicted ms/tok", "error", "copy GB/s", "stall ms", "host us/group", "outputs"], rows))
+
+
+if __name__ == "__main__":
+    main()
