@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from simcache import _checks
 from simcache._jit import kernel as jit
 from simcache.errors import SimcacheError
 from simcache.policies import _dispatch as dispatch
@@ -389,6 +390,18 @@ def simulate(
     >>> simcache.simulate(t, "belady-bypass", capacity=1).hits
     2
     """
+    # argument checks: one-line errors, no truncation (simcache._checks)
+    policy = _checks.text("policy", policy)
+    evict, admit = (None if v is None else _checks.text(n, v) for n, v in (("evict", evict), ("admit", admit)))
+    capacity = _checks.optional_integer("capacity", capacity, 1)
+    batch, horizon = _checks.integer("batch", batch, 1), _checks.integer("horizon", horizon, 1)
+    seed = _checks.integer("seed", seed, 0, _checks.UINT64_MAX)
+    decay_every, decay = _checks.integer("decay_every", decay_every, 0), _checks.number("decay", decay)
+    expert_bytes = _checks.optional_integer("expert_bytes", expert_bytes, 1, _checks.EXACT_FLOAT_MAX)
+    if calibration is not None:
+        _checks.instance("calibration", calibration, Calibration, "Calibration (simcache.load_calibration)")
+    overlap = None if overlap is None else _checks.flag("overlap", overlap)
+    record = _checks.flag("record", record)
     eviction, admission = resolve(policy, evict, admit)
     if isinstance(trace, Workload):
         work = trace
@@ -412,11 +425,10 @@ def simulate(
         )
     tau = parse_threshold(threshold, E)
     if prior is not None:
-        prior = np.asarray(prior, dtype=np.float64)
+        prior = np.asarray(prior)
         if prior.shape != (L, E, E):
             raise SimcacheError(f"prior has shape {prior.shape}, the trace needs ({L}, {E}, {E})")
-        if not np.isfinite(prior).all() or (prior < 0).any():
-            raise SimcacheError("prior counts must be finite and non-negative")
+        prior = _checks.counts("prior counts", prior)
     if horizon < 1:
         raise SimcacheError(f"horizon must be >= 1, got {horizon}")
     if decay_every < 0 or not (0.0 < decay <= 1.0):
@@ -429,6 +441,7 @@ def simulate(
     caps = [capacity] * L if scope == "layer" else [capacity]
     S = new_state(d.keys, future, L * E, L, caps, seed=seed)
     learner = learner_for(eviction, admission)
+    horizon = min(horizon, work.steps.num_steps)  # no step lies beyond the trace's end
     M = _learner(work, prior, tau, horizon, decay_every, decay, learner != dispatch.NO_LEARNER)
 
     eb = int(expert_bytes) if expert_bytes is not None else tr.expert_bytes
@@ -529,7 +542,7 @@ def parse_threshold(threshold, num_experts: int) -> float:
         except ValueError:
             raise SimcacheError(f"threshold must be a number or '<x>/E', got {threshold!r}") from None
     else:
-        value = float(threshold)
+        value = _checks.number("threshold", threshold)
     if not (0.0 <= value <= 1.0) or value != value:
         raise SimcacheError(f"threshold {threshold} is outside [0, 1]")
     return value
