@@ -101,7 +101,9 @@ def counts(name: str, values) -> np.ndarray:
         raise SimcacheError(f"{name} must be finite (found NaN or infinity)")
     if a.size and a.min() < 0:
         raise SimcacheError(f"{name} must be non-negative (found {a.min():g})")
-    total = float(a.sum())
+    with np.errstate(over="ignore"):
+        total = float(a.sum())
     if not total <= EXACT_FLOAT_MAX:
-        raise SimcacheError(f"{name} total {total:.3g} exceeds 2^53; scale the counts down")
+        shown = "overflows float64" if total == float("inf") else f"{total:.3g}"
+        raise SimcacheError(f"{name} total ({shown}) exceeds 2^53; scale the counts down")
     return a

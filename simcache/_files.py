@@ -49,7 +49,8 @@ def check_output(path, overwrite: bool = True, inputs=(), suffixes=None, what: s
     and that it is none of ``inputs`` (same file, hard links included)."""
     path = Path(path)
     if suffixes and path.suffix.lower() not in suffixes:
-        raise SimcacheError(f"{what} must end in {' or '.join(suffixes)}, got {path.name}")
+        names = ", ".join(suffixes[:-1]) + (" or " if len(suffixes) > 1 else "") + suffixes[-1]
+        raise SimcacheError(f"{what} must end in {names}, got {path.name}")
     parent = path.parent
     if not parent.is_dir():
         raise SimcacheError(f"{what} directory does not exist: {parent}")

@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from simcache.errors import SimcacheError
+from simcache._files import check_input
 from simcache.trace import TraceWriter
 
 
@@ -106,15 +107,27 @@ def load_model(name: str, device: str = "cpu", dtype: str | None = None):
     auto = transformers.AutoModelForSeq2SeqLM if arch.seq2seq else transformers.AutoModelForCausalLM
     try:
         model = auto.from_pretrained(source, local_files_only=local_only, dtype=torch_dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except OSError as exc:
         raise SimcacheError(f"cannot load {source}: {str(exc).splitlines()[0]}") from None
+    tokenizer = _tokenizer(transformers, source, local_only)
     try:
         model.to(torch.device(device))
     except (RuntimeError, AssertionError) as exc:
         raise SimcacheError(f"cannot use device '{device}': {str(exc).splitlines()[0]}") from None
     model.eval()
     return model, tokenizer, arch
+
+
+def _tokenizer(transformers, source, local_only):
+    """The checkpoint's tokenizer. Without one, transformers falls through to converters
+    (sentencepiece, tiktoken) that fail in many ways: each becomes one line here."""
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, ImportError, TypeError, ... by converter
+        lines = str(exc).strip().splitlines()
+        reason = lines[0] if lines else type(exc).__name__
+        raise SimcacheError(f"{source} has no usable tokenizer (save one beside the weights): "
+                            f"{reason[:160]}") from None
 
 
 def _dtype(dtype: str | None, device: str):
@@ -239,6 +252,8 @@ def read_texts(specs: Iterable[str]) -> list[tuple[str, str, str]]:
         path = Path(path_text)
         if not path.exists():
             raise SimcacheError(f"text path not found: {path}")
+        if not path.is_dir():
+            check_input(path, "text file")
         label = label or (path.stem if path.is_file() else path.name)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         found = 0
@@ -333,6 +348,8 @@ def capture_text(model, tokenizer, arch, docs, out, *, name="model", max_length=
         raise SimcacheError(f"max-length {max_length} exceeds the model's context of {ctx} tokens")
     if batch_size < 1:
         raise SimcacheError(f"batch-size must be positive, got {batch_size}")
+    if not 0 <= prompt_tokens < max_length:
+        raise SimcacheError(f"prompt-tokens must be in [0, max-length={max_length}), got {prompt_tokens}")
     device = next(model.parameters()).device
     tap = RouterTap(model)
     corpus = sorted({f"{label}: {path}" for label, path, _ in docs})

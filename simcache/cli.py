@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,14 +19,23 @@ import click
 import numpy as np
 
 import simcache
+from simcache import _checks
+from simcache._files import check_input, release, reserve
+from simcache.analysis import MAX_NULL_SAMPLES
 from simcache.errors import SimcacheError
 
 HERE = Path(__file__).resolve().parent.parent  # the checkout: traces/ sits beside simcache/
 DEFAULT_TRACE = HERE / "traces" / "flame-moe-290m.parquet"
 
 
+SEED = click.IntRange(0, _checks.UINT64_MAX)
+EXPERT_BYTES = click.IntRange(1, _checks.EXACT_FLOAT_MAX)
+RESULT_SUFFIXES = (".parquet", ".csv", ".json")
+
+
 def friendly(fn):
-    """Turn library errors (and file errors) into one-line click errors."""
+    """Turn library errors (and file errors) into one-line click errors; drop the temporaries
+    of outputs not written (an error, Ctrl-C, or SIGTERM)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -37,8 +48,22 @@ def friendly(fn):
             raise SystemExit(0) from None
         except (OSError, MemoryError) as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            release()
 
     return wrapper
+
+
+def _terminated(signum, frame):
+    """SIGTERM stops a command the way Ctrl-C does, so its temporaries are removed."""
+    raise KeyboardInterrupt
+
+
+def _given(ctx, *names) -> list[str]:
+    """The options among ``names`` that were typed on the command line (not defaults)."""
+    from click.core import ParameterSource
+
+    return [n for n in names if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
 
 
 def _shown(path) -> str:
@@ -72,6 +97,8 @@ def main():
     Capture routing traces, simulate which experts to keep on the GPU, analyse routing
     locality, and replay the decisions on a real GPU.
     """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
 
 
 # ---- info -----------------------------------------------------------------------------------
@@ -132,9 +159,9 @@ def info(trace, as_json):
 @click.option("--weights", help="Column holding the gate weights.")
 @click.option("--token-id", help="Column holding the token id.")
 @click.option("--domain", help="Column holding a domain label.")
-@click.option("--num-experts", type=int, help="Experts per layer (default: largest id + 1).")
+@click.option("--num-experts", type=click.IntRange(1, 32767), help="Experts per layer (default: largest id + 1).")
 @click.option("--model", help="Model name for the metadata.")
-@click.option("--expert-bytes", type=int, help="Bytes of one expert as served (for timing).")
+@click.option("--expert-bytes", type=EXPERT_BYTES, help="Bytes of one expert as served (for timing).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @friendly
 def import_(source, output, fmt, request, position, layer, experts, weights, token_id, domain,
@@ -142,8 +169,8 @@ def import_(source, output, fmt, request, position, layer, experts, weights, tok
     """Convert a foreign trace (JSONL, another tool's Parquet, the FLAME sample) to OUTPUT."""
     from simcache.importers import import_file, import_flame
 
-    if output.exists() and not force:
-        raise SimcacheError(f"output file exists: {output} (use --force to replace it)")
+    check_input(source, "input file")
+    reserve(output, overwrite=force, inputs=[source], suffixes=(".parquet",), what="OUTPUT")
     if fmt == "auto":
         fmt = "parquet" if source.suffix == ".parquet" else "jsonl"
         if fmt == "parquet" and source.exists():
@@ -188,30 +215,35 @@ def _length(ctx, param, value):
 
 @main.command()
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--requests", "num_requests", type=int, default=64, show_default=True)
+@click.option("--requests", "num_requests", type=click.IntRange(1, 2**31 - 1), default=64, show_default=True)
 @click.option("--length", default="256", callback=_length, show_default=True,
               help="Tokens per request: N, or LO:HI drawn uniformly.")
-@click.option("--layers", type=int, default=32, show_default=True)
-@click.option("--experts", type=int, default=8, show_default=True)
-@click.option("--top-k", type=int, default=2, show_default=True)
+@click.option("--layers", type=click.IntRange(1, 32767), default=32, show_default=True,
+              help="MoE layers (a --transitions file sets them).")
+@click.option("--experts", type=click.IntRange(1, 32767), default=8, show_default=True,
+              help="Experts per layer (a --transitions file sets them).")
+@click.option("--top-k", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--transitions", type=click.Path(dir_okay=False, path_type=Path),
               help="Walk these top-1 transition counts (.npy, layers x E x E).")
 @click.option("--communities", type=int, help="Parametric model: expert communities (default E/4).")
 @click.option("--stickiness", type=float, default=0.9, show_default=True)
 @click.option("--zipf", type=float, default=1.0, show_default=True)
 @click.option("--noise", type=float, default=0.1, show_default=True)
-@click.option("--prompt-length", type=int, default=0, show_default=True,
+@click.option("--prompt-length", type=click.IntRange(0), default=0, show_default=True,
               help="Mark the first tokens of each request as prefill.")
-@click.option("--expert-bytes", type=int, default=simcache.timing.MIXTRAL_EXPERT_BYTES, show_default=True)
+@click.option("--expert-bytes", type=EXPERT_BYTES, default=simcache.timing.MIXTRAL_EXPERT_BYTES, show_default=True)
 @click.option("--no-weights", is_flag=True, help="Leave out gate weights (smaller files).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @friendly
 def synth(output, num_requests, length, layers, experts, top_k, transitions, communities,
           stickiness, zipf, noise, prompt_length, expert_bytes, no_weights, seed, force):
     """Draw a synthetic routing trace (Markov chain or parametric) into OUTPUT."""
-    if output.exists() and not force:
-        raise SimcacheError(f"output file exists: {output} (use --force to replace it)")
+    if transitions is not None:
+        ignored = _given(click.get_current_context(), "layers", "experts", "communities", "stickiness", "zipf", "noise")
+        if ignored:
+            raise SimcacheError(f"--transitions sets the shape and the chain; drop --{', --'.join(ignored)}")
+    reserve(output, overwrite=force, inputs=[transitions], suffixes=(".parquet",), what="OUTPUT")
     from simcache.transitions import load_counts
 
     counts = None if transitions is None else load_counts(transitions)
@@ -241,34 +273,36 @@ def synth(output, num_requests, length, layers, experts, top_k, transitions, com
               help="Slots per layer (or in the global pool), comma-separated. Default: E/4 "
                    "per layer.")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
-@click.option("--batch", type=int, default=1, show_default=True, help="Sequences decoding together.")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="Sequences decoding together.")
 @click.option("--prefill", type=click.Choice(["skip", "step"]), default="skip", show_default=True)
 @click.option("--threshold", default="0.1", show_default=True,
               help="Markov admission tau: a number in [0, 1], or X/E for X times 1/E.")
 @click.option("--evict", type=click.Choice(list(simcache.EVICTION)), help="Override the eviction rule.")
 @click.option("--admit", type=click.Choice(list(simcache.ADMISSION)), help="Override the admission rule.")
-@click.option("--horizon", type=int, default=4, show_default=True, help="Steps ahead for markov-h.")
+@click.option("--horizon", type=click.IntRange(1), default=4, show_default=True,
+              help="Steps ahead for markov-h (at most the trace's steps).")
 @click.option("--prior", type=click.Path(dir_okay=False, path_type=Path),
               help="Seed the Markov learner from a separate trace or a .npy count array.")
 @click.option("--split", type=float,
               help="Score on this fraction of requests; fit the Markov prior on the rest.")
-@click.option("--seed", type=int, default=0, show_default=True, help="For --split and random eviction.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="For --split and random eviction.")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
               help="Timing tables from 'simcache probe' (default: H200 reference figures).")
 @click.option("--no-overlap", is_flag=True, help="Model copies without a side stream (serial).")
-@click.option("--expert-bytes", type=int, help="Override the trace's bytes per expert.")
+@click.option("--expert-bytes", type=EXPERT_BYTES, help="Override the trace's bytes per expert.")
 @click.option("--per-layer", is_flag=True, help="Also print per-layer counters.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write results to .parquet, .csv or .json.")
 @click.option("--decisions", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the decision log of the (single) run, for 'simcache replay'.")
+@click.option("--force", is_flag=True, help="Replace --out and --decisions if they exist.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr (default: on for long runs at a terminal).")
 @friendly
 def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evict, admit, horizon,
              prior, split, seed, calibration, no_overlap, expert_bytes, per_layer, as_json, out,
-             decisions, progress):
+             decisions, force, progress):
     """Simulate expert caches over TRACE (default: the bundled FLAME-MoE-290M sample).
 
     \b
@@ -284,6 +318,11 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
     path = trace or DEFAULT_TRACE
     if trace is None and not path.exists():
         raise SimcacheError(f"no TRACE given and the bundled sample is missing: {path}")
+    if decisions is not None and len(policies) * len(capacities or [0]) != 1:
+        raise SimcacheError("--decisions needs exactly one policy and one capacity")
+    inputs = [path, prior, calibration]
+    reserve(out, overwrite=force, inputs=inputs, suffixes=RESULT_SUFFIXES, what="--out")
+    reserve(decisions, overwrite=force, inputs=inputs, suffixes=(".parquet",), what="--decisions")
     t = simcache.read_trace(path)
     L, E = t.num_layers, t.num_experts
     if capacities is None:
@@ -300,16 +339,21 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
             f"{train.num_requests:,} train requests (split by request, seed {seed})"
         )
     elif prior is not None:
-        if prior.resolve() == Path(path).resolve():
+        check_input(prior, "prior")
+        if os.path.samefile(prior, path):
             raise SimcacheError("the prior is the trace being scored: fit it on a separate trace")
         prior_counts = load_prior(prior, L, E)
         notes.append(f"Markov prior from {prior}")
     cal = simcache.load_calibration(calibration) if calibration is not None else None
-    if decisions is not None and len(policies) * len(capacities) != 1:
-        raise SimcacheError("--decisions needs exactly one policy and one capacity")
     for p in policies:
         simcache.policies.resolve(p, evict, admit)
     work = Workload(t, batch, prefill)
+    if batch > t.num_requests:
+        notes.append(f"--batch {batch} exceeds the trace's {t.num_requests:,} requests: the "
+                     f"effective batch is {t.num_requests:,}")
+    if horizon > work.steps.num_steps and any(
+            simcache.policies.resolve(p, evict, admit)[1].name == "markov-h" for p in policies):
+        notes.append(f"--horizon {horizon} is cut to the trace's {work.steps.num_steps:,} steps")
     runs = [(p, c) for p in policies for c in capacities]
     total = work.demand.num_accesses * len(runs)
     show = progress if progress is not None else (sys.stderr.isatty() and total > 20_000_000)
@@ -349,7 +393,7 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
         f"trace: {_shown(path)}\n"
         f"model: {t.model}, {L} layers x {E} experts, top-{t.top_k}, "
         f"{t.num_requests:,} requests, {t.num_tokens:,} tokens\n"
-        f"workload: batch {work.batch}, prefill {prefill}, scope {scope}: {r0.steps:,} steps, "
+        f"workload: batch {min(work.batch, t.num_requests)}, prefill {prefill}, scope {scope}: {r0.steps:,} steps, "
         f"{r0.accesses:,} accesses"
         + (f"\ntiming: {r0.calibration}, expert {r0.expert_bytes / 2**20:.2f} MiB, "
            f"{'copy stream overlaps compute' if (cal or simcache.default_calibration()).overlap and not no_overlap else 'serial copies'}"
@@ -393,13 +437,14 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
               help="Trace to write (default: <model>.parquet).")
 @click.option("--text", "texts", multiple=True, metavar="[LABEL=]PATH",
               help="Teacher-forced text: a file or folder, labelled with a domain (repeatable).")
-@click.option("--generate", "new_tokens", type=int, help="Generate N tokens from each --prompt instead.")
+@click.option("--generate", "new_tokens", type=click.IntRange(1), help="Generate N tokens from each --prompt instead.")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt for --generate (repeatable).")
 @click.option("--prompts-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Prompts for --generate, one per line.")
-@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per teacher-forced sequence.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--prompt-tokens", type=int, default=0, show_default=True,
+@click.option("--max-length", type=click.IntRange(2), default=512, show_default=True,
+              help="Tokens per teacher-forced sequence.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(0), default=0, show_default=True,
               help="Mark the first N tokens of each teacher-forced sequence as prefill.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
@@ -418,20 +463,22 @@ def capture(model_name, out, texts, new_tokens, prompts, prompts_file, max_lengt
     from simcache import capture as cap
 
     out = out or Path(f"{Path(model_name).name}.parquet")
-    if out.exists() and not force:
-        raise SimcacheError(f"output file exists: {out} (use --force to replace it)")
     if bool(texts) == (new_tokens is not None):
         raise SimcacheError("give either --text [LABEL=]PATH (teacher-forced) or --generate N with prompts")
+    if texts and prompt_tokens >= max_length:
+        raise SimcacheError(f"--prompt-tokens {prompt_tokens} leaves no decode tokens in sequences of "
+                            f"--max-length {max_length}")
     docs, prompt_list = None, list(prompts)
     if texts:
         docs = cap.read_texts(texts)
     else:
         if prompts_file is not None:
-            if not prompts_file.exists():
-                raise SimcacheError(f"prompts file not found: {prompts_file}")
+            check_input(prompts_file, "prompts file")
             prompt_list += [l for l in prompts_file.read_text().splitlines() if l.strip()]
         if not prompt_list:
             raise SimcacheError("--generate needs --prompt or --prompts-file")
+    inputs = [prompts_file] + [f for _, f, _ in docs or []]
+    reserve(out, overwrite=force, inputs=inputs, suffixes=(".parquet",), what="--out")
     model, tokenizer, arch = cap.load_model(model_name, device, dtype)
     show = sys.stderr.isatty()
     state = {"n": 0, "start": time.perf_counter(), "shown": 0.0}
@@ -479,15 +526,16 @@ def _with_null(rec, name, digits=3):
 
 @main.command()
 @click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--null", "null_samples", type=int, default=20, show_default=True,
-              help="Null-model samples (shuffles within sequences, or multinomial resamples).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--null", "null_samples", type=click.IntRange(0, MAX_NULL_SAMPLES), default=20,
+              show_default=True, help="Null-model samples (shuffles within sequences, or multinomial resamples).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--cut", type=float, default=0.05, show_default=True,
               help="Transitions with P >= cut form the graph whose strongly connected components are counted.")
 @click.option("--json", "as_json", is_flag=True, help="Print one record per layer as JSON.")
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write PNG figures here.")
+@click.option("--force", is_flag=True, help="Replace figures already in --plots.")
 @friendly
-def analyze(path, null_samples, seed, cut, as_json, plots):
+def analyze(path, null_samples, seed, cut, as_json, plots, force):
     """Routing locality and transition structure of PATH (a trace, or a .npy count array of
     shape layers x E x E), each statistic against a null model.
 
@@ -498,7 +546,21 @@ def analyze(path, null_samples, seed, cut, as_json, plots):
     from simcache.report import table
 
     path = path or DEFAULT_TRACE
-    a = run_analysis(path, null_samples=null_samples, seed=seed, cut=cut)
+    if plots is not None:
+        from simcache.plots import FIGURES
+
+        if plots.exists() and not plots.is_dir():
+            raise SimcacheError(f"--plots {plots} is a file, not a folder")
+        plots.mkdir(parents=True, exist_ok=True)
+        for name in FIGURES:
+            reserve(plots / name, overwrite=force, inputs=[path], what="figure")
+
+    def estimate(seconds):
+        if seconds > 30:
+            click.echo(f"note: the {null_samples:,} null samples will take about {seconds:,.0f} s "
+                       f"(--null sets how many)", err=True)
+
+    a = run_analysis(path, null_samples=null_samples, seed=seed, cut=cut, estimate=estimate)
     written = []
     if plots is not None:
         from simcache.plots import write_plots
@@ -570,9 +632,10 @@ def _torch():
 @main.command()
 @_preset_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the calibration JSON here.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
-def probe(gpu, device, dtype, preset, hidden, ffn, out, as_json):
+def probe(gpu, device, dtype, preset, hidden, ffn, out, force, as_json):
     """Measure a GPU's copy bandwidth, copy latency, expert FFN time and copy/compute overlap.
 
     Writes the calibration that 'simcache simulate --calibration' and 'simcache replay' read.
@@ -583,6 +646,7 @@ def probe(gpu, device, dtype, preset, hidden, ffn, out, as_json):
     from simcache.replay.probe import probe as run_probe
     from simcache.report import table
 
+    reserve(out, overwrite=force, suffixes=(".json",), what="--out")
     dev = pick_device(gpu if gpu is not None else (None if device == "cpu" else 0), device)
     if dev.type != "cuda":
         raise SimcacheError("probe measures a GPU: give --gpu N")
@@ -626,9 +690,13 @@ def probe(gpu, device, dtype, preset, hidden, ffn, out, as_json):
 @click.option("--verify", is_flag=True, help="Also check outputs against an all-experts-resident run.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results (.json/.csv/.parquet).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--cpu-full-size", is_flag=True,
+              help="With --device cpu: run a full-size preset over every layer (tens of GB, hours).")
 @friendly
 def replay(trace, gpu, device, dtype, preset, hidden, ffn, policies, capacities, batches, scope, threshold,
-           evict, admit, layers, steps, bypass_buffers, calibration, decisions, verify, as_json, out):
+           evict, admit, layers, steps, bypass_buffers, calibration, decisions, verify, as_json, out, force,
+           cpu_full_size):
     """Run a policy's decisions on a GPU with real-shaped expert tensors and compare the
     measured time with the simulator's prediction.
 
@@ -644,13 +712,23 @@ def replay(trace, gpu, device, dtype, preset, hidden, ffn, policies, capacities,
     from simcache.report import table, write_results
 
     path = trace or DEFAULT_TRACE
+    if gpu is None and device is None:
+        raise SimcacheError("replay needs --gpu N (a CUDA device) or --device cpu (small shapes: "
+                            "--preset custom or --layers)")
+    reserve(out, overwrite=force, inputs=[path, decisions, calibration], suffixes=RESULT_SUFFIXES, what="--out")
     t = simcache.read_trace(path)
+    shapes = resolve(preset, hidden, ffn, t.num_experts)
+    full_size = shapes.name != "custom" and shapes.num_experts == t.num_experts  # (a mismatch: Replayer says so)
+    if gpu is None and full_size and layers is None and not cpu_full_size:
+        gib = t.num_layers * t.num_experts * shapes.expert_bytes(DTYPES[dtype].itemsize) / 2**30
+        raise SimcacheError(f"{shapes.name} experts over all {t.num_layers} layers are {gib:,.1f} GiB: on the CPU "
+                            f"pick --layers (e.g. --layers 0), --preset custom, or --cpu-full-size")
     runs = [(p, c, b) for b in batches for p in policies for c in capacities]
     if decisions is not None and len(runs) != 1:
         raise SimcacheError("--decisions needs exactly one policy, capacity and batch")
     for p in policies:
         simcache.policies.resolve(p, evict, admit)
-    rp = Replayer(t, resolve(preset, hidden, ffn, t.num_experts), gpu=gpu, device=device, dtype=dtype, layers=layers)
+    rp = Replayer(t, shapes, gpu=gpu, device=device, dtype=dtype, layers=layers)
     if calibration is not None:
         cal = simcache.load_calibration(calibration)
     elif rp.dev.type == "cuda":

@@ -134,9 +134,13 @@ def import_table(
     first = next((x for x in raw if x is not None), None)
     per_token = first is not None and len(first) > 0 and isinstance(first[0], (list, tuple))
     try:
-        exp = np.asarray(raw, dtype=np.int64)
+        exp = np.asarray(raw, dtype=np.float64)  # not int64: that would truncate 2.9 to 2
     except (ValueError, TypeError):
         raise SimcacheError("expert lists do not all have the same length (top-k must be fixed)") from None
+    if not (np.isfinite(exp).all() and (exp == np.round(exp)).all()):
+        bad = exp[~(np.isfinite(exp) & (exp == np.round(exp)))].ravel()[0]
+        raise SimcacheError(f"expert ids must be whole numbers, got {bad:g}")
+    exp = exp.astype(np.int64)
     wts = None
     if f_w is not None:
         try:
