@@ -549,8 +549,6 @@ def analyze(path, null_samples, seed, cut, as_json, plots, force):
     if plots is not None:
         from simcache.plots import FIGURES
 
-        if plots.exists() and not plots.is_dir():
-            raise SimcacheError(f"--plots {plots} is a file, not a folder")
         plots.mkdir(parents=True, exist_ok=True)
         for name in FIGURES:
             reserve(plots / name, overwrite=force, inputs=[path], what="figure")
