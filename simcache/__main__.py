@@ -1,5 +1,5 @@
 """``python -m simcache`` runs the command line."""
 
-from simcache.cli import main
+from simcache.cli import run
 
-main()
+run()

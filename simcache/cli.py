@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -54,9 +53,20 @@ def friendly(fn):
     return wrapper
 
 
-def _terminated(signum, frame):
-    """SIGTERM stops a command the way Ctrl-C does, so its temporaries are removed."""
-    raise KeyboardInterrupt
+def _stop(signum, frame):
+    """Ctrl-C or SIGTERM: drop the temporaries of outputs not yet written, and exit now.
+    (Raising KeyboardInterrupt is not enough: inside a ctypes callback, as numba's cache loader
+    runs, it is printed, ignored, and the run goes on to write its output.)"""
+    release()
+    os.write(2, b"\nAborted!\n")
+    os._exit(128 + signum)
+
+
+def run():
+    """The ``simcache`` program: :func:`main` with Ctrl-C and SIGTERM handled alike."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
+    main()
 
 
 def _given(ctx, *names) -> list[str]:
@@ -97,8 +107,6 @@ def main():
     Capture routing traces, simulate which experts to keep on the GPU, analyse routing
     locality, and replay the decisions on a real GPU.
     """
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminated)
 
 
 # ---- info -----------------------------------------------------------------------------------
@@ -759,4 +767,4 @@ def replay(trace, gpu, device, dtype, preset, hidden, ffn, policies, capacities,
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -353,7 +353,7 @@ def tiny_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mixtral")
     tiny_models.build("mixtral", folder)
     text = tmp_path_factory.mktemp("text") / "prose.txt"
-    text.write_text("the river and the wind of the moon is that poem " * 400)
+    text.write_text("the river and the wind of the moon is that poem " * 100)
     return folder, text
 
 
@@ -367,7 +367,7 @@ def _interrupt(cmd, cwd, target, sig):
         assert proc.poll() is None, f"finished before its temporary was seen: {proc.communicate()}"
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    time.sleep(0.2)  # into the work
+    time.sleep(0.05)  # into the work
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
@@ -375,8 +375,8 @@ def _interrupt(cmd, cwd, target, sig):
 
 def _commands(kind, big, tiny_model):
     if kind == "simulate --out":
-        return ["simulate", str(big), "--policy", "lru,fifo,lfu,belady,belady-bypass", "--capacity",
-                "2,4,6,8,10,12", "--out", "r.parquet"], "r.parquet"
+        return ["simulate", str(big), "--policy", "lru,belady-bypass", "--capacity", "2,4,8",
+                "--out", "r.parquet"], "r.parquet"
     if kind == "simulate --decisions":
         return ["simulate", str(big), "--policy", "belady-bypass", "--capacity", "4",
                 "--decisions", "d.parquet"], "d.parquet"
@@ -398,7 +398,7 @@ def test_interrupted_runs_leave_nothing(kind, sig, big, request, tmp_path):
     assert rc != 0 and not target.exists()
     assert "Traceback" not in err
     if sig != signal.SIGKILL:  # handled: the temporary is gone at once
-        assert temporaries(tmp_path) == [] and err.strip().endswith("Aborted!"), err
+        assert rc == 128 + sig and temporaries(tmp_path) == [] and err.strip().endswith("Aborted!"), err
     else:
         assert len(temporaries(tmp_path)) == 1  # nothing can run on SIGKILL...
     done = subprocess.run([sys.executable, "-m", "simcache", *args], cwd=tmp_path, env=_env(),
