@@ -519,3 +519,18 @@ def test_reader_fuzz_yields_a_valid_trace_or_a_simcache_error(case, tmp_path):
         values = getattr(t, col.name)
         assert col.required <= (values is not None)
         assert values is None or values.dtype == np.dtype(col.dtype)
+
+
+def test_capture_without_a_tokenizer_is_one_line(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    folder, text = tiny_model
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare)
+    for p in bare.iterdir():
+        if "token" in p.name or p.name.endswith(".model"):
+            p.unlink()
+    monkeypatch.chdir(tmp_path)
+    result = invoke("capture", "--model", bare, "--text", text, "--out", "c.parquet")
+    assert "has no usable tokenizer" in error_of(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare"]
