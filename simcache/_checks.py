@@ -29,8 +29,10 @@ def _shown(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _range(name, value, lo, hi):
+def _range(name, value, lo, hi, kind="number"):
     if lo is not None and value < lo:
+        if kind == "integer" and lo in (0, 1):
+            raise SimcacheError(f"{name} must be a {'positive' if lo else 'non-negative'} integer, got {value}")
         raise SimcacheError(f"{name} must be >= {lo}, got {value}")
     if hi is not None and value > hi:
         raise SimcacheError(f"{name} must be <= {hi}, got {value}")
@@ -41,7 +43,7 @@ def integer(name: str, value, lo: int | None = None, hi: int | None = None) -> i
     """A whole number (Python or numpy integer, not bool) in [lo, hi]."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise SimcacheError(f"{name} must be an integer, got {_shown(value)}")
-    return _range(name, int(value), lo, hi)
+    return _range(name, int(value), lo, hi, "integer")
 
 
 def optional_integer(name: str, value, lo: int | None = None, hi: int | None = None) -> int | None:

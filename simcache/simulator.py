@@ -391,8 +391,8 @@ def simulate(
     2
     """
     # argument checks: one-line errors, no truncation (simcache._checks)
-    policy = _checks.text("policy", policy)
-    evict, admit = (None if v is None else _checks.text(n, v) for n, v in (("evict", evict), ("admit", admit)))
+    policy, evict, admit = (None if v is None else _checks.text(n, v)
+                            for n, v in (("policy", policy), ("evict", evict), ("admit", admit)))
     capacity = _checks.optional_integer("capacity", capacity, 1)
     batch, horizon = _checks.integer("batch", batch, 1), _checks.integer("horizon", horizon, 1)
     seed = _checks.integer("seed", seed, 0, _checks.UINT64_MAX)

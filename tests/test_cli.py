@@ -75,7 +75,7 @@ def test_prior_from_the_scored_trace_is_refused(tmp_path):
     [
         (["simulate", "missing.parquet"], "not found"),
         (["simulate", "--policy", "mru"], "unknown policy 'mru'"),
-        (["simulate", "--capacity", "0"], "capacity must be >= 1"),
+        (["simulate", "--capacity", "0"], "capacity must be a positive integer"),
         (["simulate", "--capacity", "65"], "exceeds the 64 experts per layer"),
         (["simulate", "--threshold", "2"], "outside [0, 1]"),
         (["simulate", "--decisions", "d.parquet", "--capacity", "4,8"], "exactly one policy"),

@@ -248,7 +248,7 @@ def test_analyze_warns_with_a_time_estimate():
 # ---- the Python API ------------------------------------------------------------------------
 
 API = [
-    (dict(seed=-1), "seed must be >= 0"),
+    (dict(seed=-1), "seed must be a non-negative integer, got -1"),
     (dict(seed=1.5), "seed must be an integer, got 1.5"),
     (dict(threshold=None), "threshold must be a number, got None"),
     (dict(policy=["lru"]), "policy must be a string"),
@@ -256,7 +256,7 @@ API = [
     (dict(expert_bytes=1.5), "expert_bytes must be an integer, got 1.5"),
     (dict(capacity=2.0), "capacity must be an integer"),
     (dict(horizon=True), "horizon must be an integer"),
-    (dict(batch=0), "batch must be >= 1"),
+    (dict(batch=0), "batch must be a positive integer"),
     (dict(prior=np.full((2, 8, 8), "a")), "must hold real numbers"),
     (dict(record="yes"), "record must be True or False"),
 ]
@@ -279,7 +279,7 @@ def test_other_entry_points_refuse_bad_arguments(tmp_path):
         Workload(tmp_path / "t.parquet")
     with pytest.raises(SimcacheError, match="seed must be an integer, got 1.5"):
         simcache.synth(2, 6, seed=1.5)
-    with pytest.raises(SimcacheError, match="expert_bytes must be >= 1"):
+    with pytest.raises(SimcacheError, match="expert_bytes must be a positive integer"):
         simcache.synth(2, 6, expert_bytes=0)
     with pytest.raises(SimcacheError, match="null samples must be an integer"):
         analyze(np.ones((1, 4, 4)), null_samples=2.5)

@@ -48,7 +48,7 @@ def test_seed_matrix_shapes():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(num_requests=0), "num_requests must be >= 1"),
+    (dict(num_requests=0), "num_requests must be a positive integer"),
     (dict(length=(5, 2)), "length hi must be >= 5"),
     (dict(top_k=9, num_experts=8), "top_k must be"),
     (dict(transitions=np.ones((2, 3))), "transitions must have shape"),
