@@ -26,7 +26,7 @@ from simcache.errors import SimcacheError
 from simcache.policies import _dispatch as dispatch
 from simcache.policies import learner_for, policy_name, resolve
 from simcache.state import Learner, new_state
-from simcache.timing import Calibration, default_calibration
+from simcache.timing import Calibration, default_calibration, group_seconds
 from simcache.trace import Trace
 from simcache.workload import Workload
 
@@ -45,7 +45,7 @@ CHUNK_ACCESSES = 4_000_000  # accesses per kernel call between progress updates
 def _run(
     g0, g1, group_ptr, tokens, L, per_layer, S, M,
     evict_tag, admit_tag, learner_tag, record_tag,
-    counters, layer_time, t_copy, ffn_lut, overlap,
+    counters, layer_time, t_copy, ffn_lut, overlap, group_n, group_t, group_s, group_fixed,
     out_outcome, out_slot, out_victim, out_group_time,
 ):
     """Serve groups g0..g1-1. Per access it counts the outcome (counters[layer, outcome]),
@@ -87,10 +87,13 @@ def _run(
         loads = 0
         compute = 0.0
         last_miss = 0.0
+        group_tokens = 0
+        load_tokens = 0
         for i in range(lo, hi):
             key = S.keys[i]
             cost = ffn_lut[tokens[i]]
             compute += cost
+            group_tokens += tokens[i]
             slot = S.where[key]
             if slot >= 0:  # a hit (misses of this group are filled only at their own index;
                 # pass 1 pinned it, or it is the group's only access)
@@ -105,6 +108,7 @@ def _run(
                 continue
             loads += 1
             last_miss = cost
+            load_tokens += tokens[i]
             outcome = BYPASS
             gone = -1
             if dispatch.admit(admit_code, S, M, pool, i, hi, stamp):
@@ -139,11 +143,14 @@ def _run(
         # expert can only compute after its copy; without overlap the two add up
         transfer = loads * t_copy
         counters[l, ACCESSES] += hi - lo
-        layer_time[l, 0] += compute
-        if overlap:
+        if group_s.shape[0] > 0:  # a grouped FFN table: the replay's fast issue path
+            compute, t = group_seconds(group_n, group_t, group_s, group_fixed, hi - lo - loads,
+                                       group_tokens - load_tokens, loads, load_tokens, transfer, overlap)
+        elif overlap:
             t = max(compute, transfer + last_miss)
         else:
             t = compute + transfer
+        layer_time[l, 0] += compute
         layer_time[l, 1] += t
         if record:
             out_group_time[g] = t
@@ -437,10 +444,12 @@ def simulate(
     cal = calibration if calibration is not None else default_calibration()
     if eb is None:
         t_copy, lut, cal_name = 0.0, np.zeros(work.max_tokens + 1), None
+        group_table = np.zeros(0), np.zeros(0), np.zeros((0, 0)), 0.0
     else:
         t_copy = cal.copy_seconds(eb)
         lut = cal.ffn_seconds_for(np.arange(work.max_tokens + 1), eb)
         cal_name = cal.device
+        group_table = cal.group_table(eb)
     ov = cal.overlap if overlap is None else bool(overlap)
 
     gp = d.group_ptr
@@ -462,7 +471,7 @@ def simulate(
         _run(
             g, g_end, gp, d.tokens, L, scope == "layer", S, M,
             _tag(eviction.code), _tag(admission.code), _tag(learner), _tag(int(record)),
-            counters, layer_time, t_copy, lut, ov, *rec,
+            counters, layer_time, t_copy, lut, ov, *group_table, *rec,
         )
         if progress is not None:
             progress(int(gp[g_end] - gp[g]))
