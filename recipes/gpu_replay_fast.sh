@@ -28,8 +28,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))'
 
 # traces: preset -> trace, capacities, layers (a subset where host memory would not hold all)
-step $S synth "$R/synth-qwen3-128e.parquet" --experts 128 --top-k 8 --layers 8 --requests 8 --length 96 --seed 1 --force
-step $S synth "$R/synth-olmoe-64e.parquet" --experts 64 --top-k 8 --layers 8 --requests 8 --length 96 --seed 2 --force
+step $S synth "$R/synth-qwen3-128e.parquet" --experts 128 --top-k 8 --layers 8 --requests 32 --length 64 --seed 1 --force
+step $S synth "$R/synth-olmoe-64e.parquet" --experts 64 --top-k 8 --layers 8 --requests 32 --length 64 --seed 2 --force
 declare -A TRACE=([deepseek-v2-lite]=traces/flame-moe-290m.parquet [qwen3-30b-a3b]=$R/synth-qwen3-128e.parquet
                   [olmoe]=$R/synth-olmoe-64e.parquet [mixtral-8x7b]=traces/trained-mixtral-8e.parquet)
 declare -A CAPS=([deepseek-v2-lite]=16,32 [qwen3-30b-a3b]=32,64 [olmoe]=16,32 [mixtral-8x7b]=2,4)
