@@ -1,0 +1,5 @@
+"""``python -m simcache.policies`` prints the policy tables of docs/metrics.md."""
+
+from simcache.policies import markdown_tables
+
+print(markdown_tables(), end="")
