@@ -2,4 +2,5 @@
 
 from simcache.policies import markdown_tables
 
-print(markdown_tables(), end="")
+if __name__ == "__main__":
+    print(markdown_tables(), end="")
