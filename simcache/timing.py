@@ -156,6 +156,15 @@ def load_calibration(path) -> Calibration:
 # to them in all and ``fixed`` the group's own gather, zeroing and sum (probed once).
 
 
+def group_table_for(calibration: Calibration | None, expert_bytes: int | None):
+    """:meth:`Calibration.group_table` of ``calibration`` (default: the built-in one, which
+    has none), empty where the expert size is unknown."""
+    cal = calibration if calibration is not None else default_calibration()
+    if expert_bytes is None:
+        return np.zeros(0), np.zeros(0), np.zeros((0, 0)), 0.0
+    return cal.group_table(expert_bytes)
+
+
 def _check_group_ffn(path, g) -> None:
     if not g:
         return
