@@ -12,11 +12,11 @@
 #   OUT=/tmp/out bash recipes/gpu_replay_fast.sh        # then, here:
 #   tar -xzf $OUT/replay-fast.tar.gz -C docs/replay-data && python recipes/replay_report.py docs/replay-data/fast
 #
-# STEPS (default 40, 2 of them untimed warm-up) and PRESETS (default: all four) shorten a run.
+# STEPS (default 32, 2 of them untimed warm-up) and PRESETS (default: all four) shorten a run.
 set -uo pipefail
 export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT}
-STEPS=${STEPS:-40}
+STEPS=${STEPS:-32}
 PRESETS=${PRESETS:-"deepseek-v2-lite qwen3-30b-a3b olmoe mixtral-8x7b"}
 R=${WORK:-/tmp/replay-fast}/fast   # everything lands here, packed into $OUT at the end
 rm -rf "$R"; mkdir -p "$R"

@@ -330,6 +330,9 @@ def _result(rp, sim, work, sched: Schedule, timed, t: Timings, capacity, scope, 
                "simulated_hit_ratio_whole_trace": sim.hit_ratio, "setup_s": rp.setup_s,
                "ring_buffers": sched.ring,
                "host_issue_us_median": float(np.median(t.host_s) * 1e6) if t.host_s.size else 0.0,
+               # the first groups after the synchronise, before the launch queue can fill: the
+               # host's own issue cost (later groups can include time blocked behind the queue)
+               "host_issue_us_first_groups": float(np.median(t.host_s[:4]) * 1e6) if t.host_s.size else 0.0,
                # per timed (step, layer): for checking the timing model group by group
                "group_measured_s": t.gpu_s.tolist(), "group_host_s": t.host_s.tolist(),
                "group_idle_s": t.idle_s.tolist(), "group_stall_s": t.stall_s.tolist(),

@@ -106,6 +106,23 @@ class _Copies:
             dst.copy_(src, non_blocking=True)
             meter.copy_done(j)
 
+    def copy_group(self, loads: range, meter: Meter) -> None:
+        """All of a group's loads, in order, under one switch to the copy stream (the fast
+        path, whose bypass buffers are never reused inside a group)."""
+        if not self.cuda:
+            for c in loads:
+                self.copy(c, meter, first=False)
+            return
+        s, weights, host = self.sched, self.weights, self.host
+        with torch.cuda.stream(self.stream):
+            if self.prev_done is not None:
+                self.stream.wait_event(self.prev_done)  # earlier computes may read what this overwrites
+            for c in loads:
+                j = int(self.load_id[c])
+                meter.copy_start(j)
+                weights[int(s.buffer[c])].copy_(host[int(s.store_row[c])], non_blocking=True)
+                meter.copy_done(j)
+
     def wait(self, g: int, c: int, meter: Meter) -> None:
         """The compute stream waits for load c's copy."""
         if self.cuda:
@@ -240,8 +257,8 @@ class FastIssue:
         xs = x.index_select(0, self.tok[lo:hi])  # (R, H) the group's rows, hits then loads
         acc = torch.zeros((n * self.k, self.hidden), dtype=torch.float32, device=x.device)  # (n k, H)
         loads = s.loads(g)
-        for c in loads:
-            cp.copy(c, meter, first=c == loads.start)
+        if loads:
+            cp.copy_group(loads, meter)
         if not hits.empty:
             self._part(acc, xs, hits, lo)
         if loads:

@@ -7,7 +7,10 @@ the runtime being measured does not do). Per (step, layer) group g:
 * ``idle_s[g]``: compute stream idle before the group: from the end of group g - 1 to the
   start of group g nothing is queued on it, so this is time the GPU waited for the host;
 * ``stall_s[g]``: time the compute stream waited, inside the group, for copies to land;
-* ``host_s[g]``: host seconds spent issuing the group (Python and PyTorch calls);
+* ``host_s[g]``: host seconds spent issuing the group (Python and PyTorch calls), including
+  any time the host was blocked because the GPU's launch queue was full (once the host runs
+  far enough ahead, every group waits for the GPU to retire work: then host time per group
+  equals GPU time per group, and GPU idle time, not host time, says who sets the pace);
 
 and per copy its device seconds (``copy_s``), from events around it on the copy stream.
 """
