@@ -279,6 +279,16 @@ def test_cli_fast_replay_on_the_cpu(tmp_path):
     assert rows[0]["expert_bytes"] == 3 * 16 * 24 // 2
 
 
+def test_calibration_must_match_the_expert_format(tmp_path):
+    t = random_trace(19, layers=2, experts=6, requests=2, length=(8, 8))
+    path = simcache.write_trace(t, tmp_path / "t.parquet")
+    cal = dataclasses.replace(simcache.timing.default_calibration(), group_ffn=group_ffn(1 << 20))
+    cal.save(tmp_path / "c.json")
+    assert "probed with --expert-dtype none, this replay uses int4" in error_of(
+        "replay", path, "--device", "cpu", "--preset", "custom", "--hidden", "16", "--ffn", "24", "--issue", "fast",
+        "--expert-dtype", "int4", "--calibration", tmp_path / "c.json", "--steps", "5")
+
+
 def test_new_presets():
     shapes = {name: (p.hidden, p.ffn, p.num_experts, p.top_k, p.num_layers) for name, p in PRESETS.items()}
     assert shapes["qwen3-30b-a3b"] == (2048, 768, 128, 8, 48)
@@ -286,3 +296,41 @@ def test_new_presets():
     assert shapes["gpt-oss-120b"] == (2880, 2880, 128, 4, 36)
     assert shapes["mixtral-8x22b"] == (6144, 16384, 8, 2, 56)
     assert {"mixtral-8x7b", "qwen-moe", "deepseek-v2-lite", "olmoe", "gpt-oss"} <= set(PRESETS)
+
+
+def test_schedule_records_follow_the_decisions():
+    from simcache.replay import harness
+    from simcache.replay.schedule import build_schedule
+    from simcache.simulator import FILL, HIT
+
+    t = random_trace(18, layers=3, experts=6, requests=5, length=(8, 12))
+    rp = Replayer(t, TINY, device="cpu", dtype="float32", layers="0,2")
+    sim, work, _ = harness._decide(rp, "belady-bypass", 2, "layer", 3, 0.1, None, None, None, None)
+    groups = harness._groups(work, rp.layers, 10, t.num_layers)
+    sched = build_schedule(work, sim.decisions, groups, rp.key_row, num_experts=6, capacity=2, scope="layer",
+                           n_slots=6, ring=3, experts=rp._experts, weights=rp._weights)
+    d, dec = work.demand, sim.decisions
+    assert sched.num_groups == len(groups) and sched.compute_ptr[-1] == sum(hi - lo for _, _, lo, hi in groups)
+    seen_ring = []
+    for g, (s, l, lo, hi) in enumerate(groups):
+        cs = sched.computes(g)
+        assert sorted(sched.access[cs.start:cs.stop]) == list(range(lo, hi))  # every access once
+        outcome = dec.outcome[sched.access[cs.start:cs.stop]]
+        h = int(sched.hits[g])
+        assert (outcome[:h] == HIT).all() and (outcome[h:] != HIT).all()  # hits first
+        for c in cs:
+            i = int(sched.access[c])
+            assert sched.store_row[c] == rp.key_row[int(d.keys[i])]
+            if dec.outcome[i] in (HIT, FILL):
+                assert sched.buffer[c] == l * 2 + dec.slot[i]
+            else:
+                seen_ring.append(sched.ring_of(c))
+            r = sched.routes(c)
+            assert r.stop - r.start == d.tokens[i]  # one route per routed token
+            tok, pos = np.divmod(sched.route_dest[r], t.top_k)
+            assert np.array_equal(tok, sched.route_token[r])
+            step_tokens = work.steps.step_tokens[work.steps.step_ptr[s]: work.steps.step_ptr[s + 1]]
+            assert (rp._experts[step_tokens[tok], l, pos] == int(d.keys[i]) - l * 6).all()
+    assert seen_ring and seen_ring == [k % 3 for k in range(len(seen_ring))]  # handed out in rotation
+    res = sched.resident()
+    assert np.array_equal(res.buffer, sched.store_row) and np.array_equal(res.hits, np.diff(sched.compute_ptr))
