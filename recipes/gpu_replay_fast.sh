@@ -8,6 +8,9 @@
 #      Mixtral-8x7B on traces/trained-mixtral-8e.parquet (a layer subset);
 #   3. check outputs against all-resident runs (--verify), eager and fast, once per preset;
 #   4. check the results (recipes/replay_report.py --check) and pack them.
+# It writes two files to $OUT: log.txt (all it printed) and replay-fast.tar.gz (the folder fast/:
+# calibrations, replay and verify JSON, the synthetic traces, report.md); exit status 1 if a step
+# failed, a file is missing or an outputs check failed.
 #
 #   OUT=/tmp/out bash recipes/gpu_replay_fast.sh        # then, here:
 #   tar -xzf $OUT/replay-fast.tar.gz -C docs/replay-data && python recipes/replay_report.py docs/replay-data/fast
@@ -20,12 +23,14 @@ STEPS=${STEPS:-32}
 PRESETS=${PRESETS:-"deepseek-v2-lite qwen3-30b-a3b olmoe mixtral-8x7b"}
 R=${WORK:-/tmp/replay-fast}/fast   # everything lands here, packed into $OUT at the end
 rm -rf "$R"; mkdir -p "$R"
+exec > >(tee "$OUT/log.txt") 2>&1
 S="python3 -m simcache"
 fail=0
 step() { echo "+ $*" >&2; local t0=$SECONDS; "$@" || { echo "FAILED ($?): $*" >&2; fail=1; }; echo "  ($((SECONDS - t0)) s)" >&2; }
 grep -E 'MemTotal|MemAvailable' /proc/meminfo
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))'
+step python3 recipes/gpu_fast_check.py   # the grouped SwiGLU against the eager one, on this GPU
 
 # traces: preset -> trace, capacities, layers (a subset where host memory would not hold all)
 step $S synth "$R/synth-qwen3-128e.parquet" --experts 128 --top-k 8 --layers 8 --requests 32 --length 64 --seed 1 --force
@@ -47,7 +52,9 @@ for p in $PRESETS; do
         --batch 8 --steps 12 --verify --out "$R/verify-$p-$issue.json"
   done
 done
-step python3 recipes/replay_report.py "$R" --check
+python3 recipes/replay_report.py "$R" --check > "$R/report.md" || { echo "FAILED: the report's checks" >&2; fail=1; }
+cat "$R/report.md"
 tar -czf "$OUT/replay-fast.tar.gz" -C "$(dirname "$R")" fast
 ls -la "$OUT"
+sleep 1   # let tee finish log.txt
 exit $fail

@@ -171,7 +171,7 @@ class Replayer:
         measure them. See the module docstring."""
         check_ring(bypass_buffers)
         sim, work, model = _decide(self, policy, capacity, scope, batch, threshold, evict, admit, calibration,
-                            decisions_file)
+                                   decisions_file)
         n_steps = work.steps.num_steps if steps is None else min(int(steps), work.steps.num_steps)
         if n_steps <= warmup_steps:
             raise SimcacheError(f"replay needs more than {warmup_steps} steps (warm-up), got {n_steps}")
