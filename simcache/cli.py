@@ -551,12 +551,13 @@ def analyze(path, null_samples, seed, cut, as_json, plots):
 def _preset_options(fn):
     fn = click.option("--ffn", type=int, help="Expert FFN size, for --preset custom.")(fn)
     fn = click.option("--hidden", type=int, help="Hidden size, for --preset custom.")(fn)
+    from simcache.replay import ISSUE_PATHS, QUANTISED
     from simcache.replay.presets import PRESET_NAMES
 
-    fn = click.option("--issue", type=click.Choice(["eager", "fast"]),
+    fn = click.option("--issue", type=click.Choice(ISSUE_PATHS),
                       help="How the replay issues each (step, layer): expert by expert (eager) or two grouped "
                            "GEMMs (fast). Default: fast on CUDA, eager on the CPU.")(fn)
-    fn = click.option("--expert-dtype", type=click.Choice(["int4", "fp8"]),
+    fn = click.option("--expert-dtype", type=click.Choice(QUANTISED),
                       help="Store and copy experts quantised; dequantised to --dtype before the GEMMs.")(fn)
     fn = click.option("--preset", default="mixtral-8x7b", show_default=True,
                       help=f"Expert shapes: {', '.join(PRESET_NAMES)}, custom.")(fn)

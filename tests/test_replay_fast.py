@@ -244,6 +244,10 @@ def error_of(*args):
 
 
 def test_input_errors():
+    from simcache.replay import ISSUE_PATHS
+    from simcache.replay.issue import ISSUERS
+
+    assert tuple(ISSUERS) == ISSUE_PATHS
     bad = CliRunner().invoke(main, ["replay", "--device", "cpu", "--issue", "graphs"])
     assert bad.exit_code == 2 and "Invalid value for '--issue'" in bad.output
     bad = CliRunner().invoke(main, ["replay", "--device", "cpu", "--expert-dtype", "int3"])

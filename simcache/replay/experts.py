@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from simcache.replay.presets import Preset
 from simcache.errors import SimcacheError
+from simcache.replay import QUANTISED
+from simcache.replay.presets import Preset
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-QUANTISED = ("int4", "fp8")
 _FP8 = getattr(torch, "float8_e4m3fn", None)
 
 

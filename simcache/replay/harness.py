@@ -33,9 +33,10 @@ import torch
 
 import simcache
 from simcache.errors import SimcacheError
-from simcache.replay.experts import (DTYPES, QUANTISED, ExpertStore, gpu_free_bytes, host_available_bytes,
+from simcache.replay import ISSUE_PATHS, QUANTISED
+from simcache.replay.experts import (DTYPES, ExpertStore, gpu_free_bytes, host_available_bytes,
                                      pick_device, stored_format)
-from simcache.replay.issue import ISSUE_PATHS, ISSUERS, check_fast
+from simcache.replay.issue import ISSUERS, check_fast
 from simcache.replay.measure import Meter, Timings
 from simcache.replay.presets import Preset
 from simcache.replay.schedule import Schedule, build_schedule, check_ring, most_bypasses
