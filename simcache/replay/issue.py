@@ -21,8 +21,6 @@ group's compute is done (they may overwrite what it reads).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,7 +28,7 @@ import torch.nn.functional as F
 from simcache.errors import SimcacheError
 from simcache.replay.experts import apply_expert
 from simcache.replay.measure import Meter
-from simcache.replay.schedule import Schedule
+from simcache.replay.schedule import Schedule, grouped_calls
 
 def check_fast(device: torch.device, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> None:
     """The fast path needs ``torch._grouped_mm``; on CUDA that is bfloat16 on compute
@@ -179,24 +177,6 @@ class EagerIssue:
             self.copies.ring_free[r] = self.frees[r]
 
 
-@dataclass(frozen=True)
-class _Part:
-    """One grouped call: routes lo:hi of the group's gathered rows, and its experts: either a
-    window lo:hi of the weights tensor (offsets over every buffer in it) or, for quantised
-    experts, the buffers listed in ``buffers[lo:hi]`` (offsets over those)."""
-
-    route_lo: int
-    route_hi: int
-    offs_lo: int
-    offs_hi: int
-    win_lo: int
-    win_hi: int
-
-    @property
-    def empty(self) -> bool:
-        return self.route_hi == self.route_lo
-
-
 class FastIssue:
     """A constant number of host calls per group (see the module docstring)."""
 
@@ -208,75 +188,50 @@ class FastIssue:
         self.quantised = store.expert_dtype is not None
         if not self.quantised:
             self.w13, self.w2 = split_weights(weights, p.hidden, p.ffn)  # (B, H, 2F), (B, F, H)
-        tok, dest, gate, offs, bufs = [], [], [], [], []
-        self.parts: list[tuple[_Part, _Part]] = []
-        n_routes = n_offs = 0
-        for g in range(sched.num_groups):
-            loads = sched.loads(g)
-            group = []
-            for first, last in ((int(sched.compute_ptr[g]), loads.start), (loads.start, loads.stop)):
-                cs = np.arange(first, last)
-                cs = cs[np.argsort(sched.buffer[cs], kind="stable")]  # rows grouped by buffer
-                counts = np.array([sched.route_ptr[c + 1] - sched.route_ptr[c] for c in cs], np.int64)
-                rs = [np.arange(sched.route_ptr[c], sched.route_ptr[c + 1]) for c in cs]
-                r = np.concatenate(rs) if rs else np.zeros(0, np.int64)
-                tok.append(sched.route_token[r])
-                dest.append(sched.route_dest[r])
-                gate.append(sched.route_weight[r])
-                if self.quantised or not cs.size:
-                    ends = np.cumsum(counts)
-                    bufs.append(sched.buffer[cs])
-                    lo, hi = 0, cs.size
-                else:
-                    lo, hi = sched.window(g, first, last)
-                    per = np.zeros(hi - lo, np.int64)
-                    np.add.at(per, sched.buffer[cs] - lo, counts)
-                    ends = np.cumsum(per)
-                offs.append(ends)
-                group.append(_Part(n_routes, n_routes + r.size, n_offs, n_offs + ends.size, lo, hi))
-                n_routes += r.size
-                n_offs += ends.size
-            self.parts.append(tuple(group))
-        cat = (lambda xs, dt: torch.from_numpy(np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)).to(device))
-        self.tok = cat(tok, np.int64)  # (all routes,) token row of each, grouped by buffer per part
-        self.dest = cat(dest, np.int64)  # (all routes,) token * k + top-k position
-        self.gate = cat(gate, np.float32).unsqueeze(1)  # (all routes, 1)
-        self.offs = cat(offs, np.int32)  # per part: cumulative routes per expert (relative to the part)
-        self.bufs = cat(bufs, np.int64) if self.quantised else None  # per quantised part: its buffers
+        calls = grouped_calls(sched, compact=self.quantised)
+        # host-side ints, read without numpy scalars while issuing
+        self.route_ptr, self.offs_ptr = calls.route_ptr.tolist(), calls.offs_ptr.tolist()
+        self.win_lo, self.win_hi = calls.win_lo.tolist(), calls.win_hi.tolist()
+        up = (lambda a: torch.from_numpy(a).to(device))
+        self.tok = up(calls.token)  # (R,) token row of each route
+        self.dest = up(calls.dest)  # (R,) token * k + top-k position
+        self.gate = up(calls.weight).unsqueeze(1)  # (R, 1)
+        self.offs = up(calls.offs)  # per call: cumulative routes per expert
+        self.bufs = up(calls.buffers)  # per compact call: its buffers
 
     def group(self, g: int, meter: Meter) -> torch.Tensor:
         s, cp = self.sched, self.copies
-        hits, loaded = self.parts[g]
         meter.group_start(g)
         n = int(s.rows[g])
         x = self.x[:n]  # (n, H)
-        lo, hi = hits.route_lo, loaded.route_hi
+        lo, hi = self.route_ptr[2 * g], self.route_ptr[2 * g + 2]
         xs = x.index_select(0, self.tok[lo:hi])  # (R, H) the group's rows, hits then loads
         acc = torch.zeros((n * self.k, self.hidden), dtype=torch.float32, device=x.device)  # (n k, H)
         loads = s.loads(g)
         if loads:
             cp.copy_group(loads, meter)
-        if not hits.empty:
-            self._part(acc, xs, hits, lo)
+        self._call(acc, xs, 2 * g, lo)  # the hits, while the copies run
         if loads:
             cp.wait(g, loads.stop - 1, meter)  # copies land in order: the last one covers all
-        if not loaded.empty:
-            self._part(acc, xs, loaded, lo)
+        self._call(acc, xs, 2 * g + 1, lo)  # the loaded experts
         out = acc.view(n, self.k, self.hidden).sum(1).to(x.dtype)  # (n, H)
         meter.group_done(g)
         if cp.cuda:
             cp.prev_done = meter.g_done[g]
         return out
 
-    def _part(self, acc, xs, p: _Part, base: int) -> None:
-        offs = self.offs[p.offs_lo: p.offs_hi]  # (G,)
+    def _call(self, acc, xs, p: int, base: int) -> None:
+        """Grouped call p on the group's gathered rows xs (its first route is ``base``)."""
+        r0, r1 = self.route_ptr[p], self.route_ptr[p + 1]
+        if r0 == r1:
+            return
+        o0, o1 = self.offs_ptr[p], self.offs_ptr[p + 1]
         if self.quantised:
-            w = self.store.weights(self.weights.index_select(0, self.bufs[p.offs_lo: p.offs_hi]))  # (G, W)
+            w = self.store.weights(self.weights.index_select(0, self.bufs[o0:o1]))  # (G, W)
             w13, w2 = split_weights(w, self.hidden, self.ffn)
         else:
-            w13, w2 = self.w13[p.win_lo: p.win_hi], self.w2[p.win_lo: p.win_hi]
-        r = slice(p.route_lo, p.route_hi)
-        expert_part(acc, xs[p.route_lo - base: p.route_hi - base], self.dest[r], self.gate[r], w13, w2, offs,
+            w13, w2 = self.w13[self.win_lo[p]: self.win_hi[p]], self.w2[self.win_lo[p]: self.win_hi[p]]
+        expert_part(acc, xs[r0 - base: r1 - base], self.dest[r0:r1], self.gate[r0:r1], w13, w2, self.offs[o0:o1],
                     self.ffn)
 
 

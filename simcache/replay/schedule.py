@@ -164,6 +164,79 @@ def build_schedule(work, decisions, groups, key_row, *, num_experts: int, capaci
         top_k=int(k), n_slots=int(n_slots), ring=int(ring))
 
 
+@dataclass(frozen=True)
+class GroupedCalls:
+    """The fast issue path's two grouped calls per group, from a :class:`Schedule`: call
+    ``2 g`` computes group g's hits, call ``2 g + 1`` its loaded experts. P = 2 G calls.
+
+    Attributes
+    ----------
+    route_ptr : (P + 1,) int64
+        Routes of call p (into the arrays below): ``route_ptr[p]:route_ptr[p + 1]``; a group's
+        two calls are adjacent, so group g's routes are ``route_ptr[2 g]:route_ptr[2 g + 2]``.
+    token, dest, weight : (R,)
+        Each route's token row, output position (token * k + top-k position) and gate weight,
+        grouped by buffer within a call (a grouped GEMM takes each expert's rows together).
+    offs_ptr : (P + 1,) int64
+        Offsets of call p: ``offs[offs_ptr[p]:offs_ptr[p + 1]]``.
+    offs : int32
+        Per call, the cumulative route count after each expert the call reads (relative to
+        the call's first route).
+    win_lo, win_hi : (P,) int64
+        Without ``compact``: the window of the weights tensor the call reads (its lowest to one
+        past its highest buffer; offsets cover every buffer in it, empty ones too).
+    buffers : int64
+        With ``compact`` (quantised experts, gathered before dequantising): the buffers each
+        call reads, one per offset.
+    """
+
+    route_ptr: np.ndarray
+    token: np.ndarray
+    dest: np.ndarray
+    weight: np.ndarray
+    offs_ptr: np.ndarray
+    offs: np.ndarray
+    win_lo: np.ndarray
+    win_hi: np.ndarray
+    buffers: np.ndarray
+
+
+def grouped_calls(sched: Schedule, compact: bool) -> GroupedCalls:
+    """The two grouped calls of every group of ``sched`` (see :class:`GroupedCalls`)."""
+    route_ptr, offs_ptr, win_lo, win_hi = [0], [0], [], []
+    token, dest, weight, offs, buffers = [], [], [], [], []
+    for g in range(sched.num_groups):
+        loads = sched.loads(g)
+        for first, last in ((int(sched.compute_ptr[g]), loads.start), (loads.start, loads.stop)):
+            cs = np.arange(first, last)
+            cs = cs[np.argsort(sched.buffer[cs], kind="stable")]  # rows grouped by buffer
+            counts = sched.route_ptr[cs + 1] - sched.route_ptr[cs]
+            r = (np.concatenate([np.arange(sched.route_ptr[c], sched.route_ptr[c + 1]) for c in cs])
+                 if cs.size else np.zeros(0, np.int64))
+            token.append(sched.route_token[r])
+            dest.append(sched.route_dest[r])
+            weight.append(sched.route_weight[r])
+            if compact or not cs.size:
+                lo, hi = 0, cs.size
+                ends = np.cumsum(counts)
+                buffers.append(sched.buffer[cs])
+            else:
+                lo, hi = sched.window(g, first, last)
+                per = np.zeros(hi - lo, np.int64)
+                np.add.at(per, sched.buffer[cs] - lo, counts)
+                ends = np.cumsum(per)
+            offs.append(ends)
+            win_lo.append(lo)
+            win_hi.append(hi)
+            route_ptr.append(route_ptr[-1] + r.size)
+            offs_ptr.append(offs_ptr[-1] + ends.size)
+    cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))
+    i64 = np.int64
+    return GroupedCalls(route_ptr=np.array(route_ptr, i64), token=cat(token, i64), dest=cat(dest, i64),
+                        weight=cat(weight, np.float32), offs_ptr=np.array(offs_ptr, i64), offs=cat(offs, np.int32),
+                        win_lo=np.array(win_lo, i64), win_hi=np.array(win_hi, i64), buffers=cat(buffers, i64))
+
+
 def most_bypasses(decisions, groups) -> int:
     """The most loads into bypass buffers in any one of ``groups``."""
     most = 0
