@@ -21,6 +21,8 @@ group's compute is done (they may overwrite what it reads).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -70,7 +72,7 @@ def expert_part(acc: torch.Tensor, xs: torch.Tensor, dest: torch.Tensor, gate: t
     """One grouped call: acc[dest] = gate * SwiGLU(xs) with each expert on its rows.
     acc (n k, H) float32, xs (R, H), dest (R,), gate (R, 1) float32; see :func:`grouped_ffn`."""
     y = grouped_ffn(xs, w13, w2, offs, ffn_size)  # (R, H)
-    acc.index_copy_(0, dest, y.float() * gate)
+    acc.index_copy_(0, dest, y * gate)  # float32: the bf16 y promotes exactly
 
 
 class _Copies:
@@ -81,13 +83,17 @@ class _Copies:
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.current = torch.cuda.current_stream(device) if self.cuda else None
-        self.load_id = np.cumsum(sched.is_load()) - 1  # (C,) ordinal of each load
+        is_load = sched.is_load()
+        self.load_id = (np.cumsum(is_load) - 1).tolist()  # (C,) ordinal of each load
+        # (destination buffer, source row) of every load, as views made once
+        self.pair = [(weights[int(sched.buffer[c])], host[int(sched.store_row[c])]) if is_load[c] else None
+                     for c in range(is_load.size)]
         self.prev_done = None  # the previous group's last event on the compute stream
         self.ring_free: list = [None] * max(sched.ring, 1)
 
     def copy(self, c: int, meter: Meter, first: bool) -> None:
-        s, j = self.sched, int(self.load_id[c])
-        dst, src = self.weights[int(s.buffer[c])], self.host[int(s.store_row[c])]
+        s, j = self.sched, self.load_id[c]
+        dst, src = self.pair[c]
         if not self.cuda:
             dst.copy_(src)
             return
@@ -108,20 +114,20 @@ class _Copies:
             for c in loads:
                 self.copy(c, meter, first=False)
             return
-        s, weights, host = self.sched, self.weights, self.host
         with torch.cuda.stream(self.stream):
             if self.prev_done is not None:
                 self.stream.wait_event(self.prev_done)  # earlier computes may read what this overwrites
             for c in loads:
-                j = int(self.load_id[c])
+                j = self.load_id[c]
+                dst, src = self.pair[c]
                 meter.copy_start(j)
-                weights[int(s.buffer[c])].copy_(host[int(s.store_row[c])], non_blocking=True)
+                dst.copy_(src, non_blocking=True)
                 meter.copy_done(j)
 
     def wait(self, g: int, c: int, meter: Meter) -> None:
         """The compute stream waits for load c's copy."""
         if self.cuda:
-            j = int(self.load_id[c])
+            j = self.load_id[c]
             meter.wait_before(g, j)
             self.current.wait_event(meter.l_done[j])
             meter.wait_after(j)
@@ -177,6 +183,21 @@ class EagerIssue:
             self.copies.ring_free[r] = self.frees[r]
 
 
+class _Call(NamedTuple):
+    """One grouped call, its operands as views made once: rows lo:hi of the group's gathered
+    rows, its routes' output positions and gate weights, its offsets, and its experts (weight
+    views of a window of the weights tensor, or the buffers to gather for quantised ones)."""
+
+    lo: int
+    hi: int
+    dest: torch.Tensor  # (R_p,)
+    gate: torch.Tensor  # (R_p, 1) float32
+    offs: torch.Tensor  # (G,) int32
+    w13: torch.Tensor | None  # (G, H, 2F)
+    w2: torch.Tensor | None  # (G, F, H)
+    bufs: torch.Tensor | None  # (G,)
+
+
 class FastIssue:
     """A constant number of host calls per group (see the module docstring)."""
 
@@ -186,53 +207,55 @@ class FastIssue:
         p = store.preset
         self.hidden, self.ffn, self.k = p.hidden, p.ffn, sched.top_k
         self.quantised = store.expert_dtype is not None
-        if not self.quantised:
-            self.w13, self.w2 = split_weights(weights, p.hidden, p.ffn)  # (B, H, 2F), (B, F, H)
-        calls = grouped_calls(sched, compact=self.quantised)
-        # host-side ints, read without numpy scalars while issuing
-        self.route_ptr, self.offs_ptr = calls.route_ptr.tolist(), calls.offs_ptr.tolist()
-        self.win_lo, self.win_hi = calls.win_lo.tolist(), calls.win_hi.tolist()
+        if not self.quantised:  # quantised rows are gathered and dequantised per call instead
+            w13_all, w2_all = split_weights(weights, p.hidden, p.ffn)  # (B, H, 2F), (B, F, H)
+        c = grouped_calls(sched, compact=self.quantised)
         up = (lambda a: torch.from_numpy(a).to(device))
-        self.tok = up(calls.token)  # (R,) token row of each route
-        self.dest = up(calls.dest)  # (R,) token * k + top-k position
-        self.gate = up(calls.weight).unsqueeze(1)  # (R, 1)
-        self.offs = up(calls.offs)  # per call: cumulative routes per expert
-        self.bufs = up(calls.buffers)  # per compact call: its buffers
+        tok, dest, gate, offs, bufs = up(c.token), up(c.dest), up(c.weight).unsqueeze(1), up(c.offs), up(c.buffers)
+        rp, op = c.route_ptr.tolist(), c.offs_ptr.tolist()
+        self.rows, self.tok, self.calls = [], [], []  # per group: x rows, token rows; per call: _Call or None
+        for g in range(sched.num_groups):
+            base = rp[2 * g]
+            self.rows.append(x[: int(sched.rows[g])])  # (n, H)
+            self.tok.append(tok[base: rp[2 * g + 2]])  # (R,)
+            for q in (2 * g, 2 * g + 1):
+                if rp[q] == rp[q + 1]:
+                    self.calls.append(None)
+                    continue
+                lo, hi = int(c.win_lo[q]), int(c.win_hi[q])
+                self.calls.append(_Call(
+                    rp[q] - base, rp[q + 1] - base, dest[rp[q]: rp[q + 1]], gate[rp[q]: rp[q + 1]], offs[op[q]: op[q + 1]],
+                    None if self.quantised else w13_all[lo:hi], None if self.quantised else w2_all[lo:hi],
+                    bufs[op[q]: op[q + 1]] if self.quantised else None))
 
     def group(self, g: int, meter: Meter) -> torch.Tensor:
         s, cp = self.sched, self.copies
         meter.group_start(g)
-        n = int(s.rows[g])
-        x = self.x[:n]  # (n, H)
-        lo, hi = self.route_ptr[2 * g], self.route_ptr[2 * g + 2]
-        xs = x.index_select(0, self.tok[lo:hi])  # (R, H) the group's rows, hits then loads
+        x = self.rows[g]  # (n, H)
+        n = x.shape[0]
+        xs = x.index_select(0, self.tok[g])  # (R, H) the group's rows, hits then loads
         acc = torch.zeros((n * self.k, self.hidden), dtype=torch.float32, device=x.device)  # (n k, H)
         loads = s.loads(g)
         if loads:
             cp.copy_group(loads, meter)
-        self._call(acc, xs, 2 * g, lo)  # the hits, while the copies run
+        self._call(acc, xs, self.calls[2 * g])  # the hits, while the copies run
         if loads:
             cp.wait(g, loads.stop - 1, meter)  # copies land in order: the last one covers all
-        self._call(acc, xs, 2 * g + 1, lo)  # the loaded experts
+        self._call(acc, xs, self.calls[2 * g + 1])  # the loaded experts
         out = acc.view(n, self.k, self.hidden).sum(1).to(x.dtype)  # (n, H)
         meter.group_done(g)
         if cp.cuda:
             cp.prev_done = meter.g_done[g]
         return out
 
-    def _call(self, acc, xs, p: int, base: int) -> None:
-        """Grouped call p on the group's gathered rows xs (its first route is ``base``)."""
-        r0, r1 = self.route_ptr[p], self.route_ptr[p + 1]
-        if r0 == r1:
+    def _call(self, acc, xs, call: _Call | None) -> None:
+        if call is None:
             return
-        o0, o1 = self.offs_ptr[p], self.offs_ptr[p + 1]
+        w13, w2 = call.w13, call.w2
         if self.quantised:
-            w = self.store.weights(self.weights.index_select(0, self.bufs[o0:o1]))  # (G, W)
-            w13, w2 = split_weights(w, self.hidden, self.ffn)
-        else:
-            w13, w2 = self.w13[self.win_lo[p]: self.win_hi[p]], self.w2[self.win_lo[p]: self.win_hi[p]]
-        expert_part(acc, xs[r0 - base: r1 - base], self.dest[r0:r1], self.gate[r0:r1], w13, w2, self.offs[o0:o1],
-                    self.ffn)
+            w13, w2 = split_weights(self.store.weights(self.weights.index_select(0, call.bufs)),  # (G, W)
+                                    self.hidden, self.ffn)
+        expert_part(acc, xs[call.lo: call.hi], call.dest, call.gate, w13, w2, call.offs, self.ffn)
 
 
 ISSUERS = {"eager": EagerIssue, "fast": FastIssue}  # keys: simcache.replay.ISSUE_PATHS
