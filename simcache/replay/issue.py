@@ -32,6 +32,7 @@ from simcache.replay.experts import apply_expert
 from simcache.replay.measure import Meter
 from simcache.replay.schedule import Schedule, grouped_calls
 
+
 def check_fast(device: torch.device, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> None:
     """The fast path needs ``torch._grouped_mm``; on CUDA that is bfloat16 on compute
     capability 9.0 or newer (Hopper). One-line errors otherwise."""
