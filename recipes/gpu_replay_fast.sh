@@ -15,7 +15,8 @@
 #   OUT=/tmp/out bash recipes/gpu_replay_fast.sh        # then, here:
 #   tar -xzf $OUT/replay-fast.tar.gz -C docs/replay-data && python recipes/replay_report.py docs/replay-data/fast
 #
-# STEPS (default 32, 2 of them untimed warm-up) and PRESETS (default: all four) shorten a run.
+# STEPS (default 32, 2 of them untimed warm-up) and PRESETS (default: all four) shorten a run or
+# split it over two calls (each call's report then covers the presets it ran).
 set -uo pipefail
 export PYTHONPATH=${PYTHONPATH:-.} PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT}
@@ -26,6 +27,7 @@ rm -rf "$R"; mkdir -p "$R"
 exec > >(tee "$OUT/log.txt") 2>&1
 S="python3 -m simcache"
 fail=0
+pack() { tar -czf "$OUT/replay-fast.tar.gz" -C "$(dirname "$R")" fast; }  # after each preset: a cut-off run keeps what it has
 step() { echo "+ $*" >&2; local t0=$SECONDS; "$@" || { echo "FAILED ($?): $*" >&2; fail=1; }; echo "  ($((SECONDS - t0)) s)" >&2; }
 grep -E 'MemTotal|MemAvailable' /proc/meminfo
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -51,10 +53,11 @@ for p in $PRESETS; do
     step $S replay "${common[@]}" --issue $issue --policy belady-bypass --capacity "${CAPS[$p]%%,*}" \
         --batch 8 --steps 12 --verify --out "$R/verify-$p-$issue.json"
   done
+  pack
 done
 python3 recipes/replay_report.py "$R" --check > "$R/report.md" || { echo "FAILED: the report's checks" >&2; fail=1; }
 cat "$R/report.md"
-tar -czf "$OUT/replay-fast.tar.gz" -C "$(dirname "$R")" fast
+pack
 ls -la "$OUT"
 sleep 1   # let tee finish log.txt
 exit $fail
