@@ -5,10 +5,10 @@ truncates: ``seed=1.5`` is an error, not seed 1. Booleans are not integers here.
 
 >>> integer("seed", 3, lo=0)
 3
->>> integer("seed", 1.5)
+>>> integer("seed", 1.5, lo=0)
 Traceback (most recent call last):
 ...
-simcache.errors.SimcacheError: seed must be an integer, got 1.5
+simcache.errors.SimcacheError: seed must be a non-negative integer, got 1.5
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _range(name, value, lo, hi, kind="number"):
 def integer(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
     """A whole number (Python or numpy integer, not bool) in [lo, hi]."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise SimcacheError(f"{name} must be an integer, got {_shown(value)}")
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(lo, "an integer")
+        raise SimcacheError(f"{name} must be {kind}, got {_shown(value)}")
     return _range(name, int(value), lo, hi, "integer")
 
 

@@ -250,13 +250,13 @@ def test_analyze_warns_with_a_time_estimate():
 
 API = [
     (dict(seed=-1), "seed must be a non-negative integer, got -1"),
-    (dict(seed=1.5), "seed must be an integer, got 1.5"),
+    (dict(seed=1.5), "seed must be a non-negative integer, got 1.5"),
     (dict(threshold=None), "threshold must be a number, got None"),
     (dict(policy=["lru"]), "policy must be a string"),
     (dict(calibration="x.json"), "calibration must be a Calibration"),
-    (dict(expert_bytes=1.5), "expert_bytes must be an integer, got 1.5"),
-    (dict(capacity=2.0), "capacity must be an integer"),
-    (dict(horizon=True), "horizon must be an integer"),
+    (dict(expert_bytes=1.5), "expert_bytes must be a positive integer, got 1.5"),
+    (dict(capacity=2.0), "capacity must be a positive integer, got 2.0"),
+    (dict(horizon=True), "horizon must be a positive integer, got True"),
     (dict(batch=0), "batch must be a positive integer"),
     (dict(prior=np.full((2, 8, 8), "a")), "must hold real numbers"),
     (dict(record="yes"), "record must be True or False"),
@@ -278,11 +278,11 @@ def test_other_entry_points_refuse_bad_arguments(tmp_path):
     simcache.write_trace(simcache.synth(2, 6, num_layers=2, num_experts=8, seed=0), tmp_path / "t.parquet")
     with pytest.raises(SimcacheError, match="trace must be a Trace .* got PosixPath \\(read it first\\)"):
         Workload(tmp_path / "t.parquet")
-    with pytest.raises(SimcacheError, match="seed must be an integer, got 1.5"):
+    with pytest.raises(SimcacheError, match="seed must be a non-negative integer, got 1.5"):
         simcache.synth(2, 6, seed=1.5)
     with pytest.raises(SimcacheError, match="expert_bytes must be a positive integer"):
         simcache.synth(2, 6, expert_bytes=0)
-    with pytest.raises(SimcacheError, match="null samples must be an integer"):
+    with pytest.raises(SimcacheError, match="null samples must be a non-negative integer, got 2.5"):
         analyze(np.ones((1, 4, 4)), null_samples=2.5)
     with pytest.raises(SimcacheError, match="expert ids must be whole numbers|experts must hold integers"):
         simcache.Trace.from_arrays(np.array([[2.9, 3.9]]), request=[0], position=[0], layer=[0], num_experts=8)
