@@ -22,6 +22,7 @@ from simcache import _checks
 from simcache._files import check_input, release, reserve
 from simcache.analysis import MAX_NULL_SAMPLES
 from simcache.errors import SimcacheError
+from simcache.trace import INT16_MAX
 
 HERE = Path(__file__).resolve().parent.parent  # the checkout: traces/ sits beside simcache/
 DEFAULT_TRACE = HERE / "traces" / "flame-moe-290m.parquet"
@@ -167,7 +168,7 @@ def info(trace, as_json):
 @click.option("--weights", help="Column holding the gate weights.")
 @click.option("--token-id", help="Column holding the token id.")
 @click.option("--domain", help="Column holding a domain label.")
-@click.option("--num-experts", type=click.IntRange(1, 32767), help="Experts per layer (default: largest id + 1).")
+@click.option("--num-experts", type=click.IntRange(1, INT16_MAX), help="Experts per layer (default: largest id + 1).")
 @click.option("--model", help="Model name for the metadata.")
 @click.option("--expert-bytes", type=EXPERT_BYTES, help="Bytes of one expert as served (for timing).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
@@ -226,9 +227,9 @@ def _length(ctx, param, value):
 @click.option("--requests", "num_requests", type=click.IntRange(1, 2**31 - 1), default=64, show_default=True)
 @click.option("--length", default="256", callback=_length, show_default=True,
               help="Tokens per request: N, or LO:HI drawn uniformly.")
-@click.option("--layers", type=click.IntRange(1, 32767), default=32, show_default=True,
+@click.option("--layers", type=click.IntRange(1, INT16_MAX), default=32, show_default=True,
               help="MoE layers (a --transitions file sets them).")
-@click.option("--experts", type=click.IntRange(1, 32767), default=8, show_default=True,
+@click.option("--experts", type=click.IntRange(1, INT16_MAX), default=8, show_default=True,
               help="Experts per layer (a --transitions file sets them).")
 @click.option("--top-k", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--transitions", type=click.Path(dir_okay=False, path_type=Path),
