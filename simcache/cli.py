@@ -278,58 +278,33 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
       simcache simulate my.parquet --policy markov --split 0.5
     """
     from simcache.report import table, write_results
-    from simcache.workload import Workload
-    from simcache.transitions import load_prior, split_requests
+    from simcache.sweeps import simulate_grid
 
     path = trace or DEFAULT_TRACE
     if trace is None and not path.exists():
         raise SimcacheError(f"no TRACE given and the bundled sample is missing: {path}")
-    t = simcache.read_trace(path)
-    L, E = t.num_layers, t.num_experts
-    if capacities is None:
-        capacities = [max(1, E // 4) if scope == "layer" else max(1, L * E // 4)]
-    prior_counts = None
-    notes = []
-    if split is not None:
-        if prior is not None:
-            raise SimcacheError("use either --split or --prior, not both")
-        train, t = split_requests(t, split, seed)
-        prior_counts = simcache.fit_prior(train)
-        notes.append(
-            f"scored on {t.num_requests:,} test requests; Markov prior fitted on "
-            f"{train.num_requests:,} train requests (split by request, seed {seed})"
-        )
-    elif prior is not None:
-        if prior.resolve() == Path(path).resolve():
-            raise SimcacheError("the prior is the trace being scored: fit it on a separate trace")
-        prior_counts = load_prior(prior, L, E)
-        notes.append(f"Markov prior from {prior}")
     cal = simcache.load_calibration(calibration) if calibration is not None else None
-    if decisions is not None and len(policies) * len(capacities) != 1:
-        raise SimcacheError("--decisions needs exactly one policy and one capacity")
-    for p in policies:
-        simcache.policies.resolve(p, evict, admit)
-    work = Workload(t, batch, prefill)
-    runs = [(p, c) for p in policies for c in capacities]
-    total = work.demand.num_accesses * len(runs)
-    show = progress if progress is not None else (sys.stderr.isatty() and total > 20_000_000)
-    results = []
-    bar = click.progressbar(length=total, label="simulating", file=sys.stderr) if show else None
-    try:
-        if bar is not None:
+    bar = None
+
+    def total(n):  # a progress bar for long runs at a terminal
+        nonlocal bar
+        if progress or (progress is None and sys.stderr.isatty() and n > 20_000_000):
+            bar = click.progressbar(length=n, label="simulating", file=sys.stderr)
             bar.__enter__()
-        for p, c in runs:
-            results.append(
-                simcache.simulate(
-                    work, p, c, scope=scope, threshold=threshold, evict=evict, admit=admit,
-                    prior=prior_counts, horizon=horizon, seed=seed, calibration=cal,
-                    overlap=False if no_overlap else None, expert_bytes=expert_bytes,
-                    record=decisions is not None, progress=None if bar is None else bar.update,
-                )
-            )
+
+    try:
+        run = simulate_grid(
+            path, policies, capacities, batch=batch, prefill=prefill, split=split, seed=seed,
+            prior=prior, calibration=cal, record=decisions is not None, total=total,
+            progress=lambda n: bar.update(n) if bar is not None else None,
+            scope=scope, threshold=threshold, evict=evict, admit=admit, horizon=horizon,
+            overlap=False if no_overlap else None, expert_bytes=expert_bytes,
+        )
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
+    t, work, results, notes = run.trace, run.work, run.results, run.notes
+    L, E = t.num_layers, t.num_experts
     if decisions is not None:
         from simcache.decisions import write_decisions
 

@@ -268,7 +268,7 @@ def lru_results(
                 prefill=work.prefill, threshold=None, model=tr.model, num_layers=L, num_experts=E,
                 top_k=tr.top_k, expert_bytes=eb, steps=work.steps.num_steps,
                 decode_tokens=work.steps.decode_tokens, per_layer=per_layer, calibration=cal_name,
-                elapsed_s=each, extra={"method": "stack"},
+                elapsed_s=each,
             )
     return [out[c] for c in caps]
 
