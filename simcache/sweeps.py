@@ -140,7 +140,7 @@ class Group:
 def _values(name: str, value) -> list:
     knob = KNOB[name]
     items = value if isinstance(value, (list, tuple)) else [value]
-    if isinstance(value, str) and name != "threshold" and "," in value:
+    if isinstance(value, str) and "," in value:
         items = [v for v in value.split(",") if v.strip()]
     out = []
     for v in items:
@@ -505,7 +505,7 @@ def _write_results(frame, out: Path):
             if len(frame) == 0:
                 writer.write_table(table)
             start = 0
-            bounds = frame[keys].astype(str).agg("|".join, axis=1).to_numpy()
+            bounds = list(zip(*(frame[k].map(repr) for k in keys)))
             for i in range(1, len(frame) + 1):
                 if i == len(frame) or bounds[i] != bounds[start]:
                     writer.write_table(table.slice(start, i - start))
@@ -624,3 +624,100 @@ def simulate_grid(
     results = run_cells(work, cells, prior=prior_counts, calibration=calibration, record=record,
                         progress=progress)
     return GridRun(work.trace, work, results, notes)
+
+
+# ---- the winning cell ---------------------------------------------------------------------------
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text) -> int:
+    """``24GiB``, ``1.5 GB``, ``512MiB`` or a plain number of bytes.
+
+    >>> parse_bytes("24GiB"), parse_bytes("1.5 GB"), parse_bytes(1024)
+    (25769803776, 1500000000, 1024)
+    """
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise SimcacheError(f"a memory budget looks like 24GiB, 1.5GB or 512MiB, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def rank(frame):
+    """Cells best first: lowest predicted time per token, then highest hit ratio, then the
+    least memory (cell id last, so the order is total)."""
+    t = frame["time_per_token_s"] if "time_per_token_s" in frame else None
+    keys = frame.assign(_t=(t.astype(float) if t is not None else np.nan),
+                        _h=-frame["hit_ratio"].astype(float),
+                        _m=frame["memory_bytes"].astype(float) if "memory_bytes" in frame else np.nan)
+    keys["_t"] = keys["_t"].fillna(np.inf)
+    return frame.loc[keys.sort_values(["_t", "_h", "_m", "cell"], kind="stable").index]
+
+
+def winner(results, budget=None, *, trace_hash: str | None = None, **where) -> dict:
+    """The winning cell of a sweep's results (a DataFrame or a Parquet path): among the cells
+    of ``trace_hash`` (if given) matching ``where`` (column == value) whose resident experts
+    fit ``budget`` bytes (``memory_bytes``; an int or text like ``24GiB``), the best by
+    :func:`rank`. Returns the row as a dict."""
+    frame = read_results(results) if isinstance(results, (str, Path)) else results
+    if trace_hash is not None:
+        frame = frame[frame["trace_hash"] == trace_hash]
+        if frame.empty:
+            raise SimcacheError(f"the results hold no cell for this trace (content hash {trace_hash}): "
+                                "they come from another trace")
+    for k, v in where.items():
+        if k not in frame.columns:
+            raise SimcacheError(f"the results have no column '{k}'")
+        frame = frame[frame[k] == v]
+        if frame.empty:
+            raise SimcacheError(f"no cell of the results has {k} = {v}")
+    if budget is not None:
+        b = parse_bytes(budget) if isinstance(budget, str) else int(budget)
+        mem = frame["memory_bytes"].astype(float)
+        fits = frame[mem <= b]
+        if fits.empty:
+            least = mem.min()
+            more = "no cell records its memory (no expert_bytes)" if least != least else \
+                f"the smallest cell needs {least / 2**30:.2f} GiB"
+            raise SimcacheError(f"no cell fits a budget of {b / 2**30:.2f} GiB ({more})")
+        frame = fits
+    row = rank(frame).iloc[0].to_dict()
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+
+
+# settings the simulator's result records in resolved form, and timing-only ones (replay
+# measures time itself)
+_RESOLVED = ("policy", "capacity", "scope", "batch", "evict", "admit", "threshold")
+_TIMING = ("expert_bytes", "overlap")
+
+
+def winning_settings(results, trace: Trace, budget=None, *, accepts: Iterable[str] = _RESOLVED,
+                     **where) -> tuple[dict, dict]:
+    """The winning cell of ``results`` for ``trace`` within ``budget`` (see :func:`winner`)
+    and the keyword arguments that reproduce it, restricted to the names a consumer
+    ``accepts`` (e.g. the replay harness's ``run``). A setting of the cell away from its
+    default that the consumer cannot take is an error naming it, rather than a replay of
+    something else."""
+    row = winner(results, budget, trace_hash=trace_hash(trace), **where)
+    accepts = set(accepts)
+    kwargs = {"policy": row["policy"], "capacity": int(row["capacity"]), "scope": row["scope"],
+              "batch": int(row["batch"]), "evict": row["evict"], "admit": row["admit"]}
+    if row.get("threshold") is not None:
+        kwargs["threshold"] = float(row["threshold"])
+    for k in KNOBS:
+        if k.name in _RESOLVED or k.name in _TIMING or k.name not in row:
+            continue
+        value = row[k.name]
+        if value is not None and k.default is not None and isinstance(k.default, (int, float)):
+            value = type(k.default)(value)
+        if value != k.default:
+            kwargs[k.name] = value
+    missing = sorted(set(kwargs) - accepts)
+    if missing:
+        k = missing[0]
+        raise SimcacheError(f"the winning cell ({row['policy']}, capacity {row['capacity']}) has {k} = "
+                            f"{kwargs[k]!r}, which this command cannot reproduce")
+    return row, kwargs
