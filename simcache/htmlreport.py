@@ -158,6 +158,10 @@ def winners(sub):
     return out
 
 
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
 def _ms(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -200,9 +204,10 @@ def write_report(frame, folder, source: str = "results") -> list[Path]:
         if not rows:
             body.append("<p>no cell records its memory (the trace has no expert_bytes)</p>")
             continue
-        head = "".join(f"<th>{h}</th>" for h in ("budget (GiB)", "policy", "capacity", "hit ratio", "ms/token", "cell"))
+        head = "".join(f"<th>{h}</th>" for h in ("budget", "bytes", "policy", "capacity", "hit ratio", "ms/token",
+                                                 "cell"))
         lines = "".join(
-            f"<tr><td>{r['budget_bytes'] / GiB:.3f}</td><td>{html.escape(r['policy'])}</td><td>{r['capacity']}</td>"
+            f"<tr><td>{_size(r['budget_bytes'])}</td><td>{r['budget_bytes']}</td><td>{html.escape(r['policy'])}</td><td>{r['capacity']}</td>"
             f"<td>{r['hit_ratio']:.4f}</td><td>{_ms(r['ms_per_token'])}</td>"
             f"<td><code>{r['cell']}</code></td></tr>" for r in rows)
         body.append(f"<table class=\"winners\"><tr>{head}</tr>{lines}</table>")
