@@ -2,5 +2,5 @@
 
 from simcache.cli import main
 
-if __name__ == "__main__":  # not when a Dask worker process re-imports the main module
+if __name__ == "__main__":
     main()
