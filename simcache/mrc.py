@@ -25,8 +25,9 @@ import numpy as np
 
 from simcache._jit import jit
 from simcache.errors import SimcacheError
-from simcache.simulator import COUNTER_NAMES, SCOPES, SimResult, simulate
-from simcache.timing import Calibration, default_calibration
+from simcache.simulator import (COMPUTE_S, COUNTERS, SCOPES, TIME_S, TIMES, TRANSFER_S, SimResult, _timing,
+                                simulate)
+from simcache.timing import Calibration
 from simcache.trace import Trace
 from simcache.workload import Workload
 
@@ -82,7 +83,7 @@ class StackDistances:
         zero = np.zeros_like(hits)
         values = dict(hits=hits, fills=fills, bypasses=zero, forced_bypasses=zero.copy(),
                       evictions=fills - free, reloads=fills - self.cold, accesses=accesses)
-        return {name: values[name].astype(np.int64) for name in COUNTER_NAMES}
+        return {name: values[name].astype(np.int64) for name in COUNTERS}
 
 
 def stack_distances(work: Workload, scope: str = "layer") -> StackDistances:
@@ -163,7 +164,7 @@ def _distances(group_ptr, keys, L, E, per_layer, dist, hist, cold, cold_layers):
 def _group_times(group_ptr, tokens, dist, L, capacities, lut, t_copy, overlap, layer_time):
     """The simulator's time arithmetic at each capacity, in its order (bit-identical sums):
     per group, compute over its accesses, loads = accesses at depth >= c or cold, the last
-    miss's compute; ``layer_time[c, l] += (compute, time)``."""
+    miss's compute; ``layer_time[c, l] += (compute, transfer, time)``."""
     n_groups = group_ptr.shape[0] - 1
     n_caps = capacities.shape[0]
     for g in range(n_groups):
@@ -184,28 +185,13 @@ def _group_times(group_ptr, tokens, dist, L, capacities, lut, t_copy, overlap, l
                     loads += 1
                     last_miss = cost
             transfer = loads * t_copy
-            layer_time[j, l, 0] += compute
             if overlap:
                 t = max(compute, transfer + last_miss)
             else:
                 t = compute + transfer
-            layer_time[j, l, 1] += t
-
-
-def _timing(work: Workload, calibration, overlap, expert_bytes):
-    """(expert_bytes, t_copy, ffn lookup table, calibration name, overlap) as simulate sets them."""
-    tr = work.trace
-    eb = int(expert_bytes) if expert_bytes is not None else tr.expert_bytes
-    if eb is not None and eb <= 0:
-        raise SimcacheError(f"expert_bytes must be positive, got {eb}")
-    cal = calibration if calibration is not None else default_calibration()
-    if eb is None:
-        t_copy, lut, name = 0.0, np.zeros(work.max_tokens + 1), None
-    else:
-        t_copy = cal.copy_seconds(eb)
-        lut = cal.ffn_seconds_for(np.arange(work.max_tokens + 1), eb)
-        name = cal.device
-    return eb, t_copy, lut, name, cal.overlap if overlap is None else bool(overlap)
+            layer_time[j, l, COMPUTE_S] += compute
+            layer_time[j, l, TRANSFER_S] += transfer
+            layer_time[j, l, TIME_S] += t
 
 
 def lru_results(
@@ -250,18 +236,15 @@ def lru_results(
     curve = sorted({c for c in caps if c not in out})
     if curve:
         start = time.perf_counter()
-        eb, t_copy, lut, cal_name, ov = _timing(work, calibration, overlap, expert_bytes)
+        eb, cal_name, t_copy, lut, ov = _timing(work, calibration, expert_bytes, overlap)
         d = work.demand
-        layer_time = np.zeros((len(curve), L, 2), np.float64)
+        layer_time = np.zeros((len(curve), L, len(TIMES)), np.float64)
         _group_times(d.group_ptr, d.tokens, stack.distance, L, np.asarray(curve, np.int64), lut,
                      t_copy, ov, layer_time)
         each = (time.perf_counter() - start + stack.elapsed_s) / len(curve)
         for j, c in enumerate(curve):
             per_layer = stack.counters(c)
-            loads = per_layer["fills"] + per_layer["bypasses"] + per_layer["forced_bypasses"]
-            per_layer["compute_s"] = layer_time[j, :, 0].copy()
-            per_layer["transfer_s"] = loads * t_copy
-            per_layer["time_s"] = layer_time[j, :, 1].copy()
+            per_layer.update({name: layer_time[j, :, t].copy() for t, name in enumerate(TIMES)})
             tr = work.trace
             out[c] = SimResult(
                 policy="lru", evict="lru", admit="all", capacity=c, scope=scope, batch=work.batch,
