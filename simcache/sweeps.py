@@ -216,6 +216,18 @@ def _lru_curve_cell(params: dict) -> bool:
                if not (k.workload or k.lru_free or k.name in ("policy", "evict", "admit")))
 
 
+def _check_ignored(params: dict, num_experts: int):
+    """The checks simulate makes of the knobs LRU ignores, so that a cell the curve serves
+    fails where its simulate call would."""
+    from simcache.simulator import parse_threshold
+
+    parse_threshold(params.get("threshold", 0.1), num_experts)
+    if params.get("horizon", 4) < 1:
+        raise SimcacheError(f"horizon must be >= 1, got {params['horizon']}")
+    if params.get("decay_every", 100) < 0 or not (0.0 < params.get("decay", 0.99) <= 1.0):
+        raise SimcacheError("decay must be in (0, 1] and decay_every >= 0")
+
+
 def run_cells(work: Workload, cells: Sequence[dict], *, prior=None, calibration: Calibration | None = None,
               record: bool = False, progress: Callable[[int], None] | None = None) -> list[SimResult]:
     """Run every cell (a dict of cell knobs) on one workload; LRU cells at capacities the
@@ -230,6 +242,7 @@ def run_cells(work: Workload, cells: Sequence[dict], *, prior=None, calibration:
     if not record:
         for j, params in enumerate(cells):
             if _lru_curve_cell(params):
+                _check_ignored(params, work.trace.num_experts)
                 key = (params["scope"], params["expert_bytes"], params["overlap"])
                 by_timing.setdefault(key, []).append(j)
     stacks = {}
