@@ -171,7 +171,11 @@ def main():
     zipf_n = 1_000_000 if args.quick else 10_000_000
     moe_n = 1_000_000 if args.quick else 10_000_000
     curve_n = 2_000_000 if args.quick else 100_000_000
+    import bench_simulate
     from bench_simulate import make_trace
+
+    shared = Path(os.environ.get("SIMCACHE_SHARED", ROOT.parent / "shared"))
+    bench_simulate.SEED_MATRIX = shared / "traces" / "raw" / "seed-transition-matrices" / bench_simulate.SEED_MATRIX.name
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -220,28 +220,53 @@ def demand(trace: Trace, steps: Steps) -> Demand:
 
 
 def _demand_one_token(experts, step_tokens, L, E, key_type) -> Demand:
-    n_tok = experts.shape[0]
-    if step_tokens.shape[0] == n_tok:  # every token processed, in order: no gather
-        rows = experts
+    """One token per step: a group is that token's row at that layer, ascending, ids < 0
+    dropped. Top-1 without gaps is the expert column itself plus layer offsets; otherwise
+    one numba pass sorts each row (insertion sort of k entries)."""
+    n_steps = step_tokens.shape[0]
+    k = experts.shape[2]
+    all_tokens = n_steps == experts.shape[0]
+    if k == 1 and int(experts.min(initial=0)) >= 0:
+        rows = experts if all_tokens else experts[step_tokens]
+        if L == 1 and rows.dtype == key_type:
+            keys = np.ascontiguousarray(rows.reshape(-1))
+        else:
+            offset = (np.arange(L, dtype=key_type) * E)[:, None]
+            keys = (rows.astype(key_type, copy=False) + offset).reshape(-1)
+        group_ptr = np.arange(keys.shape[0] + 1, dtype=np.int64)
     else:
-        rows = experts[step_tokens]
-    k = rows.shape[2]
-    if k > 1:
-        rows = np.sort(rows, axis=2)  # experts ascending inside a group (-1 gaps first)
-    offset = (np.arange(L, dtype=key_type) * E)[:, None]
-    if L == 1 and rows.dtype == key_type:
-        keys = rows.reshape(-1)
-    else:
-        keys = (rows.astype(key_type, copy=False) + offset).reshape(-1)
-    if int(rows[:, :, 0].min(initial=0)) >= 0:  # no gaps: every group holds k accesses
-        group_ptr = np.arange(0, keys.shape[0] + 1, k, dtype=np.int64)
-    else:
-        real = rows.reshape(-1) >= 0
-        group_ptr = np.zeros(rows.shape[0] * L + 1, np.int64)
-        np.cumsum(real.reshape(-1, k).sum(axis=1), out=group_ptr[1:])
-        keys = keys[real]
-    keys = np.ascontiguousarray(keys)
+        keys = np.empty(n_steps * L * k, key_type)
+        group_ptr = np.empty(n_steps * L + 1, np.int64)
+        n = _sort_rows(experts, step_tokens, all_tokens, E, keys, group_ptr)
+        keys = keys[:n] if n < keys.shape[0] else keys
     return Demand(group_ptr, keys, np.ones(keys.shape[0], np.int16), L, E)
+
+
+@jit
+def _sort_rows(experts, step_tokens, all_tokens, E, keys, group_ptr):
+    L = experts.shape[1]
+    k = experts.shape[2]
+    n = 0
+    group_ptr[0] = 0
+    g = 0
+    for s in range(step_tokens.shape[0]):
+        t = s if all_tokens else step_tokens[s]
+        for l in range(L):
+            lo = n
+            for r in range(k):
+                e = experts[t, l, r]
+                if e < 0:
+                    continue
+                v = l * E + e
+                b = n - 1
+                while b >= lo and keys[b] > v:
+                    keys[b + 1] = keys[b]
+                    b -= 1
+                keys[b + 1] = v
+                n += 1
+            g += 1
+            group_ptr[g] = n
+    return n
 
 
 @jit
