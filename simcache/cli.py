@@ -396,11 +396,11 @@ def sweep(traces, config, out, workers, scheduler, calibration, progress, **knob
       simcache sweep --config grid.toml --scheduler tcp://10.0.0.5:8786
     """
     from simcache.report import table
-    from simcache.sweeps import load_config
+    from simcache.sweeps import SETTINGS, load_config
     from simcache.sweeps import sweep as run_sweep
 
     conf = load_config(config) if config is not None else {}
-    grid = {k: v for k, v in conf.items() if k not in ("traces", "out", "workers", "scheduler", "calibration")}
+    grid = {k: v for k, v in conf.items() if k not in SETTINGS}
     grid.update({k: v for k, v in knobs.items() if v is not None})
     traces = list(traces) or [Path(p) for p in conf.get("traces", [])]
     out = out or (Path(conf["out"]) if "out" in conf else None)
