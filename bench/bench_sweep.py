@@ -134,9 +134,12 @@ def curve_bench(accesses, spread, layers=4):
 def sweep_bench(trace_path, cells_target):
     """1,000 cells: batch 1..20 (20 groups) x 5 policies (none of them LRU, which the one-pass
     curve would make nearly free) x capacities 1..5 x 2 scopes."""
-    import resource
-
     from distributed import Client, LocalCluster
+
+    def peak_rss_kib():  # VmHWM: this process's own peak (ru_maxrss survives exec from a big parent)
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
 
     grid = dict(policy="fifo,lfu,belady,belady-bypass,markov", capacity="1,2,3,4,5", scope="layer,global",
                 batch=",".join(str(b) for b in range(1, 21)))
@@ -153,7 +156,7 @@ def sweep_bench(trace_path, cells_target):
                 t0 = time.perf_counter()
                 frame = simcache.sweep([trace_path], scheduler=cluster.scheduler_address, **grid)
                 wall = time.perf_counter() - t0
-                rss = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+                rss = client.run(peak_rss_kib)
         finally:
             cluster.close()
         out[workers] = {"cells": len(frame), "wall_s": wall, "cells_per_s": len(frame) / wall,
@@ -167,6 +170,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--only", choices=["simulate", "curve", "sweep"], help="Run one of the three parts.")
     args = ap.parse_args()
     zipf_n = 1_000_000 if args.quick else 10_000_000
     moe_n = 1_000_000 if args.quick else 10_000_000
@@ -178,33 +182,39 @@ def main():
     bench_simulate.SEED_MATRIX = shared / "traces" / "raw" / "seed-transition-matrices" / bench_simulate.SEED_MATRIX.name
 
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        results["zipf"] = end_to_end(zipf_trace(zipf_n), 64, "layer", args.repeat, tmp, "zipf", False)
-        results["moe"] = end_to_end(make_trace(moe_n, top_k=2, seed=1), 4, "layer", args.repeat, tmp, "moe", True)
-    results["curve"] = curve_bench(curve_n, 4 if args.quick else 8)
-    results["sweep"], _ = sweep_bench(ROOT / "traces" / "trained-mixtral-8e.parquet", 100 if args.quick else 1000)
+    if args.only in (None, "simulate"):
+        with tempfile.TemporaryDirectory() as tmp:
+            results["zipf"] = end_to_end(zipf_trace(zipf_n), 64, "layer", args.repeat, tmp, "zipf", False)
+            results["moe"] = end_to_end(make_trace(moe_n, top_k=2, seed=1), 4, "layer", args.repeat, tmp, "moe", True)
+    if args.only in (None, "curve"):
+        results["curve"] = curve_bench(curve_n, 4 if args.quick else 8)
+    if args.only in (None, "sweep"):
+        results["sweep"], _ = sweep_bench(ROOT / "traces" / "trained-mixtral-8e.parquet", 100 if args.quick else 1000)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     print(f"machine: {machine}")
-    print("simulate(trace, 'lru', ...) end to end from an in-memory Trace (best of %d):" % args.repeat)
-    for name in ("zipf", "moe"):
+    if "zipf" in results:
+        print("simulate(trace, 'lru', ...) end to end from an in-memory Trace (best of %d):" % args.repeat)
+    for name in [n for n in ("zipf", "moe") if n in results]:
         r = results[name]
         print(f"  {name:5} {r['accesses']:>11,} accesses: {r['simcache_Maps']:6.1f} M/s end to end "
               f"({r['simulate_s']:.3f} s: kernel {r['kernel_s']:.3f}, schedule {r['schedule_s']:.3f}, "
               f"demand {r['demand_s']:.3f}); libCacheSim LRU {r['libcachesim_Maps']:.1f} M/s; "
               f"ratio {r['ratio']:.2f}x; hits {r['simcache_hits']:,} vs {r['libcachesim_hits']:,}; "
               f"future order (Belady only) {r['future_order_s']:.3f} s")
-    c = results["curve"]
-    print(f"one-pass LRU curve, capacities 1..{c['experts']}, {c['accesses']:,} accesses "
+    c = results.get("curve")
+    if c:
+        print(f"one-pass LRU curve, capacities 1..{c['experts']}, {c['accesses']:,} accesses "
           f"({c['layers']} layers x {c['experts']} experts, top-{c['top_k']}): {c['one_pass_s']:.2f} s "
           f"(stack pass for c >= {c['smallest_stack_capacity']}, {c['direct_capacities']} direct runs below); "
           f"separate runs {c['separate_mean_s']:.2f} s each -> {c['separate_all_s_est']:.1f} s for all; "
           f"speedup {c['speedup']:.1f}x; {c['capacity_accesses_per_s'] / 1e9:.2f} G capacity-accesses/s; "
           f"stack part alone {c['stack_only_speedup']:.1f}x")
-    s = results["sweep"]
-    for w in (1, 2):
+    s = results.get("sweep")
+    for w in (1, 2) if s else ():
         print(f"sweep of {s[w]['cells']:,} cells on {w} local worker(s): {s[w]['wall_s']:.1f} s, "
               f"{s[w]['cells_per_s']:.1f} cells/s; worker peak RSS {', '.join(f'{m:.0f}' for m in s[w]['worker_peak_rss_mib'])} MiB")
-    print(f"2 workers / 1 worker: {s['speedup_2_over_1']:.2f}x")
+    if s:
+        print(f"2 workers / 1 worker: {s['speedup_2_over_1']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, **{k: v for k, v in results.items()}}, indent=2,
                                         default=str))
