@@ -539,7 +539,13 @@ def load_config(path) -> dict:
         batch = [1, 16]
         out = "results.parquet"
     """
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise SimcacheError("TOML configs need Python >= 3.11 or the tomli package") from None
 
     path = Path(path)
     if not path.exists():
