@@ -54,19 +54,25 @@ def friendly(fn):
     return wrapper
 
 
-def _stop(signum, frame):
-    """Ctrl-C or SIGTERM: drop the temporaries of outputs not yet written, and exit now.
-    (Raising KeyboardInterrupt is not enough: inside a ctypes callback, as numba's cache loader
-    runs, it is printed, ignored, and the run goes on to write its output.)"""
-    release()
-    os.write(2, b"\nAborted!\n")
-    os._exit(128 + signum)
+def _interrupt(signum, frame):
+    """Ctrl-C and SIGTERM alike: a KeyboardInterrupt, so every command cleans up as on Ctrl-C
+    (temporaries removed; a sweep keeps the cells that finished). Inside llvmlite's ctypes
+    callbacks (numba loading its cache) an exception is printed and ignored and the run would
+    go on, so there it is raised 50 ms later instead."""
+    f = frame
+    while f is not None:
+        if f"{os.sep}llvmlite{os.sep}" in f.f_code.co_filename:
+            signal.signal(signal.SIGALRM, _interrupt)
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            return
+        f = f.f_back
+    raise KeyboardInterrupt
 
 
 def run():
     """The ``simcache`` program: :func:`main` with Ctrl-C and SIGTERM handled alike."""
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _stop)
+        signal.signal(sig, _interrupt)
     main()
 
 
