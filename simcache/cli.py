@@ -59,6 +59,8 @@ def _interrupt(signum, frame):
     (temporaries removed; a sweep keeps the cells that finished). Inside llvmlite's ctypes
     callbacks (numba loading its cache) an exception is printed and ignored and the run would
     go on, so there it is raised 50 ms later instead."""
+    if _interrupt.raised:  # once: a second interrupt would cut the clean-up of the first short
+        return
     f = frame
     while f is not None:
         if f"{os.sep}llvmlite{os.sep}" in f.f_code.co_filename:
@@ -66,7 +68,12 @@ def _interrupt(signum, frame):
             signal.setitimer(signal.ITIMER_REAL, 0.05)
             return
         f = f.f_back
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    _interrupt.raised = True
     raise KeyboardInterrupt
+
+
+_interrupt.raised = False
 
 
 def run():
