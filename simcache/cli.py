@@ -333,7 +333,8 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
     if decisions is not None:
         from simcache.decisions import write_decisions
 
-        write_decisions(work, results[0], decisions)
+        write_decisions(work, results[0], decisions, horizon=horizon, seed=seed, prior=prior_counts,
+                        prior_source=None if split is not None else prior, split=split)
         notes.append(f"decision log written to {decisions}")
     records = [r.to_dict(per_layer=per_layer) for r in results]
     for rec in records:
@@ -622,13 +623,17 @@ def probe(gpu, device, dtype, preset, hidden, ffn, out, as_json):
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
               help="Calibration for the prediction (from 'simcache probe'); default: probe now.")
 @click.option("--decisions", type=click.Path(dir_okay=False, path_type=Path),
-              help="A decision log from 'simcache simulate --decisions' to follow (checked against the trace).")
+              help="A decision log from 'simcache simulate --decisions' to follow: the run is reproduced "
+                   "from the log's settings (policy, capacity, batch, prefill, seed, split or prior, ...) "
+                   "and TRACE must be the trace it was made from.")
+@click.option("--prior", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --decisions: the log's --prior file, if it has moved (checked by content hash).")
 @click.option("--verify", is_flag=True, help="Also check outputs against an all-experts-resident run.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results (.json/.csv/.parquet).")
 @friendly
 def replay(trace, gpu, device, dtype, preset, hidden, ffn, policies, capacities, batches, scope, threshold,
-           evict, admit, layers, steps, bypass_buffers, calibration, decisions, verify, as_json, out):
+           evict, admit, layers, steps, bypass_buffers, calibration, decisions, prior, verify, as_json, out):
     """Run a policy's decisions on a GPU with real-shaped expert tensors and compare the
     measured time with the simulator's prediction.
 
@@ -645,9 +650,15 @@ def replay(trace, gpu, device, dtype, preset, hidden, ffn, policies, capacities,
 
     path = trace or DEFAULT_TRACE
     t = simcache.read_trace(path)
+    options = {}
+    if decisions is not None:
+        t, options, (policies, capacities, batches) = _logged_run(
+            decisions, t, prior, policy=policies, capacity=capacities, batch=batches, scope=scope,
+            threshold=threshold, evict=evict, admit=admit)
+        scope, threshold, evict, admit, _ = (options.pop(k) for k in ("scope", "threshold", "evict", "admit", "batch"))
+    elif prior is not None:
+        raise SimcacheError("--prior is for a --decisions log made with one")
     runs = [(p, c, b) for b in batches for p in policies for c in capacities]
-    if decisions is not None and len(runs) != 1:
-        raise SimcacheError("--decisions needs exactly one policy, capacity and batch")
     for p in policies:
         simcache.policies.resolve(p, evict, admit)
     rp = Replayer(t, resolve(preset, hidden, ffn, t.num_experts), gpu=gpu, device=device, dtype=dtype, layers=layers)
@@ -660,7 +671,8 @@ def replay(trace, gpu, device, dtype, preset, hidden, ffn, policies, capacities,
     else:
         cal = None
     results = [rp.run(p, c, scope=scope, batch=b, threshold=threshold, evict=evict, admit=admit, steps=steps,
-                      bypass_buffers=bypass_buffers, calibration=cal, decisions_file=decisions, verify=verify)
+                      bypass_buffers=bypass_buffers, calibration=cal, decisions_file=decisions, verify=verify,
+                      **options)
                for p, c, b in runs]
     records = [dict(r.to_dict(), trace=str(path)) for r in results]
     if out is not None:
@@ -680,6 +692,38 @@ def replay(trace, gpu, device, dtype, preset, hidden, ffn, policies, capacities,
                      None if r.verified is None else ("equal" if r.verified else f"DIFF {r.max_abs_diff:.3g}")])
     click.echo(table(["policy", "cap", "batch", "steps", "hits", "loads", "GB moved", "measured ms/tok",
                       "predicted ms/tok", "error", "copy GB/s", "stall ms", "host us/group", "outputs"], rows))
+
+
+def _logged_run(path, trace, prior_path, **given):
+    """(scored trace, simulate options, ([policy], [capacity], [batch])) of a decision log's run;
+    an option given on the command line must agree with the log."""
+    from simcache.decisions import read_decisions
+    from simcache.simulator import parse_threshold
+
+    log = read_decisions(path)
+    st = log.settings
+    scored, prior_counts = log.reproduce(trace, prior_path)
+    ctx = click.get_current_context()
+    logged = {"policy": [st.policy], "capacity": [st.capacity], "batch": [st.batch], "scope": st.scope,
+              "threshold": st.threshold, "evict": st.evict, "admit": st.admit}
+    dest = {"policy": "policies", "capacity": "capacities", "batch": "batches"}
+    for name, value in given.items():
+        if ctx.get_parameter_source(dest.get(name, name)) != click.core.ParameterSource.COMMANDLINE:
+            continue
+        same = value == logged[name]
+        if name == "threshold":
+            same = logged[name] is None or parse_threshold(value, trace.num_experts) == logged[name]
+        elif name == "policy" and len(value) == 1:
+            e, a = simcache.policies.resolve(value[0], given["evict"], given["admit"])
+            same = (e.name, a.name) == (st.evict, st.admit)
+        if not same:
+            shown = ",".join(map(str, value)) if isinstance(value, list) else value
+            was = logged[name][0] if isinstance(logged[name], list) else logged[name]
+            raise SimcacheError(f"--{name} {shown} differs from the decision log's {name} {was} "
+                                f"(the log's settings are replayed; drop the option)")
+    options = dict(st.simulate_options(), prior=prior_counts)
+    options.setdefault("threshold", 0.1)
+    return scored, options, ([st.policy], [st.capacity], [st.batch])
 
 
 if __name__ == "__main__":

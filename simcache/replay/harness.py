@@ -146,11 +146,12 @@ class Replayer:
             threshold: float | str = 0.1, evict: str | None = None, admit: str | None = None,
             steps: int | None = None, bypass_buffers: int = 4,
             calibration: simcache.Calibration | None = None, decisions_file=None, verify: bool = False,
-            warmup_steps: int = 2) -> ReplayResult:
+            warmup_steps: int = 2, **simulate_options) -> ReplayResult:
         """Simulate ``policy`` with the preset's expert size, then carry its decisions out and
-        measure them. See the module docstring."""
+        measure them. See the module docstring. ``simulate_options`` (``prefill``, ``prior``,
+        ``seed``, ``horizon``, ``decay``, ``decay_every``) go to :func:`simcache.simulate`."""
         return _run(self, policy, capacity, scope, batch, threshold, evict, admit, steps, bypass_buffers,
-                    calibration, decisions_file, verify, warmup_steps)
+                    calibration, decisions_file, verify, warmup_steps, simulate_options)
 
 
 def replay(trace, preset, policy="lru", capacity=2, *, gpu=None, device=None, dtype="bfloat16",
@@ -161,7 +162,7 @@ def replay(trace, preset, policy="lru", capacity=2, *, gpu=None, device=None, dt
 
 
 def _run(rp: Replayer, policy, capacity, scope, batch, threshold, evict, admit, steps, bypass_buffers,
-         calibration, decisions_file, verify, warmup_steps) -> ReplayResult:
+         calibration, decisions_file, verify, warmup_steps, simulate_options) -> ReplayResult:
     trace, preset, dev = rp.trace, rp.preset, rp.dev
     torch_dtype, dtype, replayed, eb = rp.dtype, rp.dtype_name, rp.layers, rp.expert_bytes
     L, E = trace.num_layers, trace.num_experts
@@ -169,18 +170,16 @@ def _run(rp: Replayer, policy, capacity, scope, batch, threshold, evict, admit, 
         raise SimcacheError("--bypass-buffers must be at least 1")
 
     # 1. the decisions and the prediction, from the simulator
-    work = Workload(trace, batch)
+    options = dict(simulate_options)
+    work = Workload(trace, batch, options.pop("prefill", "skip"))
     sim = simcache.simulate(work, policy, capacity, scope=scope, threshold=threshold, evict=evict,
-                            admit=admit, expert_bytes=eb, calibration=calibration, record=True)
+                            admit=admit, expert_bytes=eb, calibration=calibration, record=True, **options)
     if decisions_file is not None:
         from simcache.decisions import read_decisions
 
         log = read_decisions(decisions_file)
         log.check_trace(trace)
-        same = (log.keys.shape == work.demand.keys.shape and np.array_equal(log.outcome, sim.decisions.outcome)
-                and np.array_equal(log.slot, sim.decisions.slot) and np.array_equal(log.victim, sim.decisions.victim))
-        if not same:
-            raise SimcacheError("the decision log does not match this trace, policy, capacity and batch")
+        log.check_decisions(sim.decisions)
     d = work.demand
     n_steps = work.steps.num_steps if steps is None else min(int(steps), work.steps.num_steps)
     if n_steps <= warmup_steps:
