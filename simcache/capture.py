@@ -2,9 +2,9 @@
 
 A forward hook on every router module records, per token and MoE layer, the experts the router
 chose and the weights the model applies to them — the router's own outputs, so the trace is
-exactly what the model routed. Transformers (>= 5) gives every supported architecture a router
-module (``*Router``) beside an ``experts`` module; the registry below names them and says how
-each picks its top-k.
+exactly what the model routed. Transformers 5 (tested: 5.24) gives every supported architecture
+a router module (``*Router``) beside an ``experts`` module; the registry below names them and
+says how each picks its top-k.
 
 Two modes: teacher-forced over text (routing of token t depends only on tokens <= t, so this
 equals what decoding that text would route, and it is fast) and generation from prompts. Rows
@@ -404,7 +404,8 @@ def capture_generate(model, tokenizer, arch, prompts: list[str], out, *, name="m
     meta = _metadata(model, tap, arch, name, f"greedy generation of {new_tokens} tokens",
                      [f"{len(prompts)} prompts"])
     L, k = tap.num_layers, meta["top_k"]
-    # transformers renamed the key-value cache argument (past_key_values -> cache) in 5.x
+    # the key-value cache argument is ``cache`` in the transformers this is tested with (5.24),
+    # ``past_key_values`` in older releases
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     tokens = 0
     start = time.perf_counter()

@@ -294,7 +294,7 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
         if prior is not None:
             raise SimcacheError("use either --split or --prior, not both")
         train, t = split_requests(t, split, seed)
-        prior_counts = simcache.fit_prior(train)
+        prior_counts = simcache.transition_counts(train)
         notes.append(
             f"scored on {t.num_requests:,} test requests; Markov prior fitted on "
             f"{train.num_requests:,} train requests (split by request, seed {seed})"

@@ -249,7 +249,7 @@ def next_use(keys: np.ndarray, num_keys: int) -> np.ndarray:
 
     An access with no later access gets ``2 * n - i`` (n = number of accesses): larger than
     any real index, and larger for earlier accesses, so among residents never used again the
-    least recently used one looks farthest. :func:`is_never` tells the two apart.
+    least recently used one looks farthest; a value >= n means "never again".
 
     Examples
     --------
