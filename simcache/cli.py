@@ -310,6 +310,8 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
     for p in policies:
         simcache.policies.resolve(p, evict, admit)
     work = Workload(t, batch, prefill)
+    options = dict(scope=scope, threshold=threshold, evict=evict, admit=admit, prior=prior_counts, horizon=horizon,
+                   seed=seed, calibration=cal, overlap=False if no_overlap else None, expert_bytes=expert_bytes)
     runs = [(p, c) for p in policies for c in capacities]
     total = work.demand.num_accesses * len(runs)
     show = progress if progress is not None else (sys.stderr.isatty() and total > 20_000_000)
@@ -319,22 +321,16 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
         if bar is not None:
             bar.__enter__()
         for p, c in runs:
-            results.append(
-                simcache.simulate(
-                    work, p, c, scope=scope, threshold=threshold, evict=evict, admit=admit,
-                    prior=prior_counts, horizon=horizon, seed=seed, calibration=cal,
-                    overlap=False if no_overlap else None, expert_bytes=expert_bytes,
-                    record=decisions is not None, progress=None if bar is None else bar.update,
-                )
-            )
+            results.append(simcache.simulate(work, p, c, **options, record=decisions is not None,
+                                             progress=None if bar is None else bar.update))
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
     if decisions is not None:
         from simcache.decisions import write_decisions
 
-        write_decisions(work, results[0], decisions, horizon=horizon, seed=seed, prior=prior_counts,
-                        prior_source=None if split is not None else prior, split=split)
+        write_decisions(work, results[0], decisions, options, prior_source=None if split is not None else prior,
+                        split=split)
         notes.append(f"decision log written to {decisions}")
     records = [r.to_dict(per_layer=per_layer) for r in results]
     for rec in records:
@@ -655,7 +651,7 @@ def replay(trace, gpu, device, dtype, preset, hidden, ffn, policies, capacities,
         t, options, (policies, capacities, batches) = _logged_run(
             decisions, t, prior, policy=policies, capacity=capacities, batch=batches, scope=scope,
             threshold=threshold, evict=evict, admit=admit)
-        scope, threshold, evict, admit, _ = (options.pop(k) for k in ("scope", "threshold", "evict", "admit", "batch"))
+        scope, threshold, evict, admit = (options.pop(k) for k in ("scope", "threshold", "evict", "admit"))
     elif prior is not None:
         raise SimcacheError("--prior is for a --decisions log made with one")
     runs = [(p, c, b) for b in batches for p in policies for c in capacities]
@@ -723,7 +719,8 @@ def _logged_run(path, trace, prior_path, **given):
                                 f"(the log's settings are replayed; drop the option)")
     options = dict(st.simulate_options(), prior=prior_counts)
     options.setdefault("threshold", 0.1)
-    return scored, options, ([st.policy], [st.capacity], [st.batch])
+    runs = [options.pop("policy")], [options.pop("capacity")], [options.pop("batch")]
+    return scored, options, runs
 
 
 if __name__ == "__main__":

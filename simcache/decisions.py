@@ -12,6 +12,7 @@ log alone and refuses a trace the log was not made from (docs/design.md §6).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -68,10 +69,13 @@ class Settings:
     expert_bytes: int | None
 
     def simulate_options(self) -> dict:
-        """Keyword arguments of :func:`simcache.simulate` that reproduce the decisions (all
-        but the trace, the prior and the pricing)."""
-        out = {f: getattr(self, f) for f in ("evict", "admit", "scope", "batch", "prefill", "horizon",
-                                              "decay", "decay_every", "seed")}
+        """Keyword arguments of :func:`simcache.simulate` that reproduce the decisions, given
+        the scored trace and the prior (``simulate(trace, prior=prior, **options)``)."""
+        from simcache.policies import PRESETS
+
+        out = {f: getattr(self, f) for f in ("capacity", "evict", "admit", "scope", "batch", "prefill",
+                                              "horizon", "decay", "decay_every", "seed")}
+        out["policy"] = self.policy if self.policy in PRESETS else None  # else evict + admit say it
         if self.threshold is not None:
             out["threshold"] = self.threshold
         return out
@@ -150,19 +154,25 @@ class DecisionLog:
                                 f"{st.prefill}, seed {st.seed}, prior {st.prior_hash or 'none'})")
 
 
-def write_decisions(work, result, path, *, horizon: int = 4, decay: float = 0.99, decay_every: int = 100,
-                    seed: int = 0, prior=None, prior_source=None, split: float | None = None) -> Path:
-    """Write the decisions of ``result`` (simulated with ``record=True`` on ``work``).
+def write_decisions(work, result, path, options: dict | None = None, *, prior_source=None,
+                    split: float | None = None) -> Path:
+    """Write the decisions of ``result``, simulated with ``record=True`` on ``work``.
 
-    The keyword arguments are the ones given to :func:`simcache.simulate` (``prior`` the
-    counts; ``prior_source`` the file they were read from, ``split`` the test fraction they
-    were fitted beside), so the log holds every setting that made its decisions.
+    ``options`` are the keyword arguments that simulation was given (the same dict, so the
+    log cannot disagree with the run; what it leaves out takes :func:`simcache.simulate`'s
+    defaults). ``prior_source`` names the file the prior was read from; ``split`` the test
+    fraction it was fitted beside.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from simcache.simulator import simulate
+
     if result.decisions is None:
         raise SimcacheError("the result holds no decisions (simulate with record=True)")
+    defaults = {k: p.default for k, p in inspect.signature(simulate).parameters.items()}
+    opt = {**defaults, **(options or {})}
+    horizon, decay, decay_every, seed, prior = (opt[k] for k in ("horizon", "decay", "decay_every", "seed", "prior"))
     d = work.demand
     L, E = d.num_layers, d.num_experts
     group_of = np.repeat(np.arange(d.group_ptr.shape[0] - 1, dtype=np.int64), np.diff(d.group_ptr))

@@ -78,7 +78,8 @@ TINY_CLI = ["--device", "cpu", "--preset", "custom", "--hidden", "8", "--ffn", "
     ["--policy", "random", "--capacity", "2", "--seed", "7"],
     ["--policy", "markov", "--capacity", "2", "--prior", "PRIOR", "--horizon", "2", "--threshold", "2/E"],
     ["--policy", "markov", "--capacity", "3", "--split", "0.5", "--seed", "3", "--scope", "global"],
-], ids=["prefill-step", "seed", "prior", "split"])
+    ["--policy", "fifo", "--admit", "markov", "--capacity", "2"],
+], ids=["prefill-step", "seed", "prior", "split", "pair"])
 def test_decision_log_replays_from_its_settings(tmp_path, flags):
     """A log made with any simulate settings replays given only the trace: the replay takes the
     log's settings, and its re-simulation makes exactly the logged decisions."""
