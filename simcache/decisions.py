@@ -140,18 +140,19 @@ class DecisionLog:
 
     def check_decisions(self, decisions) -> None:
         """Raise unless ``decisions`` (a re-simulation with this log's settings) are the logged ones."""
-        same = [np.array_equal(a, b) if a.shape == b.shape else False
-                for a, b in ((self.outcome, decisions.outcome), (self.slot, decisions.slot),
-                             (self.victim, decisions.victim))]
-        if not all(same):
-            n = min(self.outcome.shape[0], decisions.outcome.shape[0])
-            diff = np.flatnonzero((self.outcome[:n] != decisions.outcome[:n]) | (self.slot[:n] != decisions.slot[:n])
-                                  | (self.victim[:n] != decisions.victim[:n]))
-            at = int(diff[0]) if diff.size else n
-            st = self.settings
-            raise SimcacheError(f"this simulation decides differently from the decision log from access {at} on "
-                                f"(the log: {st.policy}, capacity {st.capacity}, batch {st.batch}, prefill "
-                                f"{st.prefill}, seed {st.seed}, prior {st.prior_hash or 'none'})")
+        pairs = list(zip((self.outcome, self.slot, self.victim),
+                         (decisions.outcome, decisions.slot, decisions.victim)))
+        if all(a.shape == b.shape and np.array_equal(a, b) for a, b in pairs):
+            return
+        n = min(self.outcome.shape[0], decisions.outcome.shape[0])
+        differs = np.zeros(n, np.bool_)
+        for a, b in pairs:
+            differs |= a[:n] != b[:n]
+        at = int(np.argmax(differs)) if differs.any() else n
+        st = self.settings
+        raise SimcacheError(f"this simulation decides differently from the decision log from access {at} on "
+                            f"(the log: {st.policy}, capacity {st.capacity}, batch {st.batch}, prefill "
+                            f"{st.prefill}, seed {st.seed}, prior {st.prior_hash or 'none'})")
 
 
 def write_decisions(work, result, path, options: dict | None = None, *, prior_source=None,
