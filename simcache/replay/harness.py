@@ -238,11 +238,11 @@ def replay(trace, preset, policy="lru", capacity=2, *, gpu=None, device=None, dt
 
 
 def _decide(rp: Replayer, policy, capacity, scope, batch, threshold, evict, admit, calibration, decisions_file,
-            simulate_options):
+            simulate_options=None):
     """The decisions and the prediction, from the simulator, priced for the issue path: the
     fast path's groups by the calibration's grouped FFN table (where it has one), the eager
     path's expert by expert. A decision log must hold exactly these decisions."""
-    options = dict(simulate_options)
+    options = dict(simulate_options or {})
     work = Workload(rp.trace, batch, options.pop("prefill", "skip"))
     cal = calibration
     if cal is not None and rp.issue == "eager" and cal.group_ffn:
