@@ -43,6 +43,9 @@ from simcache.replay.schedule import Schedule, build_schedule, check_ring, most_
 from simcache.simulator import BYPASS, FORCED_BYPASS, HIT
 from simcache.workload import Workload
 
+# further simulate() settings a replay takes (a decision log's or a sweep cell's)
+SIMULATE_OPTIONS = ("prefill", "prior", "seed", "horizon", "decay", "decay_every")
+
 
 @dataclass
 class ReplayResult:
@@ -169,8 +172,8 @@ class Replayer:
             calibration: simcache.Calibration | None = None, decisions_file=None, verify: bool = False,
             warmup_steps: int = 2, keep_outputs: bool = False, **simulate_options) -> ReplayResult:
         """Simulate ``policy`` with the preset's expert size, then carry its decisions out and
-        measure them. See the module docstring. ``simulate_options`` (``prefill``, ``prior``,
-        ``seed``, ``horizon``, ``decay``, ``decay_every``) go to :func:`simcache.simulate`."""
+        measure them. See the module docstring. ``simulate_options`` (:data:`SIMULATE_OPTIONS`)
+        go to :func:`simcache.simulate`."""
         check_ring(bypass_buffers)
         sim, work, model = _decide(self, policy, capacity, scope, batch, threshold, evict, admit, calibration,
                                    decisions_file, simulate_options)
