@@ -515,6 +515,10 @@ def analyze(path, null_samples, seed, cut, as_json, plots):
     null = ("positions shuffled within each sequence" if a.kind == "trace"
             else "rows redrawn from the column marginals (multinomial, same row sums)")
     click.echo(f"null model: {null}, {null_samples} samples, seed {seed}; SCC cut P >= {cut}")
+    skipped = sum(rec.get("skipped_gap_pairs", 0) for rec in a.layers)
+    if skipped:
+        click.echo(f"gaps: {skipped:,} (token pair, layer) transitions skipped because a token has "
+                   f"no record at that layer")
     click.echo("")
     rows = []
     for rec in a.layers:

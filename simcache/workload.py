@@ -5,6 +5,8 @@ its tokens chose, with the number of tokens routed to each. One *access* is one 
 distinct expert). Accesses are laid out flat, step-major then layer, experts ascending inside a
 (step, layer) *group*; ``group_ptr`` delimits the groups. Keys are ``layer * E + expert``.
 
+A missing record (expert id -1: a gap or padding, trace schema 1.1) demands nothing.
+
 Future knowledge (``next_use``) is computed once here, in one backward pass, so that Belady and
 the oracle admission are a few lines each.
 """
@@ -21,6 +23,7 @@ from simcache.errors import SimcacheError
 from simcache.trace import Trace
 
 PREFILL_MODES = ("skip", "step")
+RECORDED = "recorded"  # batch=RECORDED: the engine's recorded forward passes are the steps
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,8 +77,11 @@ class Demand:
         return int(self.keys.shape[0])
 
 
-def schedule(trace: Trace, batch: int = 1, prefill: str = "skip") -> Steps:
+def schedule(trace: Trace, batch: int | str = 1, prefill: str = "skip") -> Steps:
     """Continuous batching of the trace's requests, in request-id order.
+
+    ``batch="recorded"`` uses the forward passes the engine recorded instead (see
+    :func:`schedule_recorded`).
 
     ``batch`` sequences decode together; at each step every active sequence contributes its
     next decode token; a finished sequence is replaced by the next request. With
@@ -92,6 +98,8 @@ def schedule(trace: Trace, batch: int = 1, prefill: str = "skip") -> Steps:
     >>> [s.step_tokens[s.step_ptr[i]:s.step_ptr[i + 1]].tolist() for i in range(s.num_steps)]
     [[0, 3], [1, 4], [2]]
     """
+    if isinstance(batch, str) and batch == RECORDED:
+        return schedule_recorded(trace, prefill)
     if not isinstance(batch, (int, np.integer)) or batch <= 0:
         raise SimcacheError(f"batch must be a positive integer, got {batch!r}")
     if prefill not in PREFILL_MODES:
@@ -163,6 +171,47 @@ def _schedule(starts, prompt_ends, ends, batch, include_prefill, n_tokens):
     return step_ptr[: n_steps + 1].copy(), step_tokens[:n_out].copy(), token_prev, decode
 
 
+def schedule_recorded(trace: Trace, prefill: str = "skip") -> Steps:
+    """The steps an engine actually ran: tokens grouped by the trace's ``step`` column (the
+    recorded forward pass), passes in recorded order, tokens of a pass in trace order.
+
+    With ``prefill="skip"`` prefill tokens are left out (a pass holding only prefill tokens
+    disappears); with ``"step"`` they stay where the engine ran them, beside decode tokens
+    of the same pass (SGLang's mixed chunked prefill).
+
+    Examples
+    --------
+    >>> import numpy as np, simcache
+    >>> t = simcache.Trace.from_arrays(np.zeros((4, 1), int), request=[0, 0, 1, 1],
+    ...     position=[0, 1, 0, 1], layer=[0] * 4, step=[0, 1, 0, 2], num_experts=2)
+    >>> s = schedule_recorded(t)
+    >>> [s.step_tokens[s.step_ptr[i]:s.step_ptr[i + 1]].tolist() for i in range(s.num_steps)]
+    [[0, 2], [1], [3]]
+    """
+    if prefill not in PREFILL_MODES:
+        raise SimcacheError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {prefill!r}")
+    if trace.step is None:
+        raise SimcacheError(
+            "--batch recorded needs the recorded forward passes (a 'step' column, as an SGLang "
+            "per_token dump gives); this trace has none"
+        )
+    step = trace.step[:: trace.num_layers].astype(np.int64)
+    phase = trace.token_phase()
+    keep = np.ones(step.shape[0], np.bool_) if prefill == "step" else phase == 1
+    tokens = np.flatnonzero(keep)
+    order = tokens[np.argsort(step[tokens], kind="stable")]
+    s = step[order]
+    bounds = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if order.size else np.zeros(0, np.int64)
+    step_ptr = np.r_[bounds, order.size].astype(np.int64)
+    # previous processed token of the same request: tokens are in (request, position) order
+    req = trace.token_request()
+    token_prev = np.full(step.shape[0], -1, np.int64)
+    ordered = np.sort(tokens)
+    same = req[ordered[1:]] == req[ordered[:-1]]
+    token_prev[ordered[1:][same]] = ordered[:-1][same]
+    return Steps(step_ptr, np.ascontiguousarray(order, np.int64), token_prev, int((phase[order] == 1).sum()))
+
+
 def demand(trace: Trace, steps: Steps) -> Demand:
     """The access stream of ``steps`` over ``trace`` (see module docstring)."""
     L, E = trace.num_layers, trace.num_experts
@@ -194,6 +243,8 @@ def _group_sizes(step_ptr, step_tokens, experts, E, sizes):
                 t = step_tokens[j]
                 for r in range(k):
                     e = experts[t, l, r]
+                    if e < 0:  # no record (gap) or padding: -1 only at the end of a row
+                        break
                     if seen[e] != g:
                         seen[e] = g
                         c += 1
@@ -216,6 +267,8 @@ def _fill_groups(step_ptr, step_tokens, experts, E, group_ptr, keys, tokens):
                 t = step_tokens[j]
                 for r in range(k):
                     e = experts[t, l, r]
+                    if e < 0:
+                        break
                     if seen[e] != g:
                         seen[e] = g
                         count[e] = 0
@@ -359,7 +412,7 @@ class Workload:
     of a trace). Future order and the Markov learner's inputs are computed on first need.
     """
 
-    def __init__(self, trace: Trace, batch: int = 1, prefill: str = "skip"):
+    def __init__(self, trace: Trace, batch: int | str = 1, prefill: str = "skip"):
         self.trace = trace
         self.batch = int(batch) if isinstance(batch, (int, np.integer)) else batch
         self.prefill = prefill
