@@ -100,6 +100,15 @@ def info(trace, as_json):
         f"({summary['prefill_tokens']:,} prefill, {summary['decode_tokens']:,} decode), "
         f"{summary['rows']:,} rows"
     )
+    if summary["gap_rows"] or summary["padded_rows"]:
+        rows = summary["rows"]
+        click.echo(
+            f"missing        {summary['gap_rows']:,} gap rows ({summary['gap_rows'] / rows:.2%}: no record "
+            f"for that token and layer), {summary['padded_rows']:,} padded rows (fewer than "
+            f"top-{summary['top_k']} experts)"
+        )
+    else:
+        click.echo("missing        none (every token has top-k experts at every layer)")
     eb = summary["expert_bytes"]
     click.echo(f"expert size    {'unknown' if eb is None else f'{eb:,} bytes ({eb / 2**20:.1f} MiB)'}")
     click.echo(
@@ -119,57 +128,59 @@ def info(trace, as_json):
 
 
 @main.command("import")
-@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
-    "--format", "fmt", type=click.Choice(["auto", "jsonl", "parquet", "flame"]), default="auto",
-    show_default=True, help="Input format; auto = by suffix, recognising the FLAME sample.",
+    "--format", "fmt", type=click.Choice(["auto", "jsonl", "parquet", "sglang", "routed-experts", "llama-cpp",
+                                          "flame", "flame-traces"]),
+    default="auto", show_default=True, help="Input format; auto = from the name and first bytes.",
 )
-@click.option("--request", help="Column holding the sequence id.")
+@click.option("--request", help="Column(s) holding the sequence id: a,b for a composite key.")
 @click.option("--position", help="Column holding the token index.")
 @click.option("--layer", help="Column holding the MoE layer.")
 @click.option("--experts", help="Column holding the chosen experts.")
 @click.option("--weights", help="Column holding the gate weights.")
 @click.option("--token-id", help="Column holding the token id.")
 @click.option("--domain", help="Column holding a domain label.")
+@click.option("--on-gap", type=click.Choice(["keep", "drop-token", "error"]), default="keep", show_default=True,
+              help="A token without a record at some layer: keep it as a gap row (no demand), drop "
+                   "the token, or refuse.")
 @click.option("--num-experts", type=int, help="Experts per layer (default: largest id + 1).")
+@click.option("--first-layer", type=int, help="The source's number for MoE layer 0 (default: the smallest seen).")
+@click.option("--top-k", type=int, help="routed-experts: top-k of a flat base64 payload.")
+@click.option("--hidden-layers", type=int, help="routed-experts: layers of a flat base64 payload.")
 @click.option("--model", help="Model name for the metadata.")
 @click.option("--expert-bytes", type=int, help="Bytes of one expert as served (for timing).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @friendly
-def import_(source, output, fmt, request, position, layer, experts, weights, token_id, domain,
-            num_experts, model, expert_bytes, force):
-    """Convert a foreign trace (JSONL, another tool's Parquet, the FLAME sample) to OUTPUT."""
-    from simcache.importers import import_file, import_flame
+def import_(sources, output, fmt, request, position, layer, experts, weights, token_id, domain, on_gap,
+            num_experts, first_layer, top_k, hidden_layers, model, expert_bytes, force):
+    """Convert foreign traces (SOURCES, one format) into one simcache trace OUTPUT.
+
+    \b
+    Formats: JSONL / Parquet tables (MoE-PolicyLang's recognised), SGLang per_token dumps
+    (.pt), routed_experts responses (vLLM / SGLang), llama.cpp moe-trace CSV, FLAME-MoE.
+    Example:
+      simcache import a.jsonl b.jsonl out.parquet --request dataset,problem_id \\
+          --position token_idx --layer layer --experts experts --weights gating_probs
+    """
+    from simcache.importers import import_sources
 
     if output.exists() and not force:
         raise SimcacheError(f"output file exists: {output} (use --force to replace it)")
-    if fmt == "auto":
-        fmt = "parquet" if source.suffix == ".parquet" else "jsonl"
-        if fmt == "parquet" and source.exists():
-            import pyarrow.parquet as pq
-
-            try:
-                names = set(pq.read_schema(source).names)
-            except Exception:
-                names = set()
-            if {"stream_idx", "contiguous_prefix", "scores"} <= names:
-                fmt = "flame"
-    if fmt == "flame":
-        trace = import_flame(source)
-    else:
-        options = {
-            k: v for k, v in dict(
-                request=request, position=position, layer=layer, experts=experts, weights=weights,
-                token_id=token_id, domain=domain, num_experts=num_experts, model=model,
-                expert_bytes=expert_bytes,
-            ).items() if v is not None
-        }
-        trace = import_file(source, fmt=fmt, **options)
+    options = {k: v for k, v in dict(
+        request=request, position=position, layer=layer, experts=experts, weights=weights,
+        token_id=token_id, domain=domain, top_k=top_k, layers=hidden_layers,
+    ).items() if v is not None}
+    trace, report = import_sources(list(sources), fmt=fmt, on_gap=on_gap, num_experts=num_experts,
+                                   first_layer=first_layer, model=model, expert_bytes=expert_bytes, **options)
     simcache.write_trace(trace, output, overwrite=True)
+    for line in report.lines():
+        click.echo(f"note: {line}")
     click.echo(
-        f"wrote {output}: {trace.num_requests:,} requests, {trace.num_tokens:,} tokens, "
+        f"wrote {_shown(output)}: {trace.num_requests:,} requests, {trace.num_tokens:,} tokens, "
         f"{trace.num_layers} layers x {trace.num_experts} experts, top-{trace.top_k}"
+        + (f" (schema 1.1: {int(trace.gap_rows.sum()):,} gap rows)" if trace.has_missing else "")
     )
 
 
