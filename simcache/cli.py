@@ -64,6 +64,17 @@ def _csv(kind):
     return convert
 
 
+def _batch(ctx, param, value):
+    from simcache.workload import RECORDED
+
+    if value == RECORDED:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a positive integer or '{RECORDED}', got {value!r}") from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="simcache", message="%(prog)s %(version)s")
 def main():
@@ -252,7 +263,9 @@ def synth(output, num_requests, length, layers, experts, top_k, transitions, com
               help="Slots per layer (or in the global pool), comma-separated. Default: E/4 "
                    "per layer.")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
-@click.option("--batch", type=int, default=1, show_default=True, help="Sequences decoding together.")
+@click.option("--batch", default="1", show_default=True, callback=_batch,
+              help="Sequences decoding together, or 'recorded': the engine's recorded forward passes "
+                   "(SGLang dumps) are the steps.")
 @click.option("--prefill", type=click.Choice(["skip", "step"]), default="skip", show_default=True)
 @click.option("--threshold", default="0.1", show_default=True,
               help="Markov admission tau: a number in [0, 1], or X/E for X times 1/E.")

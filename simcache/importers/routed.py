@@ -137,7 +137,7 @@ def _responses(path: Path, top_k, layers):
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        where = f"{path.name}, line {n}" if len(lines) > 1 else path.name
+        where = path.name if path.suffix == ".json" else f"{path.name}, line {n}"
         try:
             resp = json.loads(line)
         except ValueError:
@@ -188,7 +188,8 @@ def _decode(payload, where, prompt, completion, top_k, layers):
     k = top_k or per // layers
     L = layers or per // k
     if k * L != per or flat.size % per:
-        raise SimcacheError(f"{where}: {flat.size} ids do not reshape to [tokens, {L} layers, top-{k}]")
+        shown = f"{tokens} tokens (prompt + completion - 1)" if tokens else "tokens"
+        raise SimcacheError(f"{where}: {flat.size} ids do not reshape to [{shown}, layers, top-{k}]")
     return flat.reshape(-1, L, k)
 
 
