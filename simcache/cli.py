@@ -428,10 +428,18 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Default: bfloat16 on a GPU, float32 on the CPU.")
+@click.option("--device-map", type=click.Choice(["auto"]),
+              help="Spread a model too large for one GPU over all GPUs (accelerate); overrides --device.")
+@click.option("--lookahead", is_flag=True,
+              help="Also record the top-2k experts router l+1 picks for layer l's MoE input (prefetch).")
+@click.option("--resume", is_flag=True,
+              help="Keep completed row groups in OUT.partial/ and continue an interrupted capture from them.")
+@click.option("--row-group-rows", type=int, default=None,
+              help="Rows per row group (the unit --resume keeps); default 1,048,576.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @friendly
 def capture(model_name, out, texts, new_tokens, prompts, prompts_file, max_length, batch_size,
-            prompt_tokens, device, dtype, force):
+            prompt_tokens, device, dtype, device_map, lookahead, resume, row_group_rows, force):
     """Capture the routing of a Hugging Face MoE model into a trace.
 
     \b
@@ -456,7 +464,9 @@ def capture(model_name, out, texts, new_tokens, prompts, prompts_file, max_lengt
             prompt_list += [l for l in prompts_file.read_text().splitlines() if l.strip()]
         if not prompt_list:
             raise SimcacheError("--generate needs --prompt or --prompts-file")
-    model, tokenizer, arch = cap.load_model(model_name, device, dtype)
+    model, tokenizer, arch = cap.load_model(model_name, device, dtype, device_map=device_map)
+    if device_map is not None:
+        device = f"device map {device_map}: " + ", ".join(sorted({str(p.device) for p in model.parameters()}))
     show = sys.stderr.isatty()
     state = {"n": 0, "start": time.perf_counter(), "shown": 0.0}
     unit = "tokens" if docs else "prompts"
@@ -472,10 +482,12 @@ def capture(model_name, out, texts, new_tokens, prompts, prompts_file, max_lengt
     if docs:
         stats = cap.capture_text(model, tokenizer, arch, docs, out, name=model_name, max_length=max_length,
                                  batch_size=batch_size, prompt_tokens=prompt_tokens, overwrite=force,
-                                 progress=progress)
+                                 progress=progress, resume=resume, lookahead=lookahead,
+                                 group_rows=row_group_rows)
     else:
         stats = cap.capture_generate(model, tokenizer, arch, prompt_list, out, name=model_name,
-                                     new_tokens=new_tokens, overwrite=force, progress=progress)
+                                     new_tokens=new_tokens, overwrite=force, progress=progress,
+                                     resume=resume, lookahead=lookahead, group_rows=row_group_rows)
     if show:
         click.echo("", err=True)
     t = simcache.read_trace(out)
