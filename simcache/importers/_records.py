@@ -133,12 +133,14 @@ def assemble(rec: Records, *, num_experts: int | None = None, num_layers: int | 
         raise SimcacheError(f"{rec.source_of(i)}: negative position {int(rec.position[i])}")
 
     # tokens: distinct (request, position), sorted; records sorted into (token, layer)
-    order = np.lexsort((layer, rec.position, rec.request))
-    r, p, ly = rec.request[order], rec.position[order], layer[order]
+    order = _order(rec.request, rec.position, layer)
+    r, p, ly = (a if order is None else a[order] for a in (rec.request, rec.position, layer))
+    if order is None:
+        order = slice(None)
     same_token = (r[1:] == r[:-1]) & (p[1:] == p[:-1])
     twice = np.flatnonzero(same_token & (ly[1:] == ly[:-1]))
     if twice.size:
-        i = int(order[twice[0] + 1])
+        i = int(np.arange(n)[order][twice[0] + 1])
         raise SimcacheError(
             f"{rec.source_of(i)}: token (request {int(r[twice[0]])}, position {int(p[twice[0]])}) "
             f"appears twice at layer {int(ly[twice[0]]) + lo}; if two files or keys reuse ids, "
@@ -150,20 +152,24 @@ def assemble(rec: Records, *, num_experts: int | None = None, num_layers: int | 
     first = np.r_[0, np.flatnonzero(~same_token) + 1]  # first sorted record of each token
     t_req, t_pos = r[first], p[first]
 
+    complete = T * L == n  # every (token, layer) has its record: no grid to fill
+
     def grid(values, fill, dtype, width=None):
+        if complete:
+            return np.ascontiguousarray(values[order], dtype=dtype)
         shape = (T * L,) if width is None else (T * L, width)
         out = np.full(shape, fill, dtype)
         out[slot] = values[order]
         return out
 
-    full = grid(experts, NO_EXPERT, np.int64, k)
+    full = grid(experts, NO_EXPERT, np.int32, k)
     weights = None if rec.weights is None else grid(rec.weights, 0.0, np.float32, k)
 
     def per_token(values, name):
         """A per-token column (phase, token id, step) checked equal over a token's records."""
         v = values[order]
         if (same_token & (v[1:] != v[:-1])).any():
-            i = int(order[np.flatnonzero(same_token & (v[1:] != v[:-1]))[0] + 1])
+            i = int(np.arange(n)[order][np.flatnonzero(same_token & (v[1:] != v[:-1]))[0] + 1])
             raise SimcacheError(f"{rec.source_of(i)}: {name} differs between layers of one token")
         return v[first]
 
@@ -221,6 +227,18 @@ def assemble(rec: Records, *, num_experts: int | None = None, num_layers: int | 
         **meta,
     )
     return trace, report
+
+
+def _order(request, position, layer):
+    """The permutation that sorts records by (request, position, layer); None when they are
+    sorted already (engines and captures write them so: no sort of ten million rows)."""
+    r, p, l = request, position, layer
+    if r.size < 2:
+        return None
+    step = (r[1:] > r[:-1]) | ((r[1:] == r[:-1]) & ((p[1:] > p[:-1]) | ((p[1:] == p[:-1]) & (l[1:] >= l[:-1]))))
+    if step.all():
+        return None
+    return np.lexsort((l, p, r))
 
 
 def first_appearance(*columns: np.ndarray) -> tuple[np.ndarray, list[list[Any]]]:

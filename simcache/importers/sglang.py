@@ -214,7 +214,7 @@ def _array(x, where) -> np.ndarray:
         import torch
 
         if isinstance(x, torch.Tensor):
-            return x.cpu().numpy().astype(np.int64)
+            return x.cpu().numpy().astype(np.int64, copy=False)
         return np.asarray(x, np.int64)
     except (TypeError, ValueError):
         raise SimcacheError(f"{where}: topk_ids_of_layer is not an integer array") from None

@@ -218,6 +218,7 @@ def _collect(path, batches: Iterator, fields) -> dict:
     per_token = None
     n = 0
     soft_width = 0
+    labels: dict = {}  # string key values -> codes (kept small: one entry per distinct value)
     for batch in batches:
         m = batch.num_rows
         if m == 0:
@@ -242,7 +243,7 @@ def _collect(path, batches: Iterator, fields) -> dict:
             soft_width = max(soft_width, dense.shape[1])
             acc["weights"].append(np.where(exp >= 0, np.take_along_axis(
                 dense, np.clip(exp, 0, dense.shape[1] - 1), axis=1), 0.0).astype(np.float32))
-        acc["request"].append([_scalars(path, batch.column(f), f, n, keep_strings=True)
+        acc["request"].append([_scalars(path, batch.column(f), f, n, labels=labels)
                                for f in fields["request"]])
         if per_token:
             acc["layer"].append(np.tile(np.arange(layers, dtype=np.int64), m))
@@ -274,6 +275,11 @@ def _collect(path, batches: Iterator, fields) -> dict:
 
     req_fields = fields["request"]
     req = [expand([chunk[i] for chunk in acc["request"]]) for i in range(len(req_fields))]
+    if labels:  # string codes back to their values: only the distinct ones become objects
+        table = np.empty(len(labels), dtype=object)
+        for value, code in labels.items():
+            table[code] = value
+        req = [table[c - _STRING] if c.dtype == np.int64 and c.size and c.min() >= _STRING else c for c in req]
     out = {
         "n": n * rep,
         "request_fields": req_fields,
@@ -381,14 +387,21 @@ def _match_width(path, w, exp, name, n0):
     return np.where(exp >= 0, w, 0.0).astype(np.float32)
 
 
-def _scalars(path, col, name, n0, keep_strings=False):
+_STRING = 1 << 62  # string key codes live above every integer id a file could hold
+
+
+def _scalars(path, col, name, n0, labels=None):
+    """An integer column as int64; with ``labels``, a string column as codes into ``labels``
+    (shifted by _STRING), so ten million rows of a key do not become ten million objects."""
     import pyarrow as pa
 
     if col.null_count:
         i = n0 + int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0]) + 1
         raise SimcacheError(f"{path}, record {i}: '{name}' is null")
-    if keep_strings and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-        return np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
+    if labels is not None and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        enc = col.dictionary_encode()
+        local = np.array([labels.setdefault(v, len(labels)) for v in enc.dictionary.to_pylist()], np.int64)
+        return local[enc.indices.to_numpy(zero_copy_only=False)] + _STRING
     if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
         raise SimcacheError(f"{path}: column '{name}' must hold integers, got {col.type}")
     a = col.to_numpy(zero_copy_only=False)
