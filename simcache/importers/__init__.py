@@ -109,7 +109,7 @@ def import_sources(paths, *, fmt: str = "auto", on_gap: str = "keep", num_expert
     --------
     >>> import json, os, tempfile
     >>> d = tempfile.mkdtemp(); p = os.path.join(d, "t.jsonl")
-    >>> rows = [{"seq": s, "layer": l, "experts": [s, 1 + l]} for s in (5, 5, 9) for l in (0, 1)]
+    >>> rows = [{"seq": s, "layer": l, "experts": [s % 3, 3]} for s in (5, 5, 9) for l in (0, 1)]
     >>> _ = open(p, "w").write("\\n".join(json.dumps(r) for r in rows))
     >>> t, report = import_sources([p], request="seq", num_experts=4)
     >>> t.num_requests, t.num_tokens, t.metadata["request_keys"]["values"]
