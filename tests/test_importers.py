@@ -204,6 +204,8 @@ def test_moe_policylang_files_from_its_own_writer(tmp_path, suffix):
         ('{"experts": [0, 9], "layer": 0}\n', "expert id 9 is outside"),
         ('{"experts": [0, 1], "layer": 0, "position": null}\n', "record 1: 'position' is null"),
         ('{"experts": [0, 1], "layer": 0, "phase": "warmup"}\n', "phase 'warmup'"),
+        ('{"experts": [0, 99999999999], "layer": 0}\n', "holds 1e\\+11, not an expert id"),
+        ('{"experts": ["a", "b"], "layer": 0}\n', "'experts' does not hold numbers"),
     ],
 )
 def test_jsonl_errors(tmp_path, text, message):

@@ -106,12 +106,12 @@ def read_dumps(paths: list[Path], rank: int | None = None) -> Records:
         parts["experts"].append(logical.transpose(1, 0, 2).reshape(T * L, -1))
         for key, v in (("request", req), ("position", positions), ("phase", phase),
                        ("token", input_ids), ("step", np.full(T, step))):
-            parts[key].append(np.repeat(v, L))
+            parts[key].append(np.repeat(v.astype(np.int32), L))
     if not parts["experts"]:
         raise SimcacheError(f"{paths[0]}: the dump holds no tokens")
     experts = np.concatenate(parts["experts"])
     L = n_layers
-    layer = np.tile(np.arange(L), experts.shape[0] // L)
+    layer = np.tile(np.arange(L, dtype=np.int32), experts.shape[0] // L)
     used = np.zeros(L, np.bool_)
     used[np.unique(layer[experts[:, 0] != NO_EXPERT])] = True
     meta = {"sglang_rank": use, "capture": "SGLang expert-distribution recorder, per_token mode",
@@ -127,7 +127,7 @@ def read_dumps(paths: list[Path], rank: int | None = None) -> Records:
     width = int((experts != NO_EXPERT).sum(axis=1).max())
     return Records(
         request=np.concatenate(parts["request"]), position=np.concatenate(parts["position"]),
-        layer=layer.astype(np.int64), experts=np.ascontiguousarray(experts[:, :max(width, 1)]),
+        layer=layer, experts=np.ascontiguousarray(experts[:, :max(width, 1)]),
         phase=np.concatenate(parts["phase"]).astype(np.int8), token_id=np.concatenate(parts["token"]),
         step=np.concatenate(parts["step"]), where=[(paths[0].name, 0)],
         metadata={**meta, "num_experts": int(phys_map.max()) + 1, "first_layer": 0,
@@ -214,8 +214,8 @@ def _array(x, where) -> np.ndarray:
         import torch
 
         if isinstance(x, torch.Tensor):
-            return x.cpu().numpy().astype(np.int64, copy=False)
-        return np.asarray(x, np.int64)
+            return x.cpu().numpy().astype(np.int32, copy=False)  # ids fit; half of int64's memory
+        return np.asarray(x, np.int32)
     except (TypeError, ValueError):
         raise SimcacheError(f"{where}: topk_ids_of_layer is not an integer array") from None
 

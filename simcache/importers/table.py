@@ -330,10 +330,12 @@ def _ragged(path, col, n0, name, dtype, fill):
     values = pc.list_flatten(col)
     if values.null_count:
         raise SimcacheError(f"{path}: column '{name}' has null entries inside its lists")
-    try:
-        flat = values.to_numpy(zero_copy_only=False).astype(dtype)
-    except (TypeError, ValueError, pa.ArrowInvalid):
-        raise SimcacheError(f"{path}: column '{name}' does not hold numbers") from None
+    flat = values.to_numpy(zero_copy_only=False)
+    if not np.issubdtype(flat.dtype, np.number):
+        raise SimcacheError(f"{path}: column '{name}' does not hold numbers")
+    if np.issubdtype(dtype, np.integer) and flat.size and np.abs(flat).max() > np.iinfo(dtype).max:
+        raise SimcacheError(f"{path}: column '{name}' holds {np.abs(flat).max():g}, not an expert id")
+    flat = flat.astype(dtype)
     rows = lengths.shape[0]
     k = int(lengths.max()) if rows else 0
     if rows and (lengths == k).all():
@@ -349,7 +351,7 @@ def _ids(path, col, per_token, n0):
     import pyarrow.compute as pc
 
     if not per_token:
-        exp, _ = _ragged(path, col, n0, "experts", np.int64, NO_EXPERT)
+        exp, _ = _ragged(path, col, n0, "experts", np.int32, NO_EXPERT)
         _integral(path, col, "experts")
         return exp, 1
     layers = pc.list_value_length(col).to_numpy(zero_copy_only=False)
@@ -357,7 +359,7 @@ def _ids(path, col, per_token, n0):
         i = n0 + int(np.flatnonzero(layers != layers[0])[0]) + 1
         raise SimcacheError(f"{path}, record {i}: per-token lists have {int(layers[i - n0 - 1])} layers, "
                             f"the first record has {int(layers[0])}")
-    exp, _ = _ragged(path, pc.list_flatten(col), n0, "experts", np.int64, NO_EXPERT)
+    exp, _ = _ragged(path, pc.list_flatten(col), n0, "experts", np.int32, NO_EXPERT)
     return exp, int(layers[0]) if layers.size else 0
 
 
