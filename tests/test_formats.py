@@ -267,6 +267,7 @@ def test_llama_cpp_csv_roundtrip(tmp_path):
     t, info, out = roundtrip([a, b], tmp_path, "--num-experts", "16")
     assert (info["num_layers"], info["num_experts"], info["top_k"]) == (3, 16, 2)
     assert (info["requests"], info["tokens"], info["prefill_tokens"]) == (2, 7 + 4, 3 + 2)
+    assert (info["gap_rows"], info["padded_rows"]) == (0, 0)
     assert "source layer 1 is MoE layer 0" in out
     E = t.token_experts()
     for (i, blk), ids in ea.items():
@@ -316,6 +317,7 @@ def test_flame_traces_folder_roundtrip(tmp_path):
     t, info, out = roundtrip([root], tmp_path, "--num-experts", "64")
     assert (info["num_layers"], info["num_experts"], info["top_k"], info["requests"], info["tokens"]) == (3, 64, 6, 2, 9)
     assert info["metadata"]["flame_iteration"] == 5473 and "source layer 2 is MoE layer 0" in out
+    assert (info["gap_rows"], info["padded_rows"]) == (0, 0)
     for l in (2, 3, 4):
         np.testing.assert_array_equal(t.token_experts()[:, l - 2], expected[(5473, l)])
 
@@ -327,3 +329,48 @@ def test_flame_traces_row_count_mismatch(tmp_path):
                    root / "actives" / "iter_0007" / "layer_03.parquet")
     with pytest.raises(simcache.SimcacheError, match=r"layer_03.parquet has 1 rows but the samples hold 9 tokens"):
         import_sources([root])
+
+
+def test_llama_cpp_missing_line_is_a_gap(tmp_path):
+    src = tmp_path / "run.csv"
+    llama_csv(src, prompt=2, gen=2, blocks=(0, 1))
+    lines = src.read_text().splitlines()
+    src.write_text("\n".join(lines[:4] + lines[5:]) + "\n")  # token 1 loses its record at block 1
+    t, info, _ = roundtrip([src], tmp_path, "--num-experts", "16")
+    assert (info["tokens"], info["gap_rows"]) == (4, 1) and t.gap_rows.reshape(4, 2)[1, 1]
+
+
+def _bad_llama(d):
+    p = d / "bad.csv"
+    p.write_text("pos,layer,id_1,id_2\n-1,0,1,2\n0,0,3\n")
+    return p, "bad.csv, line 3"
+
+
+def _bad_routed(d):
+    r, _ = routed_response("a", 3, 2, 0)
+    r["meta_info"]["routed_experts"] = "@@"
+    p = d / "resp.jsonl"
+    p.write_text(json.dumps(r) + "\n")
+    return p, "resp.jsonl, line 1"
+
+
+def _bad_flame(d):
+    root = d / "flame"
+    flame_folder(root, iters=(1,))
+    pq.write_table(pa.table({"scores": [[0.5] * 6], "indices": [[0, 1, 2, 3, 4, 5]]}),
+                   root / "actives" / "iter_0001" / "layer_02.parquet")
+    return root, "layer_02.parquet"
+
+
+def _bad_sglang_ids(d):
+    return _bad_sglang(d, lambda data: data["records"][0]["topk_ids_of_layer"].__setitem__((2, 1, 0), 99)), "bad.pt, record 0"
+
+
+@pytest.mark.parametrize("make", [_bad_llama, _bad_routed, _bad_flame, _bad_sglang_ids])
+def test_malformed_input_one_line_error_and_no_output(make, tmp_path):
+    src, where = make(tmp_path)
+    out = tmp_path / "out.parquet"
+    res = run("import", src, out, "--format", detect_format(src), *(["--top-k", "2"] if "resp" in str(src) else []))
+    assert res.exit_code == 1 and res.output.startswith("Error: ") and res.output.count("\n") == 1, res.output
+    assert where in res.output
+    assert not out.exists() and not list(tmp_path.glob(".out.parquet*"))
