@@ -155,3 +155,67 @@ def test_gappy_demand_is_full_demand_without_the_missing_records():
             got = (gappy.keys[gappy.group_ptr[gi]:gappy.group_ptr[gi + 1]] - l * 6).tolist()
             assert got == want
     assert gappy.num_accesses < full.num_accesses
+
+
+from collections import Counter  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from . import naive  # noqa: E402
+from .strategies import traces  # noqa: E402
+
+
+@st.composite
+def gappy_traces(draw):
+    """A small trace where some rows lost their record and some keep only their first ids."""
+    t = draw(traces())
+    experts = t.experts.astype(np.int64)
+    for i in range(t.num_rows):
+        keep = draw(st.integers(0, t.top_k)) if draw(st.booleans()) else t.top_k
+        experts[i, keep:] = -1
+    return simcache.Trace.from_arrays(experts, t.request, t.position, t.layer, phase=t.phase,
+                                      num_experts=t.num_experts)
+
+
+@settings(max_examples=60, deadline=None)
+@given(gappy_traces(), st.integers(1, 4), st.sampled_from(["skip", "step"]))
+def test_demand_skips_missing_records_for_any_batch(trace, batch, prefill):
+    """Whole demand stream against a plain reference (tests/naive.py's schedule; ids < 0 demand
+    nothing), for the workload builder and any rewrite of it."""
+    steps = naive.schedule(trace, batch, prefill)
+    L, E, k = trace.num_layers, trace.num_experts, trace.top_k
+    ex = trace.experts.reshape(-1, L, k)
+    keys, tokens, sizes = [], [], []
+    for step in steps:
+        for l in range(L):
+            c = Counter(e for t, _ in step for e in ex[t, l].tolist() if e >= 0)
+            keys += [l * E + e for e in sorted(c)]
+            tokens += [c[e] for e in sorted(c)]
+            sizes.append(len(c))
+    if not keys:
+        return  # nothing to simulate (the Workload refuses it)
+    d = Workload(trace, batch, prefill).demand
+    np.testing.assert_array_equal(np.diff(d.group_ptr), sizes)
+    np.testing.assert_array_equal(d.keys, keys)
+    np.testing.assert_array_equal(d.tokens, tokens)
+
+
+def test_analyze_and_info_commands_report_gaps(tmp_path):
+    from click.testing import CliRunner
+
+    from simcache.cli import main
+
+    t = simcache.synth(3, 12, num_layers=2, num_experts=6, top_k=2, seed=2)
+    experts = t.experts.copy()
+    experts[5] = -1  # a gap
+    experts[8, 1] = -1  # a padded row
+    g = simcache.Trace.from_arrays(experts, t.request, t.position, t.layer, num_experts=6)
+    path = tmp_path / "g.parquet"
+    simcache.write_trace(g, path)
+    skipped = sum(r["skipped_gap_pairs"] for r in analyze(g, null_samples=0).layers)
+    assert skipped == 2  # the gap row's token pairs with its neighbours at that layer
+    res = CliRunner().invoke(main, ["analyze", str(path), "--null", "2"])
+    assert res.exit_code == 0 and f"gaps: {skipped:,} (token pair, layer) transitions skipped" in res.output
+    res = CliRunner().invoke(main, ["info", str(path)])
+    assert "1 gap rows" in res.output and "1 padded rows" in res.output
