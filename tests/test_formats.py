@@ -374,3 +374,30 @@ def test_malformed_input_one_line_error_and_no_output(make, tmp_path):
     assert res.exit_code == 1 and res.output.startswith("Error: ") and res.output.count("\n") == 1, res.output
     assert where in res.output
     assert not out.exists() and not list(tmp_path.glob(".out.parquet*"))
+
+
+def test_sglang_several_dumps_each_with_its_map_and_one_rank(tmp_path):
+    """Two consecutive dumps (the recorder resets after each) continue the same requests; each
+    maps its ids with its own last_physical_to_logical_map; rank 1's copy is left out."""
+    first, second = tmp_path / "d_1.0_0.pt", tmp_path / "d_2.0_0.pt"
+    e1, _ = sglang_dump(first, passes=SG_PASSES[:3], seed=1)
+    e2, _ = sglang_dump(second, passes=SG_PASSES[3:], seed=2)
+    data = torch.load(second, weights_only=True)
+    for r in data["records"]:
+        r["forward_pass_id"] += 3
+    data["last_physical_to_logical_map"][:, 8] = 6  # rebalanced: physical 8 now holds logical 6
+    for r in data["records"]:
+        ids = r["topk_ids_of_layer"]
+        ids[ids == 8] = 2  # the old replica of logical 2 is gone: use the primary
+        ids[ids == 6] = 8  # logical 6 is served by physical 8 now
+    assert any((r["topk_ids_of_layer"][1] == 8).any() for r in data["records"])  # the new map matters
+    torch.save(data, second)
+    other_rank = tmp_path / "d_1.0_1.pt"
+    sglang_dump(other_rank, passes=SG_PASSES[:3], seed=1, rank=1)
+    t, _ = import_sources([first, second, other_rank])
+    assert t.num_requests == 2 and t.num_tokens == 11 and t.metadata["sglang_rank"] == 0
+    E = t.token_experts()
+    for i, (r, p) in enumerate(zip(t.token_request(), t.token_position())):
+        key = ("AB"[r], int(p))
+        want = e1.get((key, 0)) or e2[(key, 0)]
+        assert E[i, 0].tolist() == want

@@ -16,8 +16,9 @@ Source: sgl-project/sglang, ``python/sglang/srt/eplb/expert_distribution.py``
 ``topk_ids_of_layer`` is reset to -1 before each pass and the router's top-k ids are written
 into its first k columns, so -1 pads rows (8 = DeepSeek-V3's top-k, hard-coded there). The ids
 are *physical* experts (expert-parallel replicas); ``last_physical_to_logical_map`` maps them
-to logical experts, and we apply it (the source notes the map may change while recording:
-the last one is the one dumped). ``forward_mode`` is the ``ForwardMode`` enum of
+to logical experts, and we apply each dump's map to that dump's records (the source notes the
+map may change while recording, EPLB rebalancing: the last one is the one dumped, so records
+older than a rebalance inside one dump may be mapped with a newer map; the dump cannot tell). ``forward_mode`` is the ``ForwardMode`` enum of
 ``python/sglang/srt/model_executor/forward_batch_info.py``: EXTEND = 1, DECODE = 2, MIXED = 3,
 IDLE = 4; speculative-decoding modes are refused.
 
@@ -51,12 +52,12 @@ RECORD_KEYS = ("input_ids", "positions", "forward_mode", "topk_ids_of_layer")
 def read_dumps(paths: list[Path], rank: int | None = None) -> Records:
     """Records of one or more dump files (the records of one rank: ``rank``, default the
     lowest present; under tensor parallelism every rank records the same tokens)."""
-    records, maps = [], []
+    records, maps = [], {}
     for path in paths:
         data = _load(path)
         for i, r in enumerate(data["records"]):
             records.append((path, i, r))
-        maps.append((path, data["last_physical_to_logical_map"]))
+        maps[path] = _physical_map(path, data["last_physical_to_logical_map"])
     ranks = sorted({int(r.get("rank", 0)) for _, _, r in records})
     if not ranks:
         raise SimcacheError(f"{paths[0]}: the dump holds no records (was recording started?)")
@@ -65,7 +66,6 @@ def read_dumps(paths: list[Path], rank: int | None = None) -> Records:
         raise SimcacheError(f"no records of rank {use} (ranks present: {', '.join(map(str, ranks))})")
     records = [x for x in records if int(x[2].get("rank", 0)) == use]
     records.sort(key=lambda x: int(x[2].get("forward_pass_id", 0)))
-    phys_map = _physical_map(maps)
     rebuild = _Requests()
     parts = {k: [] for k in ("request", "position", "phase", "token", "step", "experts")}
     n_layers = None
@@ -102,7 +102,7 @@ def read_dumps(paths: list[Path], rank: int | None = None) -> Records:
         else:
             raise SimcacheError(f"{where}: forward mode {mode} (speculative decoding or other) is "
                                 f"not supported; record without it")
-        logical = _logical(ids, phys_map, where)  # [L, T, k]
+        logical = _logical(ids, maps[path], where)  # [L, T, k]: this dump's own map
         parts["experts"].append(logical.transpose(1, 0, 2).reshape(T * L, -1))
         for key, v in (("request", req), ("position", positions), ("phase", phase),
                        ("token", input_ids), ("step", np.full(T, step))):
@@ -130,7 +130,7 @@ def read_dumps(paths: list[Path], rank: int | None = None) -> Records:
         layer=layer, experts=np.ascontiguousarray(experts[:, :max(width, 1)]),
         phase=np.concatenate(parts["phase"]).astype(np.int8), token_id=np.concatenate(parts["token"]),
         step=np.concatenate(parts["step"]), where=[(paths[0].name, 0)],
-        metadata={**meta, "num_experts": int(phys_map.max()) + 1, "first_layer": 0,
+        metadata={**meta, "num_experts": max(int(m.max()) for m in maps.values()) + 1, "first_layer": 0,
                   "num_layers": int(used.sum())},
     )
 
@@ -220,18 +220,12 @@ def _array(x, where) -> np.ndarray:
         raise SimcacheError(f"{where}: topk_ids_of_layer is not an integer array") from None
 
 
-def _physical_map(maps) -> np.ndarray:
-    first = None
-    for path, m in maps:
-        a = _array(m, f"{path}: last_physical_to_logical_map")
-        if a.ndim != 2:
-            raise SimcacheError(f"{path}: last_physical_to_logical_map must be [layers, physical "
-                                f"experts], got shape {a.shape}")
-        if first is not None and not np.array_equal(a, first):
-            raise SimcacheError(f"{path}: last_physical_to_logical_map differs from the one in "
-                                f"{maps[0][0]}; import dumps of one recording together")
-        first = a
-    return first
+def _physical_map(path, m) -> np.ndarray:
+    a = _array(m, f"{path}: last_physical_to_logical_map")
+    if a.ndim != 2:
+        raise SimcacheError(f"{path}: last_physical_to_logical_map must be [layers, physical "
+                            f"experts], got shape {a.shape}")
+    return a
 
 
 def _logical(ids: np.ndarray, phys_map: np.ndarray, where: str) -> np.ndarray:
