@@ -178,6 +178,8 @@ def import_sources(paths, *, fmt: str = "auto", on_gap: str = "keep", num_expert
         num_experts = num_experts or rec.metadata.pop("num_experts", None)
     num_experts = num_experts or rec.metadata.pop("num_experts", None)
     num_layers = num_layers or rec.metadata.pop("num_layers", None)
+    if "capture" in rec.metadata:  # the reader's own description of how the data was made
+        meta["capture"] = f"{rec.metadata.pop('capture')}; imported from " + ", ".join(p.name for p in paths)
     first_layer = first_layer if first_layer is not None else rec.metadata.pop("first_layer", None)
     return assemble(rec, num_experts=num_experts, num_layers=num_layers, on_gap=on_gap,
                     first_layer=first_layer, **meta)
