@@ -401,3 +401,15 @@ def test_sglang_several_dumps_each_with_its_map_and_one_rank(tmp_path):
         key = ("AB"[r], int(p))
         want = e1.get((key, 0)) or e2[(key, 0)]
         assert E[i, 0].tolist() == want
+
+
+def test_recorded_schedule_pairs_consecutive_tokens_of_a_request(tmp_path):
+    """The Markov learner's input under --batch recorded: each processed token's previous
+    processed token of the same request, as the batch schedules give it."""
+    src = tmp_path / "d.pt"
+    sglang_dump(src)
+    t, _ = import_sources([src])
+    for prefill in ("skip", "step"):
+        rec, b1 = Workload(t, "recorded", prefill).steps, Workload(t, 1, prefill).steps
+        np.testing.assert_array_equal(rec.token_prev, b1.token_prev)
+        assert sorted(rec.step_tokens.tolist()) == sorted(b1.step_tokens.tolist())
