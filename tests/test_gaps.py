@@ -219,3 +219,23 @@ def test_analyze_and_info_commands_report_gaps(tmp_path):
     assert res.exit_code == 0 and f"gaps: {skipped:,} (token pair, layer) transitions skipped" in res.output
     res = CliRunner().invoke(main, ["info", str(path)])
     assert "1 gap rows" in res.output and "1 padded rows" in res.output
+
+
+@pytest.mark.parametrize("evict,admit", [("lru", "markov"), ("markov", "markov-h"), ("belady", "oracle")])
+def test_learners_and_twins_on_a_gappy_trace(evict, admit):
+    """Gap rows demand nothing and teach the Markov learner nothing (a pair across a gap is not
+    a transition): the kernel equals its twin access by access on a trace with gaps."""
+    from . import naive
+    from .conftest import random_trace
+    from .test_twins import compare
+
+    t = random_trace(5, layers=2, experts=6, top_k=2, requests=4, length=(8, 14))
+    ex = t.experts.copy()
+    rng = np.random.default_rng(0)
+    gone = rng.random(ex.shape[0]) < 0.15
+    ex[gone] = -1
+    g = simcache.Trace.from_arrays(ex, request=t.request, position=t.position, layer=t.layer,
+                                   phase=t.phase, num_experts=t.num_experts, expert_bytes=1 << 20)
+    assert (g.experts == -1).all(axis=1).sum() == gone.sum()
+    r = compare(g, evict, admit, 2, batch=2, decay_every=3, decay=0.9, tau=0.2)
+    assert r.accesses == sum(len(a) for _, _, a in naive.accesses(g, naive.schedule(g, 2)))
