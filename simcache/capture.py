@@ -1,4 +1,4 @@
-"""Capture routing traces from Hugging Face MoE models (DESIGN §7).
+"""Capture routing traces from Hugging Face MoE models (docs/design.md §7).
 
 A forward hook on every router module records, per token and MoE layer, the experts the router
 chose and the weights the model applies to them — the router's own outputs, so the trace is
@@ -16,7 +16,7 @@ group, and the joined result equals an uninterrupted capture.
 
 ``lookahead=True`` records, per token and MoE layer l < L-1, the top-2k experts and scores that
 router l+1 gives when applied to layer l's MoE input (the tensor router l was given), the
-input a prefetcher has in hand one layer early (DESIGN §12).
+input a prefetcher has in hand one layer early (docs/design.md §12).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sweeps: every cell of a grid of traces x workloads x policies x capacities x knobs (DESIGN §13).
+"""Sweeps: every cell of a grid of traces x workloads x policies x capacities x knobs (docs/design.md §13).
 
 A *cell* is one :func:`simcache.simulate` call. The grid's parameters are declared once, in
 :data:`KNOBS` (one :class:`Knob` per keyword argument of ``simulate``, plus the workload's);

@@ -1,4 +1,4 @@
-"""Replay a policy's decisions on a real GPU with real-shaped expert tensors (DESIGN §6, §15).
+"""Replay a policy's decisions on a real GPU with real-shaped expert tensors (docs/design.md §6, §15).
 
 The simulator decides (hit / fill into slot s evicting v / bypass, for every access); the
 replay carries the decisions out and measures them, in three steps:
