@@ -1,10 +1,15 @@
-"""Routing traces: the Parquet format (schema version 1) and its in-memory form.
+"""Routing traces: the Parquet format (schema version 1 and 1.1) and its in-memory form.
 
 A trace holds one row per (request, position, MoE layer): the experts the router chose for
 that token at that layer, highest gate first, and the gate weights the model applied. File
 metadata (JSON under the key ``simcache``) names the model and its shape. Reading yields a
 :class:`Trace`, a frozen dataclass of contiguous numpy columns; the simulator, analysis and
 replay all start from it.
+
+Version 1.1 (docs/design.md §14) adds *missing records*: an expert id of -1 is "no expert here". A row
+whose experts are all -1 is a **gap** (the profiler lost this token at this layer); -1 after
+the real ids is **padding** (this token chose fewer than ``top_k`` experts). A file is written
+as 1.1 only when it holds a -1; version 1 files read as before.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from simcache._files import check_input, claim
 from simcache.errors import SimcacheError
 
 SCHEMA_VERSION = 1
+SCHEMA_VERSION_GAPS = 1.1  # -1 = no record (gaps, padding); written only when a -1 is present
+READABLE_VERSIONS = (SCHEMA_VERSION, SCHEMA_VERSION_GAPS)
+NO_EXPERT = -1
 METADATA_KEY = b"simcache"
 ROW_GROUP_ROWS = 1 << 20
 INT16_MAX = int(np.iinfo(np.int16).max)
@@ -36,8 +44,9 @@ class Column:
     """One trace column: its type in memory and in the file, and the values it may hold.
 
     ``kind`` is ``"int"``, ``"float"`` or ``"label"`` (strings, stored as a dictionary with
-    int16 codes; -1 in memory = no label). ``per_expert`` columns hold ``top_k`` values per
-    row (an Arrow ``fixed_size_list``). Valid values lie in ``[lo, hi]``, where ``hi`` may
+    int16 codes; -1 in memory = no label). ``per_expert`` columns hold a list per row (an
+    Arrow ``fixed_size_list``) of ``width`` values: ``"top_k"``, or ``"lookahead"`` (the
+    look-ahead columns' own width, 2 x top_k as capture writes them). Valid values lie in ``[lo, hi]``, where ``hi`` may
     instead name a limit (``num_layers``, ``num_experts``, ``domains``) that values stay below.
     """
 
@@ -49,14 +58,15 @@ class Column:
     kind: str = "int"
     per_expert: bool = False
     what: str = ""
+    width: str = "top_k"
 
-    def arrow_type(self, top_k: int):
+    def arrow_type(self, widths: dict):
         import pyarrow as pa
 
         if self.kind == "label":
             return pa.dictionary(pa.int16(), pa.string())
         value = pa.from_numpy_dtype(np.dtype(self.dtype))
-        return pa.list_(value, top_k) if self.per_expert else value
+        return pa.list_(value, widths[self.width]) if self.per_expert else value
 
     def bounds(self, limits: dict) -> tuple[int | None, int | None]:
         """Inclusive (lo, hi) under ``limits`` (the metadata plus ``domains``)."""
@@ -69,7 +79,7 @@ class Column:
         """Raise :class:`SimcacheError` unless every value is valid. Works on any integer width,
         so a reader checks before narrowing to ``dtype`` (a narrowed 65536 + l reads as l)."""
         if self.name == "experts":
-            check_expert_ids(values, int(limits["num_experts"]))
+            check_expert_ids(values, int(limits["num_experts"]), limits.get("missing_ok", True))
             return
         if not values.size:
             return
@@ -97,6 +107,10 @@ COLUMNS = (
     Column("weights", "float32", False, kind="float", per_expert=True),
     Column("token_id", "int32", False, 0, INT32_MAX, what="token id"),
     Column("domain", "int16", False, -1, "domains", kind="label"),
+    Column("step", "int32", False, 0, INT32_MAX, what="recorded forward pass"),
+    Column("lookahead", "int16", False, -1, "num_experts", per_expert=True, width="lookahead",
+           what="router l+1's choice on layer l's input; -1 = none"),
+    Column("lookahead_scores", "float32", False, kind="float", per_expert=True, width="lookahead"),
 )
 COLUMN = {c.name: c for c in COLUMNS}
 
@@ -145,13 +159,14 @@ def check_metadata(meta) -> dict[str, Any]:
     return out
 
 
-def check_expert_ids(experts: np.ndarray, num_experts: int) -> None:
-    """Every expert id in [0, num_experts): the one place that decides which ids are valid."""
+def check_expert_ids(experts: np.ndarray, num_experts: int, missing_ok: bool = True) -> None:
+    """Every expert id in [0, num_experts), or -1 (no record, padding: schema 1.1) when
+    ``missing_ok``: the one place that decides which ids are valid."""
     if experts.size and not np.issubdtype(experts.dtype, np.integer):
         raise SimcacheError("experts must hold integer ids")
     if experts.size:
         lo, hi = int(experts.min()), int(experts.max())
-        if lo < 0 or hi >= num_experts:
+        if lo < (NO_EXPERT if missing_ok else 0) or hi >= num_experts:
             bad = hi if hi >= num_experts else lo
             raise SimcacheError(f"expert id {bad} is outside [0, {num_experts}) (num_experts={num_experts})")
 
@@ -180,8 +195,17 @@ class Trace:
     domain : int16 array, shape (rows,), or None
         Codes into ``domains`` (-1 = no label).
     domains : tuple of str
+    step : int32 array, shape (rows,), or None
+        The engine forward pass that computed the token (SGLang dumps), same for all its
+        layers; ``Workload(trace, batch="recorded")`` replays these passes as the steps.
+    lookahead : int16 array, shape (rows, 2 * top_k), or None
+        Experts that router l+1 picks for layer l's MoE input, highest score first (-1 at
+        the last layer); ``lookahead_scores`` holds their scores (docs/design.md §12).
     metadata : dict
-        At least ``num_layers``, ``num_experts``, ``top_k``; see DESIGN §2.
+        At least ``num_layers``, ``num_experts``, ``top_k``; see docs/design.md §2.
+
+    An expert id of -1 means no expert (schema 1.1): a row of all -1 is a gap, -1 after real
+    ids is padding; see :attr:`gap_rows` and :attr:`padded_rows`.
     """
 
     request: np.ndarray
@@ -194,6 +218,9 @@ class Trace:
     domain: np.ndarray | None = None
     domains: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
+    step: np.ndarray | None = None
+    lookahead: np.ndarray | None = None
+    lookahead_scores: np.ndarray | None = None
 
     # ---- construction -------------------------------------------------------------------
 
@@ -210,6 +237,7 @@ class Trace:
         weights=None,
         token_id=None,
         domain=None,
+        step=None,
         **metadata,
     ) -> "Trace":
         """Build and validate a trace from plain arrays.
@@ -226,6 +254,8 @@ class Trace:
         weights : float array, shape (rows, k), optional
         token_id : int array, optional
         domain : sequence of str (one label per row), optional
+        step : int array, optional
+            The recorded forward pass of each row (see :class:`Trace`).
         **metadata
             Stored in the file metadata (``model``, ``expert_bytes``, ``num_layers``, ...).
             ``num_layers`` defaults to ``max(layer) + 1``.
@@ -245,7 +275,7 @@ class Trace:
             raise SimcacheError(f"experts must have shape (rows, k), got {experts.shape}")
         rows, k = experts.shape
         given = dict(request=request, position=position, phase=phase, layer=layer, experts=experts,
-                     weights=weights, token_id=token_id)
+                     weights=weights, token_id=token_id, step=step)
         if phase is None:
             given["phase"] = np.ones(rows, np.int8)
         native = {name: _given_column(COLUMN[name], v, rows, k) for name, v in given.items() if v is not None}
@@ -274,7 +304,7 @@ class Trace:
         return _sorted(trace).validated()
 
     def validated(self) -> "Trace":
-        """Check the invariants of DESIGN §2; raise :class:`SimcacheError` naming the first
+        """Check the invariants of docs/design.md §2; raise :class:`SimcacheError` naming the first
         one broken. Returns self."""
         meta = check_metadata(self.metadata)
         L, k = meta["num_layers"], meta["top_k"]
@@ -282,13 +312,16 @@ class Trace:
             raise SimcacheError("trace is empty (no rows)")
         rows = self.request.shape[0]
         limits = {**meta, "domains": len(self.domains)}
+        widths = _widths(self)
+        if (self.lookahead is None) != (self.lookahead_scores is None):
+            raise SimcacheError("lookahead and lookahead_scores come together")
         for col in COLUMNS:
             values = getattr(self, col.name)
             if values is None:
                 if col.required:
                     raise SimcacheError(f"trace lacks column '{col.name}'")
                 continue
-            shape = (rows, k) if col.per_expert else (rows,)
+            shape = (rows, widths[col.width]) if col.per_expert else (rows,)
             if values.shape != shape:
                 if col.per_expert and values.ndim == 2 and values.shape[0] == rows:
                     raise SimcacheError(
@@ -298,11 +331,21 @@ class Trace:
             if values.dtype != np.dtype(col.dtype):
                 raise SimcacheError(f"column '{col.name}' must be {col.dtype} in memory, got {values.dtype}")
             col.check(values, limits)
+        if self.has_missing and k > 1:
+            missing = self.experts == NO_EXPERT
+            after = np.flatnonzero((missing[:, :-1] & ~missing[:, 1:]).any(axis=1))
+            if after.size:
+                r = int(after[0])
+                raise SimcacheError(
+                    f"row {r} (request {self.request[r]}, position {self.position[r]}, layer "
+                    f"{self.layer[r]}) has an expert after a -1: {self.experts[r].tolist()} "
+                    f"(-1 may only pad the end of a row)"
+                )
         if k > 1:
             repeats = np.zeros(rows, np.bool_)
             for a in range(k):
                 for b in range(a + 1, k):
-                    repeats |= self.experts[:, a] == self.experts[:, b]
+                    repeats |= (self.experts[:, a] == self.experts[:, b]) & (self.experts[:, a] >= 0)
             dup = np.flatnonzero(repeats)
             if dup.size:
                 r = int(dup[0])
@@ -337,6 +380,10 @@ class Trace:
         if (same & (tph[1:] < tph[:-1])).any():
             i = int(np.nonzero(same & (tph[1:] < tph[:-1]))[0][0])
             raise SimcacheError(f"request {tr[i]} has a prefill token after a decode token")
+        if self.step is not None:
+            st = self.step.reshape(-1, L)
+            if not (st == st[:, :1]).all():
+                raise SimcacheError("step differs between layers of one token")
         return self
 
     # ---- shape --------------------------------------------------------------------------
@@ -403,11 +450,28 @@ class Trace:
 
         return dataclasses.replace(self, **_take_rows(self, keep)).validated()
 
+    @property
+    def has_missing(self) -> bool:
+        """True when some expert id is -1 (a gap or padding: schema 1.1)."""
+        return bool(self.experts.size) and int(self.experts.min()) == NO_EXPERT
+
+    @property
+    def gap_rows(self) -> np.ndarray:
+        """Rows with no record at all (every expert -1), a boolean mask (rows,)."""
+        return self.experts[:, 0] == NO_EXPERT
+
+    @property
+    def padded_rows(self) -> np.ndarray:
+        """Rows with some but not all experts -1 (fewer than top_k chosen), mask (rows,)."""
+        return (self.experts[:, -1] == NO_EXPERT) & (self.experts[:, 0] != NO_EXPERT)
+
     def summary(self) -> dict[str, Any]:
-        """Shape, size and expert load balance (max / mean expert use per layer)."""
+        """Shape, size, gaps and expert load balance (max / mean expert use per layer)."""
         L, E = self.num_layers, self.num_experts
         counts = np.zeros((L, E), np.int64)
-        np.add.at(counts, (np.repeat(self.layer, self.top_k), self.experts.ravel()), 1)
+        ids = self.experts.ravel()
+        real = ids >= 0
+        np.add.at(counts, (np.repeat(self.layer, self.top_k)[real], ids[real]), 1)
         mean = counts.mean(axis=1)
         balance = counts.max(axis=1) / np.where(mean > 0, mean, 1)
         phase = self.token_phase()
@@ -422,6 +486,8 @@ class Trace:
             "prefill_tokens": int((phase == 0).sum()),
             "decode_tokens": int((phase == 1).sum()),
             "rows": self.num_rows,
+            "gap_rows": int(self.gap_rows.sum()),
+            "padded_rows": int(self.padded_rows.sum()),
             "expert_bytes": self.expert_bytes,
             "load_max_over_mean_min": float(balance.min()),
             "load_max_over_mean_mean": float(balance.mean()),
@@ -436,7 +502,7 @@ class Trace:
 
 
 def read_trace(path) -> Trace:
-    """Read a simcache trace (Parquet, schema version 1) and validate it.
+    """Read a simcache trace (Parquet, schema version 1 or 1.1) and validate it.
 
     Raises :class:`SimcacheError` with a one-line message when the file is missing or not a
     regular file, not Parquet, lacks simcache metadata or holds bad metadata, has missing or
@@ -463,24 +529,29 @@ def read_trace(path) -> Trace:
     if not isinstance(meta, dict):
         raise SimcacheError(f"{path}: simcache metadata must be a JSON object, got {type(meta).__name__}")
     version = meta.get("schema_version")
-    if version != SCHEMA_VERSION or isinstance(version, bool):
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise SimcacheError(
-            f"{path}: trace schema version {version!r:.40} is not supported (expected {SCHEMA_VERSION})"
+            f"{path}: trace schema version {version!r:.40} is not supported (expected "
+            f"{' or '.join(map(str, READABLE_VERSIONS))})"
         )
     try:
         meta = check_metadata({k_: v for k_, v in meta.items() if k_ != "schema_version"})
         k = meta["top_k"]
         schema = pf.schema_arrow
         present = [c for c in COLUMNS if schema.get_field_index(c.name) >= 0]
+        widths = {"top_k": k, "lookahead": None}
+        if schema.get_field_index("lookahead") >= 0:
+            ftype = schema.field("lookahead").type
+            widths["lookahead"] = ftype.list_size if hasattr(ftype, "list_size") else None
         for col in COLUMNS:
             i = schema.get_field_index(col.name)
             if i < 0 and col.required:
                 raise SimcacheError(f"missing column '{col.name}'")
             if i >= 0:
-                _check_arrow_type(col, schema.field(i).type, k)
+                _check_arrow_type(col, schema.field(i).type, widths)
         if pf.metadata.num_rows == 0:
             raise SimcacheError("trace is empty (no rows)")
-        limits = dict(meta)
+        limits = dict(meta, missing_ok=version == SCHEMA_VERSION_GAPS)
         columns: dict[str, Any] = {}
         domains: tuple[str, ...] = ()
         for col in present:
@@ -493,7 +564,7 @@ def read_trace(path) -> Trace:
                 values, domains = _labels(arr)
                 limits["domains"] = len(domains)
             else:
-                values = _values(col, arr, k)
+                values = _values(col, arr, widths[col.width])
             col.check(values, limits)  # at the file's width, before narrowing
             columns[col.name] = np.ascontiguousarray(values, dtype=col.dtype)
         return _sorted(Trace(**columns, domains=domains, metadata=meta)).validated()
@@ -501,7 +572,7 @@ def read_trace(path) -> Trace:
         raise SimcacheError(f"{path}: {exc}") from None
 
 
-def _check_arrow_type(col: Column, ftype, k: int) -> None:
+def _check_arrow_type(col: Column, ftype, widths: dict) -> None:
     import pyarrow as pa
 
     name = col.name
@@ -514,8 +585,10 @@ def _check_arrow_type(col: Column, ftype, k: int) -> None:
     if col.per_expert:
         if not pa.types.is_fixed_size_list(ftype):
             raise SimcacheError(f"column '{name}' must be fixed_size_list, got {ftype}")
+        k = widths[col.width]
         if ftype.list_size != k:
-            raise SimcacheError(f"column '{name}' has {ftype.list_size} entries per row but top_k={k}")
+            what = "top_k" if col.width == "top_k" else "the lookahead column's width"
+            raise SimcacheError(f"column '{name}' has {ftype.list_size} entries per row but {what}={k}")
         ftype = ftype.value_type
     if col.kind == "int" and not pa.types.is_integer(ftype):
         raise SimcacheError(f"column '{name}' must be an integer, got {ftype}")
@@ -570,12 +643,16 @@ class TraceWriter:
     2
     """
 
-    def __init__(self, path, *, overwrite: bool = True, inputs=(), **metadata):
+    def __init__(self, path, *, overwrite: bool = True, missing: bool = False, inputs=(), **metadata):
+        """``missing=True`` allows -1 ids (gaps, padding) and writes schema 1.1."""
         import pyarrow as pa
 
+        metadata.pop("schema_version", None)
         self.metadata = check_metadata(metadata)
         self.k = self.metadata["top_k"]
-        self.metadata = {"schema_version": SCHEMA_VERSION, **self.metadata}
+        self.missing = bool(missing)
+        version = SCHEMA_VERSION_GAPS if self.missing else SCHEMA_VERSION
+        self.metadata = {"schema_version": version, **self.metadata}
         self.metadata.setdefault("tool_version", _tool_version())
         self.output = claim(path, overwrite, inputs, suffixes=(".parquet",))
         self.path = self.output.path
@@ -586,9 +663,9 @@ class TraceWriter:
         self._pending_rows = 0
         self._pa = pa
 
-    def _schema(self, present):
+    def _schema(self, present, widths):
         pa = self._pa
-        fields = [pa.field(name, COLUMN[name].arrow_type(self.k), nullable=COLUMN[name].kind == "label")
+        fields = [pa.field(name, COLUMN[name].arrow_type(widths), nullable=COLUMN[name].kind == "label")
                   for name in present]
         meta = {METADATA_KEY: json.dumps(self.metadata, sort_keys=True).encode()}
         return pa.schema(fields, metadata=meta)
@@ -609,6 +686,12 @@ class TraceWriter:
         n = np.asarray(columns["experts"]).reshape(-1, self.k).shape[0]
         if n == 0:
             return
+        if ("lookahead" in present) != ("lookahead_scores" in present):
+            raise SimcacheError("lookahead and lookahead_scores come together")
+        widths = {"top_k": self.k, "lookahead": None}
+        if "lookahead" in present:
+            widths["lookahead"] = np.asarray(columns["lookahead"]).reshape(n, -1).shape[1]
+        limits = dict(self.metadata, missing_ok=self.missing)
         arrays = []
         for name in present:
             col = COLUMN[name]
@@ -616,21 +699,24 @@ class TraceWriter:
                 labels = list(columns[name])
                 if len(labels) != n:
                     raise SimcacheError(f"column '{name}' has {len(labels)} rows, experts {n}")
-                arrays.append(pa.array(labels, pa.string()).dictionary_encode().cast(col.arrow_type(self.k)))
+                arrays.append(pa.array(labels, pa.string()).dictionary_encode().cast(col.arrow_type(widths)))
                 continue
             values = np.asarray(columns[name])
-            values = values.reshape(-1, self.k) if col.per_expert else values
+            width = widths[col.width]
+            values = values.reshape(-1, width) if col.per_expert else values
             if values.shape[0] != n or (not col.per_expert and values.ndim != 1):
                 raise SimcacheError(f"column '{name}' has shape {values.shape}, experts {n} rows")
-            col.check(values, self.metadata)
+            if name == "experts" and not self.missing and values.size and int(values.min()) < 0:
+                raise SimcacheError("expert id -1 (no record) in a trace written without missing=True")
+            col.check(values, limits)
             values = np.ascontiguousarray(values, dtype=col.dtype)
             if col.per_expert:
-                arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), self.k))
+                arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), width))
             else:
                 arrays.append(pa.array(values))
         if self._writer is None:
             self._present = present
-            self._writer = pq.ParquetWriter(self.output.tmp, self._schema(present), compression="zstd")
+            self._writer = pq.ParquetWriter(self.output.tmp, self._schema(present, widths), compression="zstd")
         elif present != self._present:
             raise SimcacheError("every batch written to one trace must have the same columns")
         self._pending.append(pa.Table.from_arrays(arrays, schema=self._writer.schema))
@@ -681,7 +767,8 @@ def write_trace(trace: Trace, path, *, overwrite: bool = True, inputs=()) -> Pat
     if "domain" in columns:
         names = np.array(list(trace.domains) + [None], dtype=object)
         columns["domain"] = names[np.where(trace.domain < 0, len(trace.domains), trace.domain)]
-    with TraceWriter(path, overwrite=overwrite, inputs=inputs, **trace.metadata) as writer:
+    with TraceWriter(path, overwrite=overwrite, missing=trace.has_missing, inputs=inputs,
+                     **trace.metadata) as writer:
         for lo in range(0, trace.num_rows, ROW_GROUP_ROWS):
             writer.write(**{name: values[lo : lo + ROW_GROUP_ROWS] for name, values in columns.items()})
     return Path(path)
@@ -705,6 +792,12 @@ def _given_column(col: Column, values, rows: int, k: int) -> np.ndarray:
         if not (np.isfinite(a).all() and (a == np.round(a)).all()):
             raise SimcacheError(f"{col.name} must hold integers")
     return a
+
+
+def _widths(trace: Trace) -> dict:
+    """The list widths of a trace's per-expert columns."""
+    la = trace.lookahead
+    return {"top_k": trace.top_k, "lookahead": None if la is None or la.ndim != 2 else la.shape[1]}
 
 
 def _take_rows(trace: Trace, rows) -> dict[str, np.ndarray | None]:
