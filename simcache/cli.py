@@ -390,7 +390,7 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
             bar.__exit__(None, None, None)
     t, work, results, notes = run.trace, run.work, run.results, run.notes
     L, E = t.num_layers, t.num_experts
-    if batch > t.num_requests:
+    if isinstance(batch, int) and batch > t.num_requests:
         notes.append(f"--batch {batch} exceeds the trace's {t.num_requests:,} requests: the "
                      f"effective batch is {t.num_requests:,}")
     if horizon > work.steps.num_steps and any(r.admit == "markov-h" for r in results):
@@ -415,7 +415,7 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
         f"trace: {_shown(path)}\n"
         f"model: {t.model}, {L} layers x {E} experts, top-{t.top_k}, "
         f"{t.num_requests:,} requests, {t.num_tokens:,} tokens\n"
-        f"workload: batch {min(work.batch, t.num_requests)}, prefill {prefill}, scope {scope}: {r0.steps:,} steps, "
+        f"workload: batch {work.batch if isinstance(work.batch, str) else min(work.batch, t.num_requests)}, prefill {prefill}, scope {scope}: {r0.steps:,} steps, "
         f"{r0.accesses:,} accesses"
         + (f"\ntiming: {r0.calibration}, expert {r0.expert_bytes / 2**20:.2f} MiB, "
            f"{'copy stream overlaps compute' if (cal or simcache.default_calibration()).overlap and not no_overlap else 'serial copies'}"

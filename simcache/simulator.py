@@ -29,7 +29,7 @@ from simcache.policies import learner_for, needs_future, policy_name, resolve
 from simcache.state import Learner, new_state
 from simcache.timing import Calibration, default_calibration, group_seconds, group_table_for
 from simcache.trace import Trace
-from simcache.workload import Workload
+from simcache.workload import RECORDED, Workload
 
 SCOPES = ("layer", "global")
 
@@ -359,7 +359,8 @@ def simulate(
     policy, evict, admit = (None if v is None else _checks.text(n, v)
                             for n, v in (("policy", policy), ("evict", evict), ("admit", admit)))
     capacity = _checks.optional_integer("capacity", capacity, 1)
-    batch, horizon = _checks.integer("batch", batch, 1), _checks.integer("horizon", horizon, 1)
+    batch = batch if batch == RECORDED else _checks.integer("batch", batch, 1)
+    horizon = _checks.integer("horizon", horizon, 1)
     seed = _checks.integer("seed", seed, 0, _checks.UINT64_MAX)
     decay_every, decay = _checks.integer("decay_every", decay_every, 0), _checks.number("decay", decay)
     expert_bytes = _checks.optional_integer("expert_bytes", expert_bytes, 1, _checks.EXACT_FLOAT_MAX)

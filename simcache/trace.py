@@ -216,11 +216,11 @@ class Trace:
     weights: np.ndarray | None = None
     token_id: np.ndarray | None = None
     domain: np.ndarray | None = None
-    domains: tuple[str, ...] = ()
-    metadata: dict[str, Any] = field(default_factory=dict)
     step: np.ndarray | None = None
     lookahead: np.ndarray | None = None
     lookahead_scores: np.ndarray | None = None
+    domains: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     # ---- construction -------------------------------------------------------------------
 
