@@ -275,8 +275,40 @@ class Random(EvictionTwin):
         return by_slot[r][1]
 
 
+class Sieve(EvictionTwin):
+    """A list per pool, oldest first; the hand is the key it rests on (None: the oldest)."""
+
+    def __init__(self, cache):
+        super().__init__(cache)
+        self.queue = {}  # pool -> [keys, oldest first]
+        self.visited = {}
+        self.hand = {}
+
+    def on_access(self, key, i, fill):
+        if fill:
+            self.queue.setdefault(self.c.pool(key), []).append(key)
+        self.visited[key] = not fill
+
+    def on_evict(self, key):
+        self.queue[self.c.pool(key)].remove(key)
+
+    def victim(self, p, pinned, cands, i):
+        q = self.queue[p]
+        at = q.index(self.hand[p]) if self.hand.get(p) is not None else 0
+        for _ in range(2 * len(q) + 2):
+            if at == len(q):
+                at = 0
+            k = q[at]
+            if k not in pinned:
+                if not self.visited[k]:
+                    self.hand[p] = q[at + 1] if at + 1 < len(q) else None
+                    return k
+                self.visited[k] = False
+            at += 1
+
+
 EVICTION = {"lru": LRU, "fifo": FIFO, "lifo": LIFO, "lfu": LFU, "random": Random,
-            "belady": Belady, "markov": MarkovEviction}
+            "belady": Belady, "markov": MarkovEviction, "sieve": Sieve}
 
 
 def admit_all(c, key, i, pinned, later_misses):
