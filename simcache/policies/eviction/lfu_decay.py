@@ -26,7 +26,7 @@ def on_access(S, M, slot, i, fill):
     note_access(S, M, slot, i, fill)
     key = S.slot_key[slot]
     now = S.step_of[i] // HALF_LIFE
-    S.dcount[key] = math.ldexp(S.dcount[key], -(now - S.dperiod[key])) + 1.0
+    S.dcount[key] = math.ldexp(S.dcount[key], int(S.dperiod[key] - now)) + 1.0
     S.dperiod[key] = now
 
 
@@ -39,7 +39,7 @@ def victim(S, M, pool, i, stamp):
         if S.pin[slot] == stamp:
             continue
         key = S.slot_key[slot]
-        v = math.ldexp(S.dcount[key], -(now - S.dperiod[key]))
+        v = math.ldexp(S.dcount[key], int(S.dperiod[key] - now))
         if best < 0 or v < low or (v == low and S.last[slot] < S.last[best]):
             best = slot
             low = v

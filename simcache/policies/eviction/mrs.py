@@ -30,7 +30,7 @@ def on_access(S, M, slot, i, fill):
     note_access(S, M, slot, i, fill)
     key = S.slot_key[slot]
     s = S.step_of[i]
-    S.mrs_score[key] = 0.5 * S.gate[i] + math.ldexp(S.mrs_score[key], -(s - S.mrs_step[key]))
+    S.mrs_score[key] = 0.5 * S.gate[i] + math.ldexp(S.mrs_score[key], int(S.mrs_step[key] - s))
     S.mrs_step[key] = s
 
 
@@ -45,7 +45,7 @@ def victim(S, M, pool, i, stamp):
             continue
         key = S.slot_key[slot]
         now = s if key // M.E <= here else s - 1  # steps whose update this key has had
-        v = math.ldexp(S.mrs_score[key], -(now - S.mrs_step[key]))
+        v = math.ldexp(S.mrs_score[key], int(S.mrs_step[key] - now))
         if best < 0 or v < low or (v == low and S.last[slot] < S.last[best]):
             best = slot
             low = v
