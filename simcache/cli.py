@@ -64,6 +64,17 @@ def _csv(kind):
     return convert
 
 
+def _batch(ctx, param, value):
+    from simcache.workload import RECORDED
+
+    if value == RECORDED:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a positive integer or '{RECORDED}', got {value!r}") from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="simcache", message="%(prog)s %(version)s")
 def main():
@@ -100,6 +111,15 @@ def info(trace, as_json):
         f"({summary['prefill_tokens']:,} prefill, {summary['decode_tokens']:,} decode), "
         f"{summary['rows']:,} rows"
     )
+    if summary["gap_rows"] or summary["padded_rows"]:
+        rows = summary["rows"]
+        click.echo(
+            f"missing        {summary['gap_rows']:,} gap rows ({summary['gap_rows'] / rows:.2%}: no record "
+            f"for that token and layer), {summary['padded_rows']:,} padded rows (fewer than "
+            f"top-{summary['top_k']} experts)"
+        )
+    else:
+        click.echo("missing        none (every token has top-k experts at every layer)")
     eb = summary["expert_bytes"]
     click.echo(f"expert size    {'unknown' if eb is None else f'{eb:,} bytes ({eb / 2**20:.1f} MiB)'}")
     click.echo(
@@ -119,57 +139,59 @@ def info(trace, as_json):
 
 
 @main.command("import")
-@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
-    "--format", "fmt", type=click.Choice(["auto", "jsonl", "parquet", "flame"]), default="auto",
-    show_default=True, help="Input format; auto = by suffix, recognising the FLAME sample.",
+    "--format", "fmt", type=click.Choice(["auto", "jsonl", "parquet", "sglang", "routed-experts", "llama-cpp",
+                                          "flame", "flame-traces"]),
+    default="auto", show_default=True, help="Input format; auto = from the name and first bytes.",
 )
-@click.option("--request", help="Column holding the sequence id.")
+@click.option("--request", help="Column(s) holding the sequence id: a,b for a composite key.")
 @click.option("--position", help="Column holding the token index.")
 @click.option("--layer", help="Column holding the MoE layer.")
 @click.option("--experts", help="Column holding the chosen experts.")
 @click.option("--weights", help="Column holding the gate weights.")
 @click.option("--token-id", help="Column holding the token id.")
 @click.option("--domain", help="Column holding a domain label.")
+@click.option("--on-gap", type=click.Choice(["keep", "drop-token", "error"]), default="keep", show_default=True,
+              help="A token without a record at some layer: keep it as a gap row (no demand), drop "
+                   "the token, or refuse.")
 @click.option("--num-experts", type=int, help="Experts per layer (default: largest id + 1).")
+@click.option("--first-layer", type=int, help="The source's number for MoE layer 0 (default: the smallest seen).")
+@click.option("--top-k", type=int, help="routed-experts: top-k of a flat base64 payload.")
+@click.option("--hidden-layers", type=int, help="routed-experts: layers of a flat base64 payload.")
 @click.option("--model", help="Model name for the metadata.")
 @click.option("--expert-bytes", type=int, help="Bytes of one expert as served (for timing).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @friendly
-def import_(source, output, fmt, request, position, layer, experts, weights, token_id, domain,
-            num_experts, model, expert_bytes, force):
-    """Convert a foreign trace (JSONL, another tool's Parquet, the FLAME sample) to OUTPUT."""
-    from simcache.importers import import_file, import_flame
+def import_(sources, output, fmt, request, position, layer, experts, weights, token_id, domain, on_gap,
+            num_experts, first_layer, top_k, hidden_layers, model, expert_bytes, force):
+    """Convert foreign traces (SOURCES, one format) into one simcache trace OUTPUT.
+
+    \b
+    Formats: JSONL / Parquet tables (MoE-PolicyLang's recognised), SGLang per_token dumps
+    (.pt), routed_experts responses (vLLM / SGLang), llama.cpp moe-trace CSV, FLAME-MoE.
+    Example:
+      simcache import a.jsonl b.jsonl out.parquet --request dataset,problem_id \\
+          --position token_idx --layer layer --experts experts --weights gating_probs
+    """
+    from simcache.importers import import_sources
 
     if output.exists() and not force:
         raise SimcacheError(f"output file exists: {output} (use --force to replace it)")
-    if fmt == "auto":
-        fmt = "parquet" if source.suffix == ".parquet" else "jsonl"
-        if fmt == "parquet" and source.exists():
-            import pyarrow.parquet as pq
-
-            try:
-                names = set(pq.read_schema(source).names)
-            except Exception:
-                names = set()
-            if {"stream_idx", "contiguous_prefix", "scores"} <= names:
-                fmt = "flame"
-    if fmt == "flame":
-        trace = import_flame(source)
-    else:
-        options = {
-            k: v for k, v in dict(
-                request=request, position=position, layer=layer, experts=experts, weights=weights,
-                token_id=token_id, domain=domain, num_experts=num_experts, model=model,
-                expert_bytes=expert_bytes,
-            ).items() if v is not None
-        }
-        trace = import_file(source, fmt=fmt, **options)
+    options = {k: v for k, v in dict(
+        request=request, position=position, layer=layer, experts=experts, weights=weights,
+        token_id=token_id, domain=domain, top_k=top_k, layers=hidden_layers,
+    ).items() if v is not None}
+    trace, report = import_sources(list(sources), fmt=fmt, on_gap=on_gap, num_experts=num_experts,
+                                   first_layer=first_layer, model=model, expert_bytes=expert_bytes, **options)
     simcache.write_trace(trace, output, overwrite=True)
+    for line in report.lines():
+        click.echo(f"note: {line}")
     click.echo(
-        f"wrote {output}: {trace.num_requests:,} requests, {trace.num_tokens:,} tokens, "
+        f"wrote {_shown(output)}: {trace.num_requests:,} requests, {trace.num_tokens:,} tokens, "
         f"{trace.num_layers} layers x {trace.num_experts} experts, top-{trace.top_k}"
+        + (f" (schema 1.1: {int(trace.gap_rows.sum()):,} gap rows)" if trace.has_missing else "")
     )
 
 
@@ -241,7 +263,9 @@ def synth(output, num_requests, length, layers, experts, top_k, transitions, com
               help="Slots per layer (or in the global pool), comma-separated. Default: E/4 "
                    "per layer.")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
-@click.option("--batch", type=int, default=1, show_default=True, help="Sequences decoding together.")
+@click.option("--batch", default="1", show_default=True, callback=_batch,
+              help="Sequences decoding together, or 'recorded': the engine's recorded forward passes "
+                   "(SGLang dumps) are the steps.")
 @click.option("--prefill", type=click.Choice(["skip", "step"]), default="skip", show_default=True)
 @click.option("--threshold", default="0.1", show_default=True,
               help="Markov admission tau: a number in [0, 1], or X/E for X times 1/E.")
@@ -278,58 +302,33 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
       simcache simulate my.parquet --policy markov --split 0.5
     """
     from simcache.report import table, write_results
-    from simcache.workload import Workload
-    from simcache.transitions import load_prior, split_requests
+    from simcache.sweeps import simulate_grid
 
     path = trace or DEFAULT_TRACE
     if trace is None and not path.exists():
         raise SimcacheError(f"no TRACE given and the bundled sample is missing: {path}")
-    t = simcache.read_trace(path)
-    L, E = t.num_layers, t.num_experts
-    if capacities is None:
-        capacities = [max(1, E // 4) if scope == "layer" else max(1, L * E // 4)]
-    prior_counts = None
-    notes = []
-    if split is not None:
-        if prior is not None:
-            raise SimcacheError("use either --split or --prior, not both")
-        train, t = split_requests(t, split, seed)
-        prior_counts = simcache.fit_prior(train)
-        notes.append(
-            f"scored on {t.num_requests:,} test requests; Markov prior fitted on "
-            f"{train.num_requests:,} train requests (split by request, seed {seed})"
-        )
-    elif prior is not None:
-        if prior.resolve() == Path(path).resolve():
-            raise SimcacheError("the prior is the trace being scored: fit it on a separate trace")
-        prior_counts = load_prior(prior, L, E)
-        notes.append(f"Markov prior from {prior}")
     cal = simcache.load_calibration(calibration) if calibration is not None else None
-    if decisions is not None and len(policies) * len(capacities) != 1:
-        raise SimcacheError("--decisions needs exactly one policy and one capacity")
-    for p in policies:
-        simcache.policies.resolve(p, evict, admit)
-    work = Workload(t, batch, prefill)
-    runs = [(p, c) for p in policies for c in capacities]
-    total = work.demand.num_accesses * len(runs)
-    show = progress if progress is not None else (sys.stderr.isatty() and total > 20_000_000)
-    results = []
-    bar = click.progressbar(length=total, label="simulating", file=sys.stderr) if show else None
-    try:
-        if bar is not None:
+    bar = None
+
+    def total(n):  # a progress bar for long runs at a terminal
+        nonlocal bar
+        if progress or (progress is None and sys.stderr.isatty() and n > 20_000_000):
+            bar = click.progressbar(length=n, label="simulating", file=sys.stderr)
             bar.__enter__()
-        for p, c in runs:
-            results.append(
-                simcache.simulate(
-                    work, p, c, scope=scope, threshold=threshold, evict=evict, admit=admit,
-                    prior=prior_counts, horizon=horizon, seed=seed, calibration=cal,
-                    overlap=False if no_overlap else None, expert_bytes=expert_bytes,
-                    record=decisions is not None, progress=None if bar is None else bar.update,
-                )
-            )
+
+    try:
+        run = simulate_grid(
+            path, policies, capacities, batch=batch, prefill=prefill, split=split, seed=seed,
+            prior=prior, calibration=cal, record=decisions is not None, total=total,
+            progress=lambda n: bar.update(n) if bar is not None else None,
+            scope=scope, threshold=threshold, evict=evict, admit=admit, horizon=horizon,
+            overlap=False if no_overlap else None, expert_bytes=expert_bytes,
+        )
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
+    t, work, results, notes = run.trace, run.work, run.results, run.notes
+    L, E = t.num_layers, t.num_experts
     if decisions is not None:
         from simcache.decisions import write_decisions
 
@@ -382,6 +381,145 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
             ))
 
 
+# ---- sweep, mrc, report -----------------------------------------------------------------------
+
+
+def _knob_options(fn):
+    """One comma-list option per grid knob, from the declaration in simcache.sweeps."""
+    from simcache.sweeps import KNOBS
+
+    for knob in reversed(KNOBS):
+        default = "" if knob.default is None else f" [default: {knob.default}]"
+        fn = click.option(f"--{knob.name.replace('_', '-')}", knob.name, default=None,
+                          help=f"{knob.help[:1].upper()}{knob.help[1:]}; comma-separated.{default}")(fn)
+    return fn
+
+
+@main.command()
+@click.argument("traces", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path),
+              help="A TOML file of knobs (lists) and settings (traces, out, workers, scheduler, calibration); "
+                   "options given here override it.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Results Parquet (one row per cell). Cells already in it are skipped.")
+@click.option("--workers", type=int, help="Local Dask workers (default: one per core); 0 = in this process.")
+@click.option("--scheduler", help="Run on an existing Dask cluster: tcp://HOST:8786.")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
+              help="Timing tables from 'simcache probe' (default: H200 reference figures).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar over cells (default: at a terminal).")
+@_knob_options
+@friendly
+def sweep(traces, config, out, workers, scheduler, calibration, progress, **knobs):
+    """Run a grid of cells (traces x workloads x policies x capacities x knobs) and write one
+    Parquet row per cell.
+
+    \b
+    Examples:
+      simcache sweep traces/*.parquet --policy lru,belady,belady-bypass --capacity 2,4,8 \\
+          --batch 1,16 --out results.parquet
+      simcache sweep --config grid.toml --scheduler tcp://10.0.0.5:8786
+    """
+    from simcache.report import table
+    from simcache.sweeps import SETTINGS, load_config
+    from simcache.sweeps import sweep as run_sweep
+
+    conf = load_config(config) if config is not None else {}
+    grid = {k: v for k, v in conf.items() if k not in SETTINGS}
+    grid.update({k: v for k, v in knobs.items() if v is not None})
+    traces = list(traces) or [Path(p) for p in conf.get("traces", [])]
+    out = out or (Path(conf["out"]) if "out" in conf else None)
+    workers = workers if workers is not None else conf.get("workers")
+    scheduler = scheduler or conf.get("scheduler")
+    calibration = calibration or conf.get("calibration")
+    cal = simcache.load_calibration(calibration) if calibration is not None else None
+    bar = None
+
+    def total(n):
+        nonlocal bar
+        if progress or (progress is None and sys.stderr.isatty()):
+            bar = click.progressbar(length=n, label="cells", file=sys.stderr, show_pos=True)
+            bar.__enter__()
+
+    start = time.perf_counter()
+    try:
+        frame = run_sweep(traces, out=out, workers=workers, scheduler=scheduler, calibration=cal,
+                          progress=lambda n: bar.update(n) if bar is not None else None, total=total, **grid)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    elapsed = time.perf_counter() - start
+    click.echo(f"{len(frame):,} cells over {frame['trace_hash'].nunique() if len(frame) else 0} trace(s) "
+               f"in {elapsed:.1f} s" + (f"; wrote {_shown(out)}" if out is not None else ""))
+    if len(frame) and len(frame) <= 60:
+        import pandas as pd
+
+        rows = [[r.trace if len(r.trace) < 40 else "..." + r.trace[-37:], r.policy, r.capacity, r.scope, r.batch,
+                 r.hit_ratio, None if pd.isna(r.time_per_token_s) else r.time_per_token_s * 1e3, r.method]
+                for r in frame.itertuples()]
+        click.echo(table(["trace", "policy", "capacity", "scope", "batch", "hit ratio", "ms/token", "method"], rows))
+
+
+@main.command()
+@click.argument("trace", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--prefill", type=click.Choice(["skip", "step"]), default="skip", show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write the curve as a PNG.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the curve (.csv/.parquet/.json).")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def mrc(trace, scope, batch, prefill, plot, out, as_json):
+    """LRU's exact miss-ratio curve at every capacity, in one pass (stack distances; capacities
+    below the largest (step, layer) group run directly). LRU only: FIFO, LFU, Belady and the
+    bypassing rules are not stack algorithms."""
+    from simcache.mrc import lru_curve
+    from simcache.report import table, write_results
+
+    path = trace or DEFAULT_TRACE
+    t = simcache.read_trace(path)
+    curve = lru_curve(t, scope=scope, batch=batch, prefill=prefill)
+    frame = curve.to_frame()
+    written = []
+    if out is not None:
+        write_results(frame.to_dict("records"), out)
+        written.append(out)
+    if plot is not None:
+        from simcache.htmlreport import plot_curve
+
+        plot_curve(curve, plot, title=f"{_shown(path)}: LRU, scope {scope}, batch {batch}")
+        written.append(plot)
+    if as_json:
+        click.echo(json.dumps({"trace": str(path), "scope": scope, "batch": batch, "prefill": prefill,
+                               "smallest_stack_capacity": curve.smallest_stack,
+                               "curve": frame[["capacity", "hits", "accesses", "hit_ratio", "method"]].to_dict("records")},
+                              indent=2, default=int))
+        return
+    click.echo(f"trace: {_shown(path)}: {t.num_layers} layers x {t.num_experts} experts, top-{t.top_k}; "
+               f"batch {batch}, prefill {prefill}, scope {scope}")
+    click.echo(f"one stack pass for capacities >= {curve.smallest_stack} (the largest group); "
+               f"{curve.elapsed_s:.2f} s in all")
+    click.echo(table(["capacity", "hit ratio", "miss ratio", "hits", "method"],
+                     [[int(r.capacity), r.hit_ratio, r.miss_ratio, int(r.hits), r.method] for r in frame.itertuples()]))
+    for p in written:
+        click.echo(f"wrote {_shown(p)}")
+
+
+@main.command()
+@click.argument("results", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for index.html (self-contained) and the PNGs.")
+@friendly
+def report(results, out):
+    """An HTML report of a sweep: hit ratio and ms/token against capacity and GPU memory, the
+    gap LRU -> Belady -> Belady-with-bypass, and the winner per memory budget."""
+    from simcache.htmlreport import write_report
+    from simcache.sweeps import read_results
+
+    paths = write_report(read_results(results), out, source=_shown(results))
+    for p in paths:
+        click.echo(f"wrote {_shown(p)}")
+
+
 # ---- capture --------------------------------------------------------------------------------
 
 
@@ -404,10 +542,18 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Default: bfloat16 on a GPU, float32 on the CPU.")
+@click.option("--device-map", type=click.Choice(["auto"]),
+              help="Spread a model too large for one GPU over all GPUs (accelerate); overrides --device.")
+@click.option("--lookahead", is_flag=True,
+              help="Also record the top-2k experts router l+1 picks for layer l's MoE input (prefetch).")
+@click.option("--resume", is_flag=True,
+              help="Keep completed row groups in OUT.partial/ and continue an interrupted capture from them.")
+@click.option("--row-group-rows", type=int, default=None,
+              help="Rows per row group (the unit --resume keeps); default 1,048,576.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @friendly
 def capture(model_name, out, texts, new_tokens, prompts, prompts_file, max_length, batch_size,
-            prompt_tokens, device, dtype, force):
+            prompt_tokens, device, dtype, device_map, lookahead, resume, row_group_rows, force):
     """Capture the routing of a Hugging Face MoE model into a trace.
 
     \b
@@ -432,7 +578,9 @@ def capture(model_name, out, texts, new_tokens, prompts, prompts_file, max_lengt
             prompt_list += [l for l in prompts_file.read_text().splitlines() if l.strip()]
         if not prompt_list:
             raise SimcacheError("--generate needs --prompt or --prompts-file")
-    model, tokenizer, arch = cap.load_model(model_name, device, dtype)
+    model, tokenizer, arch = cap.load_model(model_name, device, dtype, device_map=device_map)
+    if device_map is not None:
+        device = f"device map {device_map}: " + ", ".join(sorted({str(p.device) for p in model.parameters()}))
     show = sys.stderr.isatty()
     state = {"n": 0, "start": time.perf_counter(), "shown": 0.0}
     unit = "tokens" if docs else "prompts"
@@ -448,10 +596,12 @@ def capture(model_name, out, texts, new_tokens, prompts, prompts_file, max_lengt
     if docs:
         stats = cap.capture_text(model, tokenizer, arch, docs, out, name=model_name, max_length=max_length,
                                  batch_size=batch_size, prompt_tokens=prompt_tokens, overwrite=force,
-                                 progress=progress)
+                                 progress=progress, resume=resume, lookahead=lookahead,
+                                 group_rows=row_group_rows)
     else:
         stats = cap.capture_generate(model, tokenizer, arch, prompt_list, out, name=model_name,
-                                     new_tokens=new_tokens, overwrite=force, progress=progress)
+                                     new_tokens=new_tokens, overwrite=force, progress=progress,
+                                     resume=resume, lookahead=lookahead, group_rows=row_group_rows)
     if show:
         click.echo("", err=True)
     t = simcache.read_trace(out)
@@ -515,6 +665,10 @@ def analyze(path, null_samples, seed, cut, as_json, plots):
     null = ("positions shuffled within each sequence" if a.kind == "trace"
             else "rows redrawn from the column marginals (multinomial, same row sums)")
     click.echo(f"null model: {null}, {null_samples} samples, seed {seed}; SCC cut P >= {cut}")
+    skipped = sum(rec.get("skipped_gap_pairs", 0) for rec in a.layers)
+    if skipped:
+        click.echo(f"gaps: {skipped:,} (token pair, layer) transitions skipped because a token has "
+                   f"no record at that layer")
     click.echo("")
     rows = []
     for rec in a.layers:
@@ -551,10 +705,18 @@ def analyze(path, null_samples, seed, cut, as_json, plots):
 def _preset_options(fn):
     fn = click.option("--ffn", type=int, help="Expert FFN size, for --preset custom.")(fn)
     fn = click.option("--hidden", type=int, help="Hidden size, for --preset custom.")(fn)
+    from simcache.replay import ISSUE_PATHS, QUANTISED
+    from simcache.replay.presets import PRESET_NAMES
+
+    fn = click.option("--issue", type=click.Choice(ISSUE_PATHS),
+                      help="How the replay issues each (step, layer): expert by expert (eager) or two grouped "
+                           "GEMMs (fast). Default: fast on CUDA, eager on the CPU.")(fn)
+    fn = click.option("--expert-dtype", type=click.Choice(QUANTISED),
+                      help="Store and copy experts quantised; dequantised to --dtype before the GEMMs.")(fn)
     fn = click.option("--preset", default="mixtral-8x7b", show_default=True,
-                      help="Expert shapes: mixtral-8x7b, qwen-moe, deepseek-v2-lite, olmoe, gpt-oss, custom.")(fn)
+                      help=f"Expert shapes: {', '.join(PRESET_NAMES)}, custom.")(fn)
     fn = click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
-                      show_default=True)(fn)
+                      show_default=True, help="Compute dtype (and storage, without --expert-dtype).")(fn)
     fn = click.option("--device", type=click.Choice(["cpu"]), help="Run on the CPU (tiny shapes; tests).")(fn)
     fn = click.option("--gpu", type=int, help="CUDA device index.")(fn)
     return fn
@@ -572,8 +734,9 @@ def _torch():
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the calibration JSON here.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
-def probe(gpu, device, dtype, preset, hidden, ffn, out, as_json):
-    """Measure a GPU's copy bandwidth, copy latency, expert FFN time and copy/compute overlap.
+def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, as_json):
+    """Measure a GPU's copy bandwidth, copy latency, expert FFN time and copy/compute overlap,
+    and (unless --issue eager) the grouped FFN time of the replay's fast issue path.
 
     Writes the calibration that 'simcache simulate --calibration' and 'simcache replay' read.
     """
@@ -587,7 +750,7 @@ def probe(gpu, device, dtype, preset, hidden, ffn, out, as_json):
     if dev.type != "cuda":
         raise SimcacheError("probe measures a GPU: give --gpu N")
     p = resolve(preset, hidden, ffn)
-    cal = run_probe(dev, p, DTYPES[dtype])
+    cal = run_probe(dev, p, DTYPES[dtype], expert_dtype=expert_dtype, grouped=issue != "eager")
     if out is not None:
         cal.save(out)
     if as_json:
@@ -602,6 +765,12 @@ def probe(gpu, device, dtype, preset, hidden, ffn, out, as_json):
                      [[t, s * 1e3, w * 1e3] for t, s, w in zip(cal.ffn_tokens, cal.ffn_seconds, x["ffn_wall_seconds"])]))
     click.echo(f"copy/compute overlap: {x['overlap_efficiency']:.2f} (copy {x['overlap_copy_s'] * 1e3:.2f} ms, "
                f"compute {x['overlap_compute_s'] * 1e3:.2f} ms, both {x['overlap_both_s'] * 1e3:.2f} ms)")
+    g = cal.group_ffn
+    if g:
+        click.echo(f"grouped FFN ms (device; rows: experts, columns: tokens per expert); fixed work per group "
+                   f"{g['fixed_seconds'] * 1e6:.1f} us")
+        click.echo(table(["experts"] + [str(t) for t in g["tokens"]],
+                         [[n] + [v * 1e3 for v in row] for n, row in zip(g["experts"], g["seconds"])]))
     if out is not None:
         click.echo(f"wrote {out}")
 
@@ -626,9 +795,14 @@ def probe(gpu, device, dtype, preset, hidden, ffn, out, as_json):
 @click.option("--verify", is_flag=True, help="Also check outputs against an all-experts-resident run.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results (.json/.csv/.parquet).")
+@click.option("--from", "from_results", type=click.Path(dir_okay=False, path_type=Path),
+              help="Replay the winning cell of a sweep's results (its exact settings) for TRACE.")
+@click.option("--budget", help="With --from: GPU memory the resident experts may take (24GiB, 80GB, ...).")
+@click.pass_context
 @friendly
-def replay(trace, gpu, device, dtype, preset, hidden, ffn, policies, capacities, batches, scope, threshold,
-           evict, admit, layers, steps, bypass_buffers, calibration, decisions, verify, as_json, out):
+def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, policies, capacities, batches,
+           scope, threshold, evict, admit, layers, steps, bypass_buffers, calibration, decisions, verify, as_json,
+           out, from_results, budget):
     """Run a policy's decisions on a GPU with real-shaped expert tensors and compare the
     measured time with the simulator's prediction.
 
@@ -636,31 +810,69 @@ def replay(trace, gpu, device, dtype, preset, hidden, ffn, policies, capacities,
     Example:
       simcache replay traces/trained-mixtral-8e.parquet --gpu 0 --preset mixtral-8x7b \
           --policy lru,markov --capacity 2,4 --batch 1,16 --steps 200
+      simcache replay my.parquet --from results.parquet --budget 24GiB --gpu 0
     """
+    from simcache.sweeps import trace_hash, winning_settings
+
+    path = trace or DEFAULT_TRACE
+    t = simcache.read_trace(path)
+    extra = {}
+    if from_results is not None:
+        import inspect
+
+        option = {"policies": "--policy", "capacities": "--capacity", "scope": "--scope",
+                  "threshold": "--threshold", "evict": "--evict", "admit": "--admit"}
+        given = [o for name, o in option.items()
+                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise SimcacheError(f"--from sets the cell's settings: drop {given[0]}")
+        where = {}
+        if ctx.get_parameter_source("batches") == click.core.ParameterSource.COMMANDLINE:
+            if len(batches) != 1:
+                raise SimcacheError("with --from, --batch picks one batch size")
+            where["batch"] = batches[0]
+        _torch()
+        from simcache.replay.harness import Replayer
+
+        accepts = set(inspect.signature(Replayer.run).parameters) - {"self"}
+        row, settings = winning_settings(from_results, t, budget, accepts=accepts, **where)
+        policies, capacities, batches = [settings.pop("policy")], [settings.pop("capacity")], [settings.pop("batch")]
+        scope, evict, admit = settings.pop("scope"), settings.pop("evict"), settings.pop("admit")
+        threshold = settings.pop("threshold", threshold)
+        extra = settings
+        click.echo(f"winner from {_shown(from_results)}"
+                   + (f" within {budget}" if budget else "") + f": {row['policy']}, capacity {row['capacity']}, "
+                   f"scope {row['scope']}, batch {row['batch']} (cell {row['cell']}, trace {trace_hash(t)})", err=True)
+    elif budget is not None:
+        raise SimcacheError("--budget needs --from RESULTS")
     _torch()
     from simcache.replay.experts import DTYPES
     from simcache.replay.harness import Replayer
     from simcache.replay.presets import resolve
     from simcache.report import table, write_results
 
-    path = trace or DEFAULT_TRACE
-    t = simcache.read_trace(path)
     runs = [(p, c, b) for b in batches for p in policies for c in capacities]
     if decisions is not None and len(runs) != 1:
         raise SimcacheError("--decisions needs exactly one policy, capacity and batch")
     for p in policies:
         simcache.policies.resolve(p, evict, admit)
-    rp = Replayer(t, resolve(preset, hidden, ffn, t.num_experts), gpu=gpu, device=device, dtype=dtype, layers=layers)
+    rp = Replayer(t, resolve(preset, hidden, ffn, t.num_experts), gpu=gpu, device=device, dtype=dtype, layers=layers,
+                  expert_dtype=expert_dtype, issue=issue)
     if calibration is not None:
         cal = simcache.load_calibration(calibration)
+        if rp.issue == "fast" and cal.group_ffn and cal.group_ffn.get("expert_dtype") != expert_dtype:
+            raise SimcacheError(f"{calibration} was probed with --expert-dtype "
+                                f"{cal.group_ffn.get('expert_dtype') or 'none'}, this replay uses "
+                                f"{expert_dtype or 'none'}")
     elif rp.dev.type == "cuda":
         from simcache.replay.probe import probe as run_probe
 
-        cal = run_probe(rp.dev, rp.preset, DTYPES[dtype])
+        cal = run_probe(rp.dev, rp.preset, DTYPES[dtype], expert_dtype=expert_dtype, grouped=rp.issue == "fast")
     else:
         cal = None
     results = [rp.run(p, c, scope=scope, batch=b, threshold=threshold, evict=evict, admit=admit, steps=steps,
-                      bypass_buffers=bypass_buffers, calibration=cal, decisions_file=decisions, verify=verify)
+                      bypass_buffers=bypass_buffers, calibration=cal, decisions_file=decisions, verify=verify,
+                      **extra)
                for p, c, b in runs]
     records = [dict(r.to_dict(), trace=str(path)) for r in results]
     if out is not None:
@@ -669,17 +881,22 @@ def replay(trace, gpu, device, dtype, preset, hidden, ffn, policies, capacities,
         click.echo(json.dumps({"trace": str(path), "results": records}, indent=2))
         return
     r0 = results[0]
-    click.echo(f"trace: {_shown(path)}; preset {rp.preset.name} ({r0.expert_bytes / 2**20:.1f} MiB experts, {dtype}); "
-               f"device {r0.device}; layers {layers or 'all'}; prediction from "
-               f"{'the built-in default' if cal is None else cal.source}")
+    click.echo(f"trace: {_shown(path)}; preset {rp.preset.name} ({r0.expert_bytes / 2**20:.1f} MiB experts, "
+               f"{expert_dtype or dtype}); device {r0.device}; layers {layers or 'all'}; issue {rp.issue}; "
+               f"prediction from {'the built-in default' if cal is None else cal.source} "
+               f"({r0.extra['timing_model']} timing)")
     rows = []
     for r in results:
         rows.append([r.policy, r.capacity, r.batch, r.steps, r.hits, r.loads, r.bytes_moved / 1e9,
                      r.measured_per_token_s * 1e3, r.predicted_per_token_s * 1e3, f"{r.error * 100:+.1f}%",
-                     r.copy_gbps_median, r.stall_s * 1e3, r.host_issue_us_per_group,
+                     r.copy_gbps_median, r.stall_s * 1e3, r.idle_s * 1e3,
+                     f"{r.extra['host_issue_us_first_groups']:.0f} / {r.host_issue_us_per_group:.0f}",
                      None if r.verified is None else ("equal" if r.verified else f"DIFF {r.max_abs_diff:.3g}")])
     click.echo(table(["policy", "cap", "batch", "steps", "hits", "loads", "GB moved", "measured ms/tok",
-                      "predicted ms/tok", "error", "copy GB/s", "stall ms", "host us/group", "outputs"], rows))
+                      "predicted ms/tok", "error", "copy GB/s", "stall ms", "GPU idle ms",
+                      "host us/group first/mean", "outputs"], rows))
+    click.echo("host us/group: the median of the first 4 groups (the host's own issue cost) and the mean "
+               "(which includes time blocked behind a full launch queue); GPU idle: waiting for the host")
 
 
 if __name__ == "__main__":
