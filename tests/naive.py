@@ -717,6 +717,8 @@ def gates(trace, steps, groups):
         total = {}
         for t, _ in steps[s]:
             for r in range(k):
+                if ex[t, l, r] < 0:
+                    continue
                 key = l * trace.num_experts + int(ex[t, l, r])
                 total[key] = total.get(key, 0.0) + (float(w[t, l, r]) if w is not None else 1.0 / k)
         out += [total[key] / len(steps[s]) for key, _ in acc]

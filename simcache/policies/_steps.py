@@ -31,9 +31,10 @@ def gate_of_access(work) -> np.ndarray:
     code = (step[:, None, None] * L + np.arange(L)[None, :, None]) * (L * E) + (
         np.arange(L)[None, :, None] * E + experts[tok])
     groups = np.repeat(np.arange(d.group_ptr.shape[0] - 1), np.diff(d.group_ptr))
-    at = np.searchsorted(groups * (L * E) + d.keys, code.ravel())
+    chosen = (experts[tok] >= 0).ravel()  # -1: no expert recorded (a gap in the trace)
+    at = np.searchsorted(groups * (L * E) + d.keys, code.ravel()[chosen])
     gate = np.zeros(d.num_accesses)
-    np.add.at(gate, at, weights[tok].ravel())  # in token order, as the twin adds them
+    np.add.at(gate, at, weights[tok].ravel()[chosen])  # in token order, as the twin adds them
     return gate / n[groups // L]
 
 
