@@ -383,7 +383,7 @@ def simulate(
     S = new_state(
         keys=work.demand.keys, future=work.future if future else np.zeros(0, np.int64),
         num_layers=L, num_experts=E, pool_caps=[capacity] * L if scope == "layer" else [capacity],
-        rules=(eviction, admission), seed=seed,
+        rules=(eviction, admission), seed=seed, workload=work,
     )
     learner = learner_for(eviction, admission)
     horizon = min(horizon, work.steps.num_steps)  # no step lies beyond the trace's end
