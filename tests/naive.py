@@ -383,3 +383,68 @@ def optimal_hits(groups, capacity, bypass=True):
 def as_arrays(result):
     return (np.array(result["outcome"], np.int8), np.array(result["slot"], np.int32),
             np.array(result["victim"], np.int32))
+
+
+# ---- hybrid execution (DESIGN §11) ---------------------------------------------------------
+
+
+def group_time(hit_s, miss_tokens, copied, rest, gpu, cpu, cpu_busy, t_copy, t_copy_busy, overlap):
+    """(gpu_s, copy_s, cpu_s, time_s) of one group, written from DESIGN §11: the misses at
+    positions ``copied`` are copied (issued in expert order, so the highest position is the last
+    to arrive), those at ``rest`` are computed on the CPU (summed from the end of ``rest``). Each
+    path runs at its concurrent rate when the other path has work."""
+    g = hit_s
+    for a in copied:
+        g += gpu[miss_tokens[a]]
+    c = 0.0
+    for a in reversed(rest):
+        c += (cpu_busy if copied else cpu)[miss_tokens[a]]
+    copy = len(copied) * (t_copy_busy if rest else t_copy)
+    if not copied:
+        path = g
+    elif overlap:
+        path = max(g, copy + gpu[miss_tokens[max(copied)]])
+    else:
+        path = g + copy
+    return g, copy, c, max(path, c)
+
+
+def by_tokens(miss_tokens, cpu_busy):
+    """The reference ranking of DESIGN §11: by token count, descending, ties in expert order."""
+    return sorted(range(len(miss_tokens)), key=lambda a: -miss_tokens[a])
+
+
+def by_cpu_time(miss_tokens, cpu_busy):
+    """A variant: by the CPU time each miss would take, descending (equals by_tokens when the
+    CPU table rises with token count)."""
+    return sorted(range(len(miss_tokens)), key=lambda a: -cpu_busy[miss_tokens[a]])
+
+
+def group_split(hit_s, miss_tokens, gpu, cpu, cpu_busy, t_copy, t_copy_busy, overlap, auto=True,
+                rank=by_tokens):
+    """A ranking rule by enumeration: for every j, the first j of the ranking copied and the
+    rest on the CPU; the least time wins, ties to the larger j (``auto=False``: j = 0).
+    Returns (j, sorted copied positions, (gpu_s, copy_s, cpu_s, time_s))."""
+    order = rank(miss_tokens, cpu_busy)
+    best = None
+    for j in range(len(order) + 1) if auto else [0]:
+        times = group_time(hit_s, miss_tokens, order[:j], order[j:], gpu, cpu, cpu_busy,
+                           t_copy, t_copy_busy, overlap)
+        if best is None or times[3] <= best[2][3]:
+            best = (j, sorted(order[:j]), times)
+    return best
+
+
+def best_subset(hit_s, miss_tokens, gpu, cpu, cpu_busy, t_copy, t_copy_busy, overlap):
+    """The least group time over every subset of the misses copied (2^m: small groups only)."""
+    from itertools import combinations
+
+    m = len(miss_tokens)
+    best = float("inf")
+    for j in range(m + 1):
+        for copied in combinations(range(m), j):
+            rest = [a for a in range(m) if a not in copied]
+            t = group_time(hit_s, miss_tokens, list(copied), rest, gpu, cpu, cpu_busy, t_copy,
+                           t_copy_busy, overlap)[3]
+            best = min(best, t)
+    return best
