@@ -570,38 +570,66 @@ def _torch():
 @main.command()
 @_preset_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the calibration JSON here.")
+@click.option("--cpu-threads", default="8,12,all", show_default=True,
+              help="Host thread counts to time the CPU expert FFN at ('all': every core).")
+@click.option("--no-cpu", is_flag=True, help="Skip the host CPU's tables.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
-def probe(gpu, device, dtype, preset, hidden, ffn, out, as_json):
-    """Measure a GPU's copy bandwidth, copy latency, expert FFN time and copy/compute overlap.
+def probe(gpu, device, dtype, preset, hidden, ffn, out, cpu_threads, no_cpu, as_json):
+    """Measure a GPU's copy bandwidth, copy latency, expert FFN time and copy/compute overlap,
+    and the host CPU's expert FFN time (alone and while copies run) and activation round trip.
 
     Writes the calibration that 'simcache simulate --calibration' and 'simcache replay' read.
+    With --device cpu only the host is measured (tiny shapes, tests); the GPU tables are then
+    the built-in H200 default's.
     """
     _torch()
+    import dataclasses
+
     from simcache.replay.experts import DTYPES, pick_device
     from simcache.replay.presets import resolve
-    from simcache.replay.probe import probe as run_probe
+    from simcache.replay.probe import probe as run_probe, probe_host
     from simcache.report import table
 
     dev = pick_device(gpu if gpu is not None else (None if device == "cpu" else 0), device)
-    if dev.type != "cuda":
-        raise SimcacheError("probe measures a GPU: give --gpu N")
     p = resolve(preset, hidden, ffn)
-    cal = run_probe(dev, p, DTYPES[dtype])
+    if dev.type != "cuda":
+        if no_cpu:
+            raise SimcacheError("probe --device cpu measures only the host: drop --no-cpu, or give --gpu N")
+        host = probe_host(dev, p, DTYPES[dtype], cpu_threads)
+        base = simcache.default_calibration()
+        cal = dataclasses.replace(
+            base, **{k: v for k, v in host.items() if k != "extra"}, extra=host["extra"],
+            device=f"host CPU only ({host['cpu_model']}); GPU tables: {base.device}",
+            source=f"simcache probe --device cpu (host only), preset {p.name}, {dtype}; GPU tables: {base.source}")
+    else:
+        cal = run_probe(dev, p, DTYPES[dtype], cpu_threads=None if no_cpu else cpu_threads)
     if out is not None:
         cal.save(out)
     if as_json:
         click.echo(cal.to_json())
         return
     click.echo(f"{cal.device}: {cal.source}")
-    click.echo(table(["copy size", "pinned GB/s"], [[f"{b / 2**20:g} MiB", g] for b, g in zip(cal.copy_bytes, cal.copy_gbps)]))
     x = cal.extra
-    click.echo(table(["copy size", "pageable GB/s"], [[f"{b / 2**20:g} MiB", g] for b, g in zip(x["pageable_bytes"], x["pageable_gbps"])]))
-    click.echo(f"copy latency (64 B): {x['copy_latency_us']:.1f} us")
-    click.echo(table(["tokens", f"{p.name} expert FFN ms (device)", "ms (host-paced)"],
-                     [[t, s * 1e3, w * 1e3] for t, s, w in zip(cal.ffn_tokens, cal.ffn_seconds, x["ffn_wall_seconds"])]))
-    click.echo(f"copy/compute overlap: {x['overlap_efficiency']:.2f} (copy {x['overlap_copy_s'] * 1e3:.2f} ms, "
-               f"compute {x['overlap_compute_s'] * 1e3:.2f} ms, both {x['overlap_both_s'] * 1e3:.2f} ms)")
+    if dev.type == "cuda":
+        click.echo(table(["copy size", "pinned GB/s"], [[f"{b / 2**20:g} MiB", g] for b, g in zip(cal.copy_bytes, cal.copy_gbps)]))
+        click.echo(table(["copy size", "pageable GB/s"], [[f"{b / 2**20:g} MiB", g] for b, g in zip(x["pageable_bytes"], x["pageable_gbps"])]))
+        click.echo(f"copy latency (64 B): {x['copy_latency_us']:.1f} us")
+        click.echo(table(["tokens", f"{p.name} expert FFN ms (device)", "ms (host-paced)"],
+                         [[t, s * 1e3, w * 1e3] for t, s, w in zip(cal.ffn_tokens, cal.ffn_seconds, x["ffn_wall_seconds"])]))
+        click.echo(f"copy/compute overlap: {x['overlap_efficiency']:.2f} (copy {x['overlap_copy_s'] * 1e3:.2f} ms, "
+                   f"compute {x['overlap_compute_s'] * 1e3:.2f} ms, both {x['overlap_both_s'] * 1e3:.2f} ms)")
+    if cal.has_cpu and "host_copy_alone_s" in x:
+        head = ["tokens"] + [f"{n} thr ms" + h for n in cal.cpu_threads for h in ("", " (copies)")]
+        rows = [[t] + [row[k] * 1e3 for a, b in zip(cal.cpu_seconds, cal.cpu_busy_seconds) for row in (a, b)]
+                for k, t in enumerate(cal.cpu_tokens)]
+        click.echo(f"host CPU: {cal.cpu_model}, {cal.cpu_dtype}, {p.name} expert FFN")
+        click.echo(table(head, rows))
+        click.echo("copies while the CPU computes: " + ", ".join(
+            f"{n} threads x{s:.3f}" for n, s in zip(cal.cpu_threads, cal.cpu_copy_slowdown))
+            + f" (alone {x['host_copy_alone_s'] * 1e3:.2f} ms)")
+        click.echo(f"chosen: {cal.cpu_thread_choice} threads; activation round trip: "
+                   f"{cal.act_latency_s * 1e6:.1f} us + {cal.act_token_bytes} B/token at {cal.act_gbps:.1f} GB/s each way")
     if out is not None:
         click.echo(f"wrote {out}")
 
