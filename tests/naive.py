@@ -14,7 +14,7 @@ from collections import Counter, OrderedDict
 
 import numpy as np
 
-HIT, FILL, BYPASS, FORCED = 0, 1, 2, 3
+HIT, FILL, BYPASS, FORCED, CPU = 0, 1, 2, 3, 4
 MASK = (1 << 64) - 1
 
 
@@ -251,8 +251,14 @@ def sum_in_order(values):
 
 
 def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="skip", tau=0.1,
-             prior=None, horizon=4, decay_every=100, decay=0.99, seed=0):
-    """Returns dict(outcome=[...], slot=[...], victim=[...], counters={name: [per layer]})."""
+             prior=None, horizon=4, decay_every=100, decay=0.99, seed=0, miss="load", tables=None,
+             placed=()):
+    """Returns dict(outcome=[...], slot=[...], victim=[...], counters={name: [per layer]}).
+
+    ``miss`` "cpu" / "auto" / "auto-cputime" (DESIGN §11) needs ``tables`` = (gpu, cpu,
+    cpu_busy, t_copy, t_copy_busy, overlap) as :func:`group_split` takes them, and adds
+    ``group_time`` (per group: gpu_s, copy_s, cpu_s, time_s). ``placed``: keys resident before
+    the first step, in slot order per pool (static placement)."""
     steps = schedule(trace, batch, prefill)
     groups = accesses(trace, steps)
     flat = [key for _, _, acc in groups for key, _ in acc]
@@ -262,9 +268,18 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
     c = NaiveCache(trace, evict, admit, capacity, scope, tau=tau, prior=prior, horizon=horizon,
                    decay_every=decay_every, decay=decay, seed=seed, flat=flat, group_of=group_of)
     learns = admit in ("markov", "markov-h") or evict == "markov"
-    names = ("accesses", "hits", "fills", "bypasses", "forced_bypasses", "evictions", "reloads")
+    names = ("accesses", "hits", "fills", "bypasses", "forced_bypasses", "evictions", "reloads",
+             "cpu_experts", "cpu_tokens")
     counters = {n: [0] * L for n in names}
-    outcome, slot_out, victim_out = [], [], []
+    outcome, slot_out, victim_out, group_time = [], [], [], []
+    for key in placed:
+        p = c.pool(key)
+        c.where[key] = (p, c.used[p])
+        c.slots[p][c.used[p]] = key
+        c.used[p] += 1
+        c.insertion[p][key] = True
+        c.recency[p][key] = True
+        c.last[key], c.freq[key] = -1, 0
     i = 0
     for s, l, acc in groups:
         if learns:
@@ -272,10 +287,30 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
             c.learn(s, l, pairs, top1, [k for k, _ in acc])
         counters["accesses"][l] += len(acc)
         pinned = {k for k, _ in acc if k in c.where}
+        to_cpu = set()
+        if miss != "load":
+            gpu, cpu, cpu_busy, t_copy, t_copy_busy, overlap = tables
+            hit_s = 0.0
+            for k, n in acc:
+                if k in c.where:
+                    hit_s += gpu[n]
+            missing = [(k, n) for k, n in acc if k not in c.where]
+            j, copied, times = group_split(hit_s, [n for _, n in missing], gpu, cpu, cpu_busy, t_copy,
+                                           t_copy_busy, overlap, auto=miss != "cpu",
+                                           rank=by_cpu_time if miss == "auto-cputime" else by_tokens)
+            to_cpu = {k for a, (k, _) in enumerate(missing) if a not in copied}
+            group_time.append(times)
         base_i = i
-        for j, (key, _) in enumerate(acc):
+        for j, (key, ntok) in enumerate(acc):
             i = base_i + j
             p = c.pool(key)
+            if key in to_cpu:
+                counters["cpu_experts"][l] += 1
+                counters["cpu_tokens"][l] += ntok
+                outcome.append(CPU)
+                slot_out.append(-1)
+                victim_out.append(-1)
+                continue
             if key in c.where:
                 c.touch(key, i)
                 c.freq[key] += 1
@@ -284,6 +319,7 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
                 slot_out.append(c.where[key][1])
                 victim_out.append(-1)
                 continue
+            # (the group's later misses, CPU-served ones included, as the kernel counts them)
             later = [(k, base_i + jj) for jj, (k, _) in enumerate(acc) if jj > j and k not in c.where]
             if not c.admit(key, i, pinned, later):
                 counters["bypasses"][l] += 1
@@ -322,7 +358,8 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
             slot_out.append(slot)
             victim_out.append(gone)
         i = base_i + len(acc)
-    return {"outcome": outcome, "slot": slot_out, "victim": victim_out, "counters": counters}
+    return {"outcome": outcome, "slot": slot_out, "victim": victim_out, "counters": counters,
+            "group_time": group_time}
 
 
 def lru_hits_flat(sequence, capacity):
