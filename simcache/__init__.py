@@ -16,7 +16,7 @@ from simcache.workload import Workload
 from simcache.synthetic import synth
 from simcache.timing import Calibration, default_calibration, load_calibration
 from simcache.trace import Trace, TraceWriter, read_trace, write_trace
-from simcache.transitions import fit_prior, split_requests, transition_counts
+from simcache.transitions import demand_counts, fit_prior, split_requests, transition_counts
 
 __all__ = [
     "ADMISSION",
@@ -29,6 +29,7 @@ __all__ = [
     "TraceWriter",
     "Workload",
     "default_calibration",
+    "demand_counts",
     "fit_prior",
     "load_calibration",
     "read_trace",

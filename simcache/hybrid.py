@@ -34,6 +34,8 @@ engine carried across groups) can replace it. Its plain-Python twin is
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 import numpy as np
 
 from simcache._jit import kernel as jit
@@ -125,6 +127,57 @@ def split(miss_tok, m, hit_s, gpu_lut, cpu_lut, cpu_busy_lut, t_copy, t_copy_bus
             out[CPU_S] = cpu
             out[TOTAL_S] = t
     return best_j
+
+
+# What the simulation loop needs for --miss cpu|auto: the CPU tables and per-group scratch.
+Hybrid = namedtuple("Hybrid", [
+    "cpu_lut",  # (max tokens + 1,) float64: CPU path seconds of one expert, no copy beside it
+    "cpu_busy_lut",  # (max tokens + 1,) float64: the same while copies run
+    "t_copy_busy",  # float: one copy's seconds while the CPU computes
+    "miss_tok",  # (max group,) int64: tokens of the group's misses, in expert order
+    "order",  # (max group,) int64: split's ranking; order[:j] are copied
+    "suffix",  # (max group + 1,) float64
+    "to_cpu",  # (max group,) bool: miss a of the group goes to the CPU
+    "out",  # (4,) float64: GPU_S, COPY_S, CPU_S, TOTAL_S of the group
+])
+
+
+def new_hybrid(cal, expert_bytes, max_tokens: int, max_group: int, miss: str) -> Hybrid:
+    """The loop's hybrid tables from a calibration (checked: ``--miss cpu|auto`` needs a CPU
+    table), or placeholders for ``--miss load`` / no timing (``cal`` None)."""
+    n = max(int(max_group), 1)
+    if cal is None or miss == "load":
+        cpu = busy = np.zeros(max_tokens + 1)
+        t_busy = 0.0
+    else:
+        cal.require_cpu(miss)
+        _, cpu, busy, _, t_busy = luts(cal, expert_bytes, max_tokens)
+    return Hybrid(cpu, busy, float(t_busy), np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n + 1),
+                  np.zeros(n, np.bool_), np.zeros(4))
+
+
+@jit
+def plan(H, S, tokens, lo, hi, stamp, gpu_lut, t_copy, overlap, mode):
+    """Pass 1 of a group under ``--miss cpu|auto``: pin the demanded residents (as the loop
+    does), collect the misses, :func:`split` them and mark which go to the CPU (``H.to_cpu``,
+    by miss rank in expert order). The group's times land in ``H.out``."""
+    m = 0
+    hit_s = 0.0
+    for i in range(lo, hi):
+        slot = S.where[S.keys[i]]
+        S.pin[slot] = stamp  # (an absent key pins the spare last entry)
+        if slot >= 0:
+            hit_s += gpu_lut[tokens[i]]
+        else:
+            H.miss_tok[m] = tokens[i]
+            m += 1
+    j = split(H.miss_tok, m, hit_s, gpu_lut, H.cpu_lut, H.cpu_busy_lut, t_copy, H.t_copy_busy, overlap,
+              mode, H.order, H.suffix, H.out)
+    for a in range(m):
+        H.to_cpu[a] = True
+    for a in range(j):
+        H.to_cpu[H.order[a]] = False
+    return m
 
 
 def luts(cal, expert_bytes: int, max_tokens: int):

@@ -32,6 +32,22 @@ def transition_counts(trace: Trace) -> np.ndarray:
     return counts.reshape(L, E, E)
 
 
+def demand_counts(trace: Trace) -> np.ndarray:
+    """How often each (layer, expert) was routed to, over every token of ``trace`` (all top-k
+    choices, prompt and generated): shape (layers, E), float64. Static placement ranks experts
+    by these counts of a *training* trace.
+
+    >>> import numpy as np, simcache
+    >>> t = simcache.Trace.from_arrays(np.array([[0, 1], [1, 2]]), request=[0, 0],
+    ...     position=[0, 1], layer=[0, 0], num_experts=3)
+    >>> demand_counts(t).tolist()
+    [[1.0, 2.0, 1.0]]
+    """
+    L, E = trace.num_layers, trace.num_experts
+    keys = np.arange(L)[None, :, None] * E + trace.token_experts().astype(np.int64)  # (tokens, L, k)
+    return np.bincount(keys.ravel(), minlength=L * E).astype(np.float64).reshape(L, E)
+
+
 def fit_prior(trace: Trace) -> np.ndarray:
     """A Markov-admission prior: the transition counts of a *training* trace."""
     return transition_counts(trace)

@@ -275,8 +275,39 @@ class Random(EvictionTwin):
         return by_slot[r][1]
 
 
+class Static(EvictionTwin):
+    """Never gives a resident up (the residents were placed before the first step)."""
+
+    def victim(self, p, pinned, cands, i):
+        return None
+
+
 EVICTION = {"lru": LRU, "fifo": FIFO, "lifo": LIFO, "lfu": LFU, "random": Random,
-            "belady": Belady, "markov": MarkovEviction}
+            "belady": Belady, "markov": MarkovEviction, "static": Static}
+PLACES = {"static"}  # eviction rules whose residents are placed up front (simulate(placed=...))
+
+
+def demand(trace):
+    """{(layer x E + expert): times routed} over every token and top-k choice."""
+    c = Counter()
+    L, E = trace.num_layers, trace.num_experts
+    ex = trace.experts.reshape(-1, L, trace.top_k)
+    for tok in ex.tolist():
+        for l, choices in enumerate(tok):
+            for e in choices:
+                c[l * E + e] += 1
+    return c
+
+
+def hot_set(counts, num_layers, num_experts, capacity, scope):
+    """The keys static placement puts in the cache, pool by pool in slot order: most demanded
+    first, ties to the lower key."""
+    pools = [[l * num_experts + e for e in range(num_experts)] for l in range(num_layers)] \
+        if scope == "layer" else [list(range(num_layers * num_experts))]
+    out = []
+    for keys in pools:
+        out += sorted(keys, key=lambda k: (-counts.get(k, 0), k))[:capacity]
+    return out
 
 
 def admit_all(c, key, i, pinned, later_misses):

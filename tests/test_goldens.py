@@ -59,7 +59,12 @@ GOLDEN = {
 
 
 def counts(trace, policy, capacity, batch):
-    r = simcache.simulate(trace, policy, capacity, batch=batch)
+    # a rule that places residents up front ranks them by half of the requests (a regression
+    # pin on the whole trace, not an evaluation)
+    extra = {}
+    if simcache.EVICTION[simcache.PRESETS[policy][0]].place is not None:
+        extra["train_demand"] = simcache.demand_counts(simcache.split_requests(trace, 0.5, 0)[0])
+    r = simcache.simulate(trace, policy, capacity, batch=batch, **extra)
     return (r.hits, r.fills, r.bypasses, r.forced_bypasses, r.evictions, r.reloads)
 
 

@@ -174,3 +174,146 @@ def test_choose_threads_weighs_the_copy_slowdown():
     assert choose_threads([8, 16], [10e-3, 9.9e-3], [1.0, 1.1], 6e-3) == 8
     assert choose_threads([8, 16], [10e-3, 9.0e-3], [1.0, 1.1], 6e-3) == 16
     assert choose_threads([4, 8], [1.0, 1.0], [1.0, 1.0], 1.0) == 4
+
+
+# ---- the simulator with --miss cpu|auto ---------------------------------------------------
+
+from .conftest import random_trace, rule_inputs  # noqa: E402
+from .strategies import traces  # noqa: E402
+
+# a few pairs (each pair x mode compiles its own loop)
+HYBRID_CASES = [("lru", "all", "cpu"), ("lru", "all", "auto"), ("lru", "all", "auto-cputime"),
+                ("belady", "oracle", "auto"), ("static", "all", "cpu"), ("static", "all", "auto")]
+
+
+def _tables(trace, batch, cal, overlap=None):
+    work = simcache.Workload(trace, batch)
+    gpu, cpu, busy, tc, tb = hybrid.luts(cal, trace.expert_bytes, work.max_tokens)
+    return gpu, cpu, busy, tc, tb, cal.overlap if overlap is None else overlap
+
+
+def _cheap_cpu(cal):
+    """A calibration whose CPU is as fast as a copy, so auto sends experts both ways."""
+    import dataclasses
+
+    t = cal.copy_seconds(1 << 20)
+    return dataclasses.replace(cal, cpu_expert_bytes=1 << 20, cpu_call_s=0.0,
+                               cpu_seconds=[[t, 2 * t, 6 * t] for _ in cal.cpu_threads],
+                               cpu_busy_seconds=[[1.2 * t, 2.4 * t, 7 * t] for _ in cal.cpu_threads])
+
+
+@pytest.mark.parametrize("evict,admit,miss", HYBRID_CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hybrid_kernel_equals_its_twin(evict, admit, miss, seed):
+    """Every access's outcome, slot and victim, every counter and every group's time."""
+    cal = _cheap_cpu(default_calibration())
+    t = random_trace(seed, prompt=2)
+    for capacity, batch in ((1, 1), (2, 3), (4, 2)):
+        r = simcache.simulate(t, None, capacity, evict=evict, admit=admit, batch=batch, miss=miss,
+                              calibration=cal, record=True, **rule_inputs(evict, t))
+        placed = naive.hot_set(naive.demand(t), t.num_layers, t.num_experts, capacity, "layer") \
+            if evict in naive.PLACES else ()
+        ref = naive.simulate(t, evict, admit, capacity, batch=batch, miss=miss, tables=_tables(t, batch, cal),
+                             placed=placed)
+        outcome, slot, victim = naive.as_arrays(ref)
+        np.testing.assert_array_equal(r.decisions.outcome, outcome)
+        np.testing.assert_array_equal(r.decisions.slot, slot)
+        np.testing.assert_array_equal(r.decisions.victim, victim)
+        for name, values in ref["counters"].items():
+            np.testing.assert_array_equal(r.per_layer[name], values, err_msg=name)
+        np.testing.assert_array_equal(r.decisions.group_time, [g[3] for g in ref["group_time"]])
+        assert r.gpu_s == pytest.approx(sum(g[0] for g in ref["group_time"]))
+        assert r.cpu_s == pytest.approx(sum(g[2] for g in ref["group_time"]))
+        if miss != "cpu" and capacity == 2:
+            assert 0 < r.cpu_experts < r.accesses - r.hits  # the cheap CPU takes some, not all
+
+
+HSETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@HSETTINGS
+@given(traces(), st.data(), st.sampled_from(HYBRID_CASES))
+def test_every_access_is_served_once(trace, data, case):
+    """hits + fills + bypasses + forced + cpu_experts = accesses, per layer; CPU experts are
+    never loaded; --miss cpu copies nothing."""
+    evict, admit, miss = case
+    scope = data.draw(st.sampled_from(["layer", "global"]))
+    size = trace.num_experts if scope == "layer" else trace.num_experts * trace.num_layers
+    capacity = data.draw(st.integers(1, size))
+    batch = data.draw(st.integers(1, 3))
+    work = simcache.Workload(trace, batch)
+    if not work.demand.num_accesses:
+        return
+    r = simcache.simulate(work, None, capacity, evict=evict, admit=admit, scope=scope, miss=miss,
+                          calibration=_cheap_cpu(default_calibration()), record=True, **rule_inputs(evict, trace))
+    pl = r.per_layer
+    served = pl["hits"] + pl["fills"] + pl["bypasses"] + pl["forced_bypasses"] + pl["cpu_experts"]
+    np.testing.assert_array_equal(served, pl["accesses"])
+    on_cpu = r.decisions.outcome == 4
+    assert on_cpu.sum() == r.cpu_experts
+    assert r.cpu_tokens == int(work.demand.tokens[on_cpu].sum())
+    assert r.bytes_loaded == r.loads * trace.expert_bytes
+    if miss == "cpu":
+        assert r.loads == 0 and r.copy_s == 0
+        if evict != "static":
+            assert r.hits == 0  # nothing is ever placed or copied
+    if evict == "static":
+        assert r.evictions == 0 and r.fills == 0
+
+
+def test_static_places_the_hot_set_and_never_evicts():
+    train, test = simcache.split_requests(random_trace(3, experts=8, requests=8, length=(20, 30)), 0.5, 0)
+    demand = simcache.demand_counts(train)
+    r = simcache.simulate(test, "static", 3, train_demand=demand, record=True)
+    hot = {l * 8 + e for l in range(test.num_layers) for e in np.argsort(-demand[l], kind="stable")[:3]}
+    keys = simcache.Workload(test).demand.keys
+    is_hot = np.isin(keys, list(hot))
+    np.testing.assert_array_equal(r.decisions.outcome == 0, is_hot)  # hits are exactly the hot set
+    assert r.forced_bypasses == (~is_hot).sum() and r.evictions == 0 and r.fills == 0
+    # global scope ranks (layer, expert) keys together
+    g = simcache.simulate(test, "static", 5, scope="global", train_demand=demand, record=True)
+    top = set(np.argsort(-demand.reshape(-1), kind="stable")[:5])
+    np.testing.assert_array_equal(g.decisions.outcome == 0, np.isin(keys, list(top)))
+    # from a prior: its column sums
+    prior = simcache.fit_prior(train)
+    p = simcache.simulate(test, "static", 3, prior=prior)
+    q = simcache.simulate(test, "static", 3, train_demand=prior.sum(axis=1))
+    assert (p.hits, p.forced_bypasses) == (q.hits, q.forced_bypasses)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(policy="static"), "eviction 'static' places the most-demanded experts of training data: give a "
+                            "training split \\(--split\\) or a prior \\(--prior\\)"),
+    (dict(policy="static", train_demand=np.zeros((1, 6))), "training demand has shape"),
+    (dict(policy="lru", miss="gpu"), "--miss must be one of load, cpu, auto"),
+    (dict(policy="lru", miss="cpu", calibration=simcache.Calibration(
+        device="gpu only", copy_bytes=[1], copy_gbps=[1.0], ffn_tokens=[1], ffn_seconds=[1e-3])),
+     "--miss cpu needs a CPU table, and calibration 'gpu only' has none"),
+])
+def test_bad_hybrid_arguments_are_one_line_errors(kwargs, message):
+    t = random_trace(1)
+    with pytest.raises(SimcacheError, match=message) as err:
+        simcache.simulate(t, capacity=2, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_auto_needs_expert_bytes():
+    t = simcache.synth(2, 5, num_layers=1, num_experts=4, top_k=1, expert_bytes=None)
+    with pytest.raises(SimcacheError, match="--miss auto prices each group, so it needs expert bytes"):
+        simcache.simulate(t, "lru", 2, miss="auto")
+    r = simcache.simulate(t, "lru", 2, miss="cpu")  # who serves a miss needs no price
+    assert r.cpu_experts == r.accesses and r.time_s is None
+
+
+def test_load_is_todays_model_and_auto_never_loses_a_group():
+    """--miss load reports exactly what the simulator reported before (times included, and
+    cpu_s = 0); auto's groups are each no slower than the same cache state all-copied, so on
+    a trace where auto keeps the cache of load (a CPU slower than any copy) the totals agree."""
+    t = random_trace(2)
+    load = simcache.simulate(t, "lru", 2, record=True)
+    assert load.cpu_s == 0 and load.cpu_experts == 0 and load.miss == "load"
+    assert load.compute_s == load.gpu_s and load.transfer_s == load.copy_s
+    cal = default_calibration()  # a 1 MiB copy (0.03 ms) beats the host's 0.14 ms per call
+    auto = simcache.simulate(t, "lru", 2, miss="auto", calibration=cal, record=True)
+    assert auto.cpu_experts == 0 and auto.hits == load.hits
+    assert auto.time_s == pytest.approx(load.time_s, rel=1e-12)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import simcache
 from simcache.policies import ADMISSION, EVICTION, PRESETS
 
+from .conftest import rule_inputs
 from .strategies import traces
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -34,7 +35,8 @@ def test_counters_add_up_and_occupancy_bounded(trace, data, evict, admit):
     batch, prefill, scope, capacity = workload_args(data, trace)
     assume(has_accesses(trace, prefill))
     r = simcache.simulate(trace, None, capacity, evict=evict, admit=admit, batch=batch,
-                          prefill=prefill, scope=scope, record=True, threshold=0.2)
+                          prefill=prefill, scope=scope, record=True, threshold=0.2,
+                          **rule_inputs(evict, trace))
     assert r.hits + r.fills + r.bypasses + r.forced_bypasses == r.accesses
     pl = r.per_layer
     assert (pl["hits"] + pl["fills"] + pl["bypasses"] + pl["forced_bypasses"] == pl["accesses"]).all()
@@ -75,11 +77,12 @@ def test_nothing_beats_belady_with_bypass(trace, data):
     for evict in EVICTION:
         for admit in ADMISSION:
             r = simcache.simulate(work, None, capacity, evict=evict, admit=admit, scope=scope,
-                                  threshold=0.2)
+                                  threshold=0.2, **rule_inputs(evict, trace))
             assert r.loads >= best.loads, (evict, admit)
     demand_min = simcache.simulate(work, "belady", capacity, scope=scope)
     for evict in EVICTION:
-        r = simcache.simulate(work, None, capacity, evict=evict, admit="all", scope=scope)
+        r = simcache.simulate(work, None, capacity, evict=evict, admit="all", scope=scope,
+                              **rule_inputs(evict, trace))
         assert r.loads >= demand_min.loads, evict
 
 
@@ -99,10 +102,11 @@ def test_same_seed_same_result(trace, data, policy):
     batch, prefill, scope, capacity = workload_args(data, trace)
     assume(has_accesses(trace, prefill))
     seed = data.draw(st.integers(0, 2**31))
+    extra = rule_inputs(PRESETS[policy][0], trace)
     a = simcache.simulate(trace, policy, capacity, batch=batch, prefill=prefill, scope=scope,
-                          seed=seed, record=True)
+                          seed=seed, record=True, **extra)
     b = simcache.simulate(trace, policy, capacity, batch=batch, prefill=prefill, scope=scope,
-                          seed=seed, record=True)
+                          seed=seed, record=True, **extra)
     np.testing.assert_array_equal(a.decisions.outcome, b.decisions.outcome)
     np.testing.assert_array_equal(a.decisions.victim, b.decisions.victim)
     assert a.to_dict() | {"elapsed": 0} == b.to_dict() | {"elapsed": 0}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from simcache.errors import SimcacheError
 from simcache.policies.admission import always, markov as markov_admission, oracle
-from simcache.policies.eviction import belady, fifo, lfu, lifo, lru, markov, random
+from simcache.policies.eviction import belady, fifo, lfu, lifo, lru, markov, random, static
 from simcache.policies.registry import Admission, Eviction, declared, learners, table
 
 EVICTION: dict[str, Eviction] = table(declared(
@@ -21,6 +21,7 @@ EVICTION: dict[str, Eviction] = table(declared(
     random,
     belady,
     markov,
+    static,
 ))
 
 ADMISSION: dict[str, Admission] = table(declared(
@@ -41,6 +42,7 @@ PRESETS = {
     "belady": ("belady", "all"),
     "belady-bypass": ("belady", "oracle"),
     "markov": ("lru", "markov"),
+    "static": ("static", "all"),
 }
 
 
