@@ -254,7 +254,11 @@ def synth(output, num_requests, length, layers, experts, top_k, transitions, com
               help="Score on this fraction of requests; fit the Markov prior on the rest.")
 @click.option("--seed", type=int, default=0, show_default=True, help="For --split and random eviction.")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
-              help="Timing tables from 'simcache probe' (default: H200 reference figures).")
+              help="Timing tables from 'simcache probe', or a reference machine: h200 (the "
+                   "default), rtx4090.")
+@click.option("--miss", "misses", default="load", callback=_csv(str), show_default=True,
+              help="Who serves a miss, comma-separated: load (copy it), cpu (compute it on the "
+                   "host CPU), auto (split each step's misses to minimise its time), auto-cputime.")
 @click.option("--no-overlap", is_flag=True, help="Model copies without a side stream (serial).")
 @click.option("--expert-bytes", type=int, help="Override the trace's bytes per expert.")
 @click.option("--per-layer", is_flag=True, help="Also print per-layer counters.")
@@ -267,7 +271,7 @@ def synth(output, num_requests, length, layers, experts, top_k, transitions, com
               help="Progress bar on stderr (default: on for long runs at a terminal).")
 @friendly
 def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evict, admit, horizon,
-             prior, split, seed, calibration, no_overlap, expert_bytes, per_layer, as_json, out,
+             prior, split, seed, calibration, misses, no_overlap, expert_bytes, per_layer, as_json, out,
              decisions, progress):
     """Simulate expert caches over TRACE (default: the bundled FLAME-MoE-290M sample).
 
@@ -276,6 +280,7 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
       simcache simulate --policy lru,markov,belady,belady-bypass --capacity 8,16,32
       simcache simulate my.parquet --policy markov --threshold 0.1 --batch 64
       simcache simulate my.parquet --policy markov --split 0.5
+      simcache simulate my.parquet --policy lru,static --miss load,cpu,auto --split 0.5
     """
     from simcache.report import table, write_results
     from simcache.workload import Workload
@@ -288,29 +293,34 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
     L, E = t.num_layers, t.num_experts
     if capacities is None:
         capacities = [max(1, E // 4) if scope == "layer" else max(1, L * E // 4)]
-    prior_counts = None
+    prior_counts = train_demand = None
     notes = []
     if split is not None:
         if prior is not None:
             raise SimcacheError("use either --split or --prior, not both")
         train, t = split_requests(t, split, seed)
         prior_counts = simcache.fit_prior(train)
+        train_demand = simcache.demand_counts(train)
         notes.append(
-            f"scored on {t.num_requests:,} test requests; Markov prior fitted on "
-            f"{train.num_requests:,} train requests (split by request, seed {seed})"
+            f"scored on {t.num_requests:,} test requests; Markov prior and static hot set fitted "
+            f"on {train.num_requests:,} train requests (split by request, seed {seed})"
         )
     elif prior is not None:
         if prior.resolve() == Path(path).resolve():
             raise SimcacheError("the prior is the trace being scored: fit it on a separate trace")
         prior_counts = load_prior(prior, L, E)
-        notes.append(f"Markov prior from {prior}")
+        if prior.suffix != ".npy":
+            train_demand = simcache.demand_counts(simcache.read_trace(prior))
+        notes.append(f"Markov prior (and static hot set) from {prior}")
     cal = simcache.load_calibration(calibration) if calibration is not None else None
-    if decisions is not None and len(policies) * len(capacities) != 1:
-        raise SimcacheError("--decisions needs exactly one policy and one capacity")
+    if decisions is not None and len(policies) * len(capacities) * len(misses) != 1:
+        raise SimcacheError("--decisions needs exactly one policy, one capacity and one --miss")
+    for m in misses:
+        simcache.hybrid.miss_code(m)
     for p in policies:
         simcache.policies.resolve(p, evict, admit)
     work = Workload(t, batch, prefill)
-    runs = [(p, c) for p in policies for c in capacities]
+    runs = [(p, c, m) for p in policies for m in misses for c in capacities]
     total = work.demand.num_accesses * len(runs)
     show = progress if progress is not None else (sys.stderr.isatty() and total > 20_000_000)
     results = []
@@ -318,13 +328,14 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
     try:
         if bar is not None:
             bar.__enter__()
-        for p, c in runs:
+        for p, c, m in runs:
             results.append(
                 simcache.simulate(
                     work, p, c, scope=scope, threshold=threshold, evict=evict, admit=admit,
                     prior=prior_counts, horizon=horizon, seed=seed, calibration=cal,
                     overlap=False if no_overlap else None, expert_bytes=expert_bytes,
                     record=decisions is not None, progress=None if bar is None else bar.update,
+                    miss=m, train_demand=train_demand,
                 )
             )
     finally:
@@ -358,16 +369,26 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
     for note in notes:
         click.echo(f"note: {note}")
     click.echo("")
+    hybrid_cols = misses != ["load"]
     headers = ["policy", "capacity", "hit ratio", "hits", "fills", "bypasses", "forced", "evictions",
                "reloads", "GB loaded", "ms/token", "tokens/s"]
+    if hybrid_cols:  # who served the misses, and each executor's seconds
+        headers[1:1] = ["miss"]
+        headers[8:8] = ["cpu experts"]
+        headers += ["gpu s", "copy s", "cpu s"]
     rows = []
     for r in results:
         name = r.policy + (f" (tau={r.threshold:.3g})" if r.threshold is not None else "")
-        rows.append([
+        row = [
             name, r.capacity, r.hit_ratio, r.hits, r.fills, r.bypasses, r.forced_bypasses,
             r.evictions, r.reloads, None if r.bytes_loaded is None else r.bytes_loaded / 1e9,
             None if r.time_per_token_s is None else r.time_per_token_s * 1e3, r.tokens_per_s,
-        ])
+        ]
+        if hybrid_cols:
+            row[1:1] = [r.miss]
+            row[8:8] = [r.cpu_experts]
+            row += [r.gpu_s, r.copy_s, r.cpu_s]
+        rows.append(row)
     click.echo(table(headers, rows))
     if per_layer:
         for r in results:

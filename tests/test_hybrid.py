@@ -317,3 +317,50 @@ def test_load_is_todays_model_and_auto_never_loses_a_group():
     auto = simcache.simulate(t, "lru", 2, miss="auto", calibration=cal, record=True)
     assert auto.cpu_experts == 0 and auto.hits == load.hits
     assert auto.time_s == pytest.approx(load.time_s, rel=1e-12)
+
+
+# ---- the CLI -------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from simcache.cli import main
+
+    return CliRunner().invoke(main, ["simulate", *map(str, args)])
+
+
+def test_cli_miss_columns_and_static_split(tmp_path):
+    from .conftest import TRACES
+
+    out = tmp_path / "r.json"
+    r = _cli(TRACES / "trained-mixtral-8e.parquet", "--policy", "static", "--miss", "load,cpu", "--capacity", "2",
+             "--split", "0.5", "--calibration", "rtx4090", "--expert-bytes", MIXTRAL_EXPERT_BYTES, "--out", out)
+    assert r.exit_code == 0, r.output
+    head = next(line for line in r.output.splitlines() if line.startswith("policy"))
+    assert head.split()[:3] == ["policy", "miss", "capacity"] and "cpu experts" in head and "cpu s" in head
+    rows = json.loads(out.read_text())
+    load, cpu = rows
+    assert (load["miss"], cpu["miss"]) == ("load", "cpu")
+    assert load["hits"] == cpu["hits"] and cpu["cpu_experts"] == load["forced_bypasses"] and cpu["loads"] == 0
+    # the same through the library: static's hot set from the other half of the requests
+    t = simcache.read_trace(TRACES / "trained-mixtral-8e.parquet")
+    train, test = simcache.split_requests(t, 0.5, 0)
+    lib = simcache.simulate(test, "static", 2, miss="cpu", train_demand=simcache.demand_counts(train),
+                            calibration=rtx4090_calibration(), expert_bytes=MIXTRAL_EXPERT_BYTES)
+    assert lib.cpu_experts == cpu["cpu_experts"] and lib.time_s == pytest.approx(cpu["time_s"])
+
+
+def test_cli_bad_hybrid_input_is_one_line(tmp_path):
+    from .conftest import TRACES
+
+    trace = TRACES / "trained-mixtral-8e.parquet"
+    r = _cli(trace, "--policy", "static", "--capacity", "2")
+    assert r.exit_code == 1 and r.output.startswith("Error: eviction 'static' places the most-demanded")
+    gpu_only = tmp_path / "gpu.json"
+    simcache.Calibration(device="gpu only", copy_bytes=[1], copy_gbps=[1.0], ffn_tokens=[1],
+                         ffn_seconds=[1e-3]).save(gpu_only)
+    r = _cli(trace, "--miss", "cpu", "--capacity", "2", "--calibration", gpu_only, "--expert-bytes", 1000)
+    assert r.exit_code == 1 and "--miss cpu needs a CPU table" in r.output and len(r.output.splitlines()) == 1
+    r = _cli(trace, "--miss", "sometimes", "--capacity", "2")
+    assert r.exit_code == 1 and "--miss must be one of" in r.output
