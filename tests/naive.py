@@ -108,6 +108,7 @@ class NaiveCache:
         self.insertion = [OrderedDict() for _ in range(pools)]  # FIFO order
         self.last, self.freq = {}, {}
         self.evicted = set()
+        self.placed = set()
         self.flat = flat  # keys in access order
         self.group_of = group_of  # group index of every access
         self.positions = {}
@@ -325,7 +326,8 @@ def admit_oracle(c, key, i, pinned, later_misses):
     me = c.future_key(key, i)
     unpinned = [k for k in c.slots[p].values() if k not in pinned]
     room = c.cap - c.used[p] + len(unpinned)
-    nearer = sum(1 for k in unpinned if c.future_key(k, c.last[k]) <= me)
+    # a placed resident not yet demanded (static) counts as needed before anything
+    nearer = sum(1 for k in unpinned if c.last[k] < 0 or c.future_key(k, c.last[k]) <= me)
     nearer += sum(1 for (k, j) in later_misses if c.future_key(k, j) < me)
     return nearer < room
 
@@ -356,6 +358,7 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
              "cpu_experts", "cpu_tokens")
     counters = {n: [0] * L for n in names}
     outcome, slot_out, victim_out, group_time = [], [], [], []
+    c.placed = set(placed)
     for key in placed:
         p = c.pool(key)
         c.where[key] = (p, c.used[p])

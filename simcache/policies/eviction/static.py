@@ -44,6 +44,7 @@ def place(S, demand, per_layer):
             slot = S.base[p] + rank
             S.where[key] = slot
             S.slot_key[slot] = key
+            S.nu[slot] = 0  # until first demanded, ranks as needed next (oracle admission)
         S.used[p] = len(keys)
 
 
