@@ -49,6 +49,14 @@ def test_counters_add_up_and_occupancy_bounded(trace, data, evict, admit):
     keys = Workload(trace, batch, prefill).demand.keys
     pool = (keys // E) if scope == "layer" else np.zeros_like(keys)
     resident = [set() for _ in range(trace.num_layers if scope == "layer" else 1)]
+    if EVICTION[evict].place is not None:  # residents placed before the first step
+        from simcache.state import new_state
+
+        S = new_state(keys=keys, future=np.zeros(0, np.int64), num_layers=trace.num_layers, num_experts=E,
+                      pool_caps=[capacity] * len(resident), rules=(EVICTION[evict],))
+        EVICTION[evict].place(S, rule_inputs(evict, trace)["train_demand"], scope == "layer")
+        for slot in np.flatnonzero(S.slot_key >= 0):
+            resident[S.slot_pool[slot]].add(S.slot_key[slot])
     for i in range(keys.size):
         p = pool[i]
         if d.outcome[i] == 0:
