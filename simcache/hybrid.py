@@ -80,6 +80,12 @@ def split(miss_tok, m, hit_s, gpu_lut, cpu_lut, cpu_busy_lut, t_copy, t_copy_bus
     out : float array of 4
         GPU_S, COPY_S, CPU_S, TOTAL_S of the chosen j.
     """
+    if m == 0:  # all hits (the common group): nothing to split
+        out[GPU_S] = hit_s
+        out[COPY_S] = 0.0
+        out[CPU_S] = 0.0
+        out[TOTAL_S] = hit_s
+        return 0
     # misses by token count (or CPU time), descending; ties keep expert order (insertion sort:
     # m is small)
     by_time = mode == AUTO_CPUTIME
