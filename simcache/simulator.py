@@ -29,7 +29,7 @@ from simcache.errors import SimcacheError
 from simcache.policies import _dispatch as dispatch
 from simcache.policies import learner_for, needs_future, policy_name, resolve
 from simcache.state import Learner, new_state
-from simcache.timing import Calibration, default_calibration
+from simcache.timing import Calibration, default_calibration, group_seconds, group_table_for
 from simcache.trace import Trace
 from simcache.workload import Workload
 
@@ -69,7 +69,7 @@ CHUNK_ACCESSES = 4_000_000  # accesses per kernel call between progress updates
 def _run(
     g0, g1, group_ptr, tokens, L, per_layer, S, M,
     evict, admit, learner, future_tag, record_tag, miss_tag,
-    counters, layer_time, t_copy, ffn_lut, overlap, H,
+    counters, layer_time, t_copy, ffn_lut, overlap, group_n, group_t, group_s, group_fixed, H,
     out_outcome, out_slot, out_victim, out_group_time,
 ):
     """Serve groups g0..g1-1. Per access it counts the outcome (counters[layer, outcome]),
@@ -113,10 +113,13 @@ def _run(
         misses = 0
         compute = 0.0
         last_miss = 0.0
+        group_tokens = 0
+        load_tokens = 0
         for i in range(lo, hi):
             key = S.keys[i]
             cost = ffn_lut[tokens[i]]
             compute += cost
+            group_tokens += tokens[i]
             slot = S.where[key]
             if slot >= 0:  # a hit (misses of this group are filled only at their own index;
                 # pass 1 pinned it, or it is the group's only access)
@@ -140,6 +143,7 @@ def _run(
                 continue
             loads += 1
             last_miss = cost
+            load_tokens += tokens[i]
             outcome = BYPASS
             gone = -1
             if dispatch.admit(admit, S, M, pool, i, hi, stamp):
@@ -181,7 +185,10 @@ def _run(
             layer_time[l, CPU_S] += H.out[hybrid.CPU_S]
         else:
             transfer = loads * t_copy
-            if overlap:
+            if group_s.shape[0] > 0:  # a grouped FFN table: the replay's fast issue path
+                compute, t = group_seconds(group_n, group_t, group_s, group_fixed, hi - lo - loads,
+                                           group_tokens - load_tokens, loads, load_tokens, transfer, overlap)
+            elif overlap:
                 t = max(compute, transfer + last_miss)
             else:
                 t = compute + transfer
@@ -423,6 +430,7 @@ def simulate(
         eviction.place(S, _check_demand(train_demand, prior, L, E, eviction.name), scope == "layer")
     eb, cal_name, t_copy, lut, ov = _timing(work, calibration, expert_bytes, overlap)
     H, mode = _hybrid(work, miss, calibration, eb)
+    group_table = group_table_for(calibration, eb)
 
     n_groups = work.demand.group_ptr.shape[0] - 1
     counters = np.zeros((L, len(COUNTERS)), np.int64)
@@ -434,7 +442,7 @@ def simulate(
     for g0, g1 in _chunks(work.demand.group_ptr):
         _run(
             g0, g1, work.demand.group_ptr, work.demand.tokens, L, scope == "layer", S, M, *tags,
-            counters, layer_time, t_copy, lut, ov, H, *rec,
+            counters, layer_time, t_copy, lut, ov, *group_table, H, *rec,
         )
         if progress is not None:
             progress(int(work.demand.group_ptr[g1] - work.demand.group_ptr[g0]))
