@@ -1,7 +1,8 @@
 """The decision log: what the simulator decided for every access, for replay on a GPU.
 
 One Parquet row per access, in simulation order: the (step, layer) group, the expert, the
-tokens routed to it, the outcome (hit / fill / bypass / forced bypass), the slot inside the
+tokens routed to it, the outcome (hit / fill / bypass / forced bypass / computed on the host
+CPU under ``--miss cpu|auto``), the slot inside the
 layer's (or global) pool for hits and fills, and the evicted (layer, expert) for fills that
 evicted. File metadata names the trace (with a fingerprint of its routing), the workload and
 the policy, and carries the simulator's predicted times, so a replay can refuse a log that
@@ -38,7 +39,7 @@ class DecisionLog:
     group_ptr: np.ndarray  # (groups + 1,) int64
     keys: np.ndarray  # (accesses,) int32: layer * E + expert
     tokens: np.ndarray  # (accesses,) int32
-    outcome: np.ndarray  # (accesses,) int8: 0 hit, 1 fill, 2 bypass, 3 forced bypass
+    outcome: np.ndarray  # (accesses,) int8: 0 hit, 1 fill, 2 bypass, 3 forced bypass, 4 CPU
     slot: np.ndarray  # (accesses,) int32: slot inside the pool, or -1
     victim: np.ndarray  # (accesses,) int32: evicted key, or -1
     meta: dict
@@ -86,6 +87,7 @@ def write_decisions(work, result, path) -> Path:
         "capacity": result.capacity,
         "scope": result.scope,
         "threshold": result.threshold,
+        "miss": result.miss,
         "steps": result.steps,
         "decode_tokens": result.decode_tokens,
         "predicted": result.to_dict(per_layer=True),

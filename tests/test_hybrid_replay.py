@@ -113,3 +113,19 @@ def test_probe_cli_on_the_cpu_writes_a_calibration_with_host_tables(tmp_path):
     r = CliRunner().invoke(main, ["probe", "--device", "cpu", "--no-cpu", "--preset", "custom", "--hidden", "16",
                                   "--ffn", "24"])
     assert r.exit_code == 1 and "measures only the host" in r.output
+
+
+def test_replay_refuses_a_cpu_decision_log_for_now(tmp_path):
+    from .conftest import random_trace
+
+    t = random_trace(5, layers=2, experts=5, requests=3, length=(12, 12))
+    path = tmp_path / "t.parquet"
+    simcache.write_trace(t, path)
+    log = tmp_path / "d.parquet"
+    r = CliRunner().invoke(main, ["simulate", str(path), "--policy", "lru", "--capacity", "2", "--miss", "cpu",
+                                  "--decisions", str(log)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["replay", str(path), "--device", "cpu", "--preset", "custom", "--hidden", "16",
+                                  "--ffn", "24", "--dtype", "float32", "--policy", "lru", "--capacity", "2",
+                                  "--decisions", str(log), "--steps", "8"])
+    assert r.exit_code == 1 and "replay runs --miss load decisions; this log was made with --miss cpu" in r.output

@@ -251,6 +251,8 @@ def _decide(rp: Replayer, policy, capacity, scope, batch, threshold, evict, admi
 
         log = read_decisions(decisions_file)
         log.check_trace(rp.trace)
+        if log.meta.get("miss", "load") != "load":  # (replay/cpu.py's executor is not wired in yet)
+            raise SimcacheError(f"replay runs --miss load decisions; this log was made with --miss {log.meta['miss']}")
         same = (log.keys.shape == work.demand.keys.shape and np.array_equal(log.outcome, sim.decisions.outcome)
                 and np.array_equal(log.slot, sim.decisions.slot) and np.array_equal(log.victim, sim.decisions.victim))
         if not same:
