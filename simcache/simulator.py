@@ -54,13 +54,14 @@ COUNTERS = {
 HIT, FILL, BYPASS, FORCED_BYPASS, CPU = HITS, FILLS, BYPASSES, FORCED_BYPASSES, CPU_EXPERTS
 # per-layer seconds, declared once like the counters
 TIMES = {
-    "gpu_s": "GPU FFN time of the experts the GPU computes (hits and copied misses)",
-    "copy_s": "copy-engine time of every load (at its concurrent rate beside CPU work)",
+    "compute_s": "GPU FFN time of the experts the GPU computes (hits and copied misses; gpu_s)",
+    "transfer_s": "copy-engine time of every load, at its concurrent rate beside CPU work (copy_s)",
     "cpu_s": "CPU path time: host FFN and activation round trip of each CPU expert",
     "time_s": "predicted time of the groups (max of the GPU path, copies overlapping compute if "
               "the calibration says so, and the CPU path)",
 }
-GPU_S, COPY_S, CPU_S, TIME_S = range(len(TIMES))
+COMPUTE_S, TRANSFER_S, CPU_S, TIME_S = range(len(TIMES))
+GPU_S, COPY_S = COMPUTE_S, TRANSFER_S  # the executors' names for the same columns (DESIGN §11)
 
 CHUNK_ACCESSES = 4_000_000  # accesses per kernel call between progress updates
 
@@ -249,14 +250,14 @@ class SimResult:
                 "miss", "model", "num_layers", "num_experts", "top_k", "steps", "decode_tokens")
 
     @property
-    def compute_s(self) -> float | None:
-        """The former name of :attr:`gpu_s`."""
-        return self.gpu_s
+    def gpu_s(self) -> float | None:
+        """GPU FFN seconds (hits and copied experts): :attr:`compute_s` by its executor's name."""
+        return self.compute_s
 
     @property
-    def transfer_s(self) -> float | None:
-        """The former name of :attr:`copy_s`."""
-        return self.copy_s
+    def copy_s(self) -> float | None:
+        """Copy-engine seconds: :attr:`transfer_s` by its executor's name."""
+        return self.transfer_s
 
     @property
     def loads(self) -> int:
