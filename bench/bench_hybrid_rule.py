@@ -1,4 +1,4 @@
-"""How far the auto rule of DESIGN §11 is from the best of every subset, on random small groups.
+"""How far the auto rule of docs/design.md §11 is from the best of every subset, on random small groups.
 
 A group: 1-7 misses with 1-64 tokens each (decode batches up to 64), 0-3 hits, priced by a
 reference calibration for a Mixtral-8x7B or a DeepSeek-V2-Lite expert. For each ranking rule it

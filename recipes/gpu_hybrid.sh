@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Hybrid execution on one GPU machine (DESIGN §11), from the repository root: probe the GPU and
+# Hybrid execution on one GPU machine (docs/design.md §11), from the repository root: probe the GPU and
 # its host CPU for two presets, then replay lru and static with --miss load,cpu,auto at two
 # capacities, batch 1 and 16: the Mixtral-8x7B bf16 preset on the Mixtral-shaped sample trace
 # (layers 0-3: 4 x 8 experts x 352 MiB = 11 GiB of pinned host memory) and the DeepSeek-V2-Lite

@@ -1,4 +1,4 @@
-"""Hybrid execution (DESIGN §11): serve a (step, layer)'s misses by copy or on the host CPU.
+"""Hybrid execution (docs/design.md §11): serve a (step, layer)'s misses by copy or on the host CPU.
 
 Three executors work at once on a group: the GPU computes the residents and the copied
 experts, the copy engine moves copied experts' weights host -> device, and the host CPU
@@ -16,9 +16,9 @@ runs beside it, a copy at its while-the-CPU-computes rate when a CPU expert runs
 
 ``--miss`` picks who serves the misses:
 
-* ``load``: every miss is copied (DESIGN §4; the simulator keeps its own code path for it);
+* ``load``: every miss is copied (docs/design.md §4; the simulator keeps its own code path for it);
 * ``cpu``: every miss is computed on the CPU (j = 0 below);
-* ``auto``: the reference rule of DESIGN §11 -- sort the misses by token count, descending
+* ``auto``: the reference rule of docs/design.md §11 -- sort the misses by token count, descending
   (ties in expert order); the first j are copied, the rest go to the CPU; j minimises the
   group's time (ties to the larger j: a copied expert may be cached for later groups);
 * ``auto-cputime``: the same with the misses sorted by the CPU time each would take (its

@@ -7,7 +7,7 @@ For each (step, layer) group, in execution order:
    free slot, else the eviction rule's victim among unpinned residents, then a fill;
    refused -> a bypass (streamed through a transient buffer; the cache and its order are
    untouched); admitted but every resident pinned -> a forced bypass;
-3. every miss is one expert load over PCIe -- or, with ``--miss cpu|auto`` (DESIGN §11), some
+3. every miss is one expert load over PCIe -- or, with ``--miss cpu|auto`` (docs/design.md §11), some
    misses are computed on the host CPU instead: no load, the cache untouched
    (:mod:`simcache.hybrid` decides which, per group, and prices the group).
 
@@ -61,7 +61,7 @@ TIMES = {
               "the calibration says so, and the CPU path)",
 }
 COMPUTE_S, TRANSFER_S, CPU_S, TIME_S = range(len(TIMES))
-GPU_S, COPY_S = COMPUTE_S, TRANSFER_S  # the executors' names for the same columns (DESIGN §11)
+GPU_S, COPY_S = COMPUTE_S, TRANSFER_S  # the executors' names for the same columns (docs/design.md §11)
 
 CHUNK_ACCESSES = 4_000_000  # accesses per kernel call between progress updates
 
@@ -366,7 +366,7 @@ def simulate(
         Skip prompt tokens, or run each prompt as one step.
     prior : array (layers, E, E), optional
         Transition counts that seed the Markov learner, fitted on a *separate* trace
-        (:func:`simcache.fit_prior`).
+        (:func:`simcache.transition_counts`).
     horizon : int
         Steps ahead for ``admit="markov-h"``.
     decay_every, decay : int, float
@@ -384,7 +384,7 @@ def simulate(
     progress : callable, optional
         Called with the number of accesses done after each chunk.
     miss : {"load", "cpu", "auto", "auto-cputime"}
-        Who serves a miss (DESIGN §11, :mod:`simcache.hybrid`): ``load`` copies every miss;
+        Who serves a miss (docs/design.md §11, :mod:`simcache.hybrid`): ``load`` copies every miss;
         ``cpu`` computes every miss on the host CPU; ``auto`` splits each group's misses
         between the two to minimise its time. ``cpu`` and ``auto`` need a calibration with a
         CPU table (the default has one).

@@ -1,4 +1,4 @@
-"""The cost model (DESIGN §5): seconds for expert loads over PCIe and for expert FFNs.
+"""The cost model (docs/design.md §5): seconds for expert loads over PCIe and for expert FFNs.
 
 Per (step, layer): transfer = loads x copy time of one expert; compute = sum over demanded
 experts of the FFN time (on the GPU) for the tokens routed to it. With a copy stream
@@ -9,9 +9,9 @@ model and the host's time to issue the work are not, so the reported time per to
 does not).
 
 A :class:`Calibration` holds the measured tables; ``simcache probe`` writes one as JSON on a
-GPU, and the built-in default carries the H200 figures of DESIGN §5.
+GPU, and the built-in default carries the H200 figures of docs/design.md §5.
 
-Hybrid execution (DESIGN §11) adds the host CPU as a third executor: its expert FFN time by
+Hybrid execution (docs/design.md §11) adds the host CPU as a third executor: its expert FFN time by
 token count, alone and while copies run, for a few thread counts (the ``cpu_*`` fields), the
 activation round trip that sends a CPU expert's tokens down and its results back (``act_*``),
 and how much copies slow while the CPU computes. :data:`REFERENCES` names the built-in
@@ -74,7 +74,7 @@ class Calibration:
     source: str = ""
     extra: dict = field(default_factory=dict)
     group_ffn: dict = field(default_factory=dict)
-    # ---- host CPU executor (DESIGN §11); empty cpu_threads = no CPU table ----
+    # ---- host CPU executor (docs/design.md §11); empty cpu_threads = no CPU table ----
     cpu_model: str = ""
     cpu_dtype: str = ""
     cpu_expert_bytes: int = MIXTRAL_EXPERT_BYTES
@@ -120,7 +120,7 @@ class Calibration:
         return (np.asarray(g["experts"], np.float64), np.asarray(g["tokens"], np.float64), table,
                 float(g.get("fixed_seconds", 0.0)))
 
-    # ---- the host CPU (DESIGN §11) ----------------------------------------------------------
+    # ---- the host CPU (docs/design.md §11) ----------------------------------------------------------
     # cpu_seconds[i][k] / cpu_busy_seconds[i][k]: one expert's FFN on the host with
     # cpu_threads[i] threads for cpu_tokens[k] tokens, alone / while copies run;
     # cpu_copy_slowdown[i]: copy time factor while the CPU computes with cpu_threads[i] threads;
@@ -233,13 +233,13 @@ def choose_threads(threads, busy_one_token, copy_slowdown, copy_s: float) -> int
     return int(threads[best])
 
 
-# DESIGN §11, measured on the H200 machine's host (16-core Xeon, torch bf16), one Mixtral-8x7B
+# docs/design.md §11, measured on the H200 machine's host (16-core Xeon, torch bf16), one Mixtral-8x7B
 # expert, four distinct experts in rotation: 1 token alone / while copies run, per thread count,
 # and the copies' slowdown; 16 threads also by token count (6.68 ms for 1, 4.4 for 16, 8.4 for 64).
 _H200_HOST_1TOK = {8: (9.78e-3, 9.95e-3, 1.01), 12: (6.75e-3, 7.35e-3, 1.05), 16: (6.68e-3, 14.07e-3, 6.76 / 6.37)}
 _H200_HOST_16T_TOKENS = ([1, 16, 64], [6.68e-3, 4.4e-3, 8.4e-3])
 # cpu_call_s: the per-call part of a host FFN, fitted from the two 16-thread 1-token figures
-# of DESIGN §11 (Mixtral expert 6.68 ms, DeepSeek-V2-Lite expert 0.46 ms) as a + b x bytes.
+# of docs/design.md §11 (Mixtral expert 6.68 ms, DeepSeek-V2-Lite expert 0.46 ms) as a + b x bytes.
 _DSV2L_EXPERT_BYTES = 3 * 2048 * 1408 * 2
 _H200_HOST_CALL_S = 0.46e-3 - (6.68e-3 - 0.46e-3) / (MIXTRAL_EXPERT_BYTES - _DSV2L_EXPERT_BYTES) * _DSV2L_EXPERT_BYTES
 
@@ -259,19 +259,19 @@ def _h200_host_tables():
 
 
 def default_calibration() -> Calibration:
-    """The H200 (PCIe 5.0 x16) reference figures of DESIGN §5, and its host CPU's of §11."""
+    """The H200 (PCIe 5.0 x16) reference figures of docs/design.md §5, and its host CPU's of §11."""
     threads, tokens, alone, busy, slow = _h200_host_tables()
     copy_s = MIXTRAL_EXPERT_BYTES / 54.5e9
     return Calibration(
-        device="NVIDIA H200 (DESIGN §5 reference figures)",
+        device="NVIDIA H200 (docs/design.md §5 reference figures)",
         copy_bytes=[1 * MIB, 16 * MIB, 1024 * MIB],
         copy_gbps=[35.0, 54.5, 55.0],
         ffn_expert_bytes=MIXTRAL_EXPERT_BYTES,
         ffn_tokens=[1, 128, 2048],
         ffn_seconds=[0.12e-3, 0.12e-3, 1.0e-3],
         overlap=True,
-        source="built-in default (DESIGN §5; host CPU: DESIGN §11, the H200 machine's 16-core Xeon host)",
-        cpu_model="16-core Xeon host of the H200 machine (DESIGN §11)",
+        source="built-in default (docs/design.md §5; host CPU: docs/design.md §11, the H200 machine's 16-core Xeon host)",
+        cpu_model="16-core Xeon host of the H200 machine (docs/design.md §11)",
         cpu_dtype="bfloat16",
         cpu_expert_bytes=MIXTRAL_EXPERT_BYTES,
         cpu_call_s=_H200_HOST_CALL_S,

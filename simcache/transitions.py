@@ -12,7 +12,9 @@ from simcache.trace import Trace
 
 def transition_counts(trace: Trace) -> np.ndarray:
     """Counts T[l, a, b] of consecutive tokens of the same request whose top-1 expert at
-    layer l went from a to b. Shape (layers, E, E), float64.
+    layer l went from a to b. Shape (layers, E, E), float64. A pair where either token has no
+    record at layer l (a gap, schema 1.1) is skipped at that layer. Of a *training* trace, this
+    is the Markov learner's prior (``simulate(..., prior=transition_counts(train))``).
 
     >>> import numpy as np, simcache
     >>> t = simcache.Trace.from_arrays(np.array([[0], [1], [1], [0]]), request=[0, 0, 0, 1],
@@ -27,8 +29,9 @@ def transition_counts(trace: Trace) -> np.ndarray:
     consecutive = (req[1:] == req[:-1]) & (pos[1:] == pos[:-1] + 1)
     src = top1[:-1][consecutive]  # (pairs, L)
     dst = top1[1:][consecutive]
+    valid = (src >= 0) & (dst >= 0)
     flat = (np.arange(L)[None, :] * E + src) * E + dst
-    counts = np.bincount(flat.ravel(), minlength=L * E * E).astype(np.float64)
+    counts = np.bincount(flat[valid], minlength=L * E * E).astype(np.float64)
     return counts.reshape(L, E, E)
 
 
@@ -44,13 +47,9 @@ def demand_counts(trace: Trace) -> np.ndarray:
     [[1.0, 2.0, 1.0]]
     """
     L, E = trace.num_layers, trace.num_experts
-    keys = np.arange(L)[None, :, None] * E + trace.token_experts().astype(np.int64)  # (tokens, L, k)
-    return np.bincount(keys.ravel(), minlength=L * E).astype(np.float64).reshape(L, E)
-
-
-def fit_prior(trace: Trace) -> np.ndarray:
-    """A Markov-admission prior: the transition counts of a *training* trace."""
-    return transition_counts(trace)
+    ex = trace.token_experts().astype(np.int64)  # (tokens, L, k); ids below 0 are gaps
+    keys = np.arange(L)[None, :, None] * E + ex
+    return np.bincount(keys[ex >= 0], minlength=L * E).astype(np.float64).reshape(L, E)
 
 
 def load_counts(path) -> np.ndarray:
@@ -73,7 +72,7 @@ def load_prior(path, num_layers: int, num_experts: int) -> np.ndarray:
     if path.suffix == ".npy":
         counts = load_counts(path)
     else:
-        counts = fit_prior(read_trace(path))
+        counts = transition_counts(read_trace(path))
     if counts.shape != (num_layers, num_experts, num_experts):
         raise SimcacheError(
             f"prior {path} has shape {counts.shape}, the trace needs "

@@ -1,4 +1,4 @@
-"""Slow reference twins of the simulator, written plainly from DESIGN §3-4.
+"""Slow reference twins of the simulator, written plainly from docs/design.md §3-4.
 
 Nothing here is shared with the numba kernels: scheduling is a Python loop, demand is a
 ``Counter`` sorted by expert, LRU/FIFO order lives in an ``OrderedDict``, Belady looks ahead in
@@ -78,7 +78,8 @@ def accesses(trace, steps):
             c = Counter()
             for t, _ in step:
                 for e in ex[t, l].tolist():
-                    c[e] += 1
+                    if e >= 0:  # -1: no record (a gap) or padding
+                        c[e] += 1
             groups.append((s, l, [(l * E + e, c[e]) for e in sorted(c)]))
     return groups
 
@@ -151,7 +152,8 @@ class NaiveCache:
         E = self.E
         T = self.T[l]
         for prev, cur in pairs:
-            T[top1[prev][l]][top1[cur][l]] += 1.0
+            if top1[prev][l] >= 0 and top1[cur][l] >= 0:  # a gap is not a transition
+                T[top1[prev][l]][top1[cur][l]] += 1.0
         if self.decay_every > 0 and (step + 1) % self.decay_every == 0:
             for a in range(E):
                 for b in range(E):
@@ -341,7 +343,7 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
              placed=()):
     """Returns dict(outcome=[...], slot=[...], victim=[...], counters={name: [per layer]}).
 
-    ``miss`` "cpu" / "auto" / "auto-cputime" (DESIGN §11) needs ``tables`` = (gpu, cpu,
+    ``miss`` "cpu" / "auto" / "auto-cputime" (docs/design.md §11) needs ``tables`` = (gpu, cpu,
     cpu_busy, t_copy, t_copy_busy, overlap) as :func:`group_split` takes them, and adds
     ``group_time`` (per group: gpu_s, copy_s, cpu_s, time_s). ``placed``: keys resident before
     the first step, in slot order per pool (static placement)."""
@@ -512,11 +514,11 @@ def as_arrays(result):
             np.array(result["victim"], np.int32))
 
 
-# ---- hybrid execution (DESIGN §11) ---------------------------------------------------------
+# ---- hybrid execution (docs/design.md §11) ---------------------------------------------------------
 
 
 def group_time(hit_s, miss_tokens, copied, rest, gpu, cpu, cpu_busy, t_copy, t_copy_busy, overlap):
-    """(gpu_s, copy_s, cpu_s, time_s) of one group, written from DESIGN §11: the misses at
+    """(gpu_s, copy_s, cpu_s, time_s) of one group, written from docs/design.md §11: the misses at
     positions ``copied`` are copied (issued in expert order, so the highest position is the last
     to arrive), those at ``rest`` are computed on the CPU (summed from the end of ``rest``). Each
     path runs at its concurrent rate when the other path has work."""
@@ -537,7 +539,7 @@ def group_time(hit_s, miss_tokens, copied, rest, gpu, cpu, cpu_busy, t_copy, t_c
 
 
 def by_tokens(miss_tokens, cpu_busy):
-    """The reference ranking of DESIGN §11: by token count, descending, ties in expert order."""
+    """The reference ranking of docs/design.md §11: by token count, descending, ties in expert order."""
     return sorted(range(len(miss_tokens)), key=lambda a: -miss_tokens[a])
 
 

@@ -1,4 +1,4 @@
-"""Hybrid execution (DESIGN §11): the group-time model, the auto rule, the CPU calibration."""
+"""Hybrid execution (docs/design.md §11): the group-time model, the auto rule, the CPU calibration."""
 
 from __future__ import annotations
 
@@ -275,7 +275,7 @@ def test_static_places_the_hot_set_and_never_evicts():
     top = set(np.argsort(-demand.reshape(-1), kind="stable")[:5])
     np.testing.assert_array_equal(g.decisions.outcome == 0, np.isin(keys, list(top)))
     # from a prior: its column sums
-    prior = simcache.fit_prior(train)
+    prior = simcache.transition_counts(train)
     p = simcache.simulate(test, "static", 3, prior=prior)
     q = simcache.simulate(test, "static", 3, train_demand=prior.sum(axis=1))
     assert (p.hits, p.forced_bypasses) == (q.hits, q.forced_bypasses)

@@ -1,11 +1,11 @@
-"""The host CPU as a third executor (DESIGN §11): experts computed where their weights live.
+"""The host CPU as a third executor (docs/design.md §11): experts computed where their weights live.
 
 For a (step, layer) the schedule sends some misses to the CPU. :class:`HostExecutor` runs them
 on one worker thread while the GPU streams proceed: the issuing thread gathers the CPU experts'
 tokens on the device; the worker, one expert at a time, copies its tokens down to a pinned host
 buffer (device -> host, on the executor's own stream), computes the SwiGLU FFN on the host with
 torch at the probed thread count and copies the result back up -- one activation round trip per
-expert, as the timing model prices it (DESIGN §11). The compute stream waits for the CPU's
+expert, as the timing model prices it (docs/design.md §11). The compute stream waits for the CPU's
 results only when it adds them into the layer output, so the GPU computes its own experts
 meanwhile. On a CPU-only run (tests) the same code runs with host tensors and no streams.
 

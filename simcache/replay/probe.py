@@ -12,7 +12,7 @@
   dequantisation;
 * copy / compute overlap: an expert-sized copy on a side stream against FFNs on the default
   stream, both alone and together;
-* the host CPU (DESIGN §11): the expert FFN on the host by token count at a few thread counts,
+* the host CPU (docs/design.md §11): the expert FFN on the host by token count at a few thread counts,
   alone and while expert copies run, the copies' slowdown, the thread count that serves misses
   fastest, and the activation round trip device -> host -> device (:func:`probe_host`).
 
@@ -285,7 +285,7 @@ def probe(dev: torch.device, preset: Preset, dtype: torch.dtype, sizes=COPY_SIZE
     )
 
 
-# ---- the host CPU as an executor (DESIGN §11) -----------------------------------------------
+# ---- the host CPU as an executor (docs/design.md §11) -----------------------------------------------
 
 CPU_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
 ROUNDTRIP_TOKENS = [1, 16, 256, 2048]
