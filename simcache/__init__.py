@@ -17,7 +17,7 @@ from simcache.synthetic import synth
 from simcache.sweeps import sweep
 from simcache.timing import Calibration, default_calibration, load_calibration
 from simcache.trace import Trace, TraceWriter, read_trace, write_trace
-from simcache.transitions import split_requests, transition_counts
+from simcache.transitions import demand_counts, split_requests, transition_counts
 
 __all__ = [
     "ADMISSION",
@@ -30,6 +30,7 @@ __all__ = [
     "TraceWriter",
     "Workload",
     "default_calibration",
+    "demand_counts",
     "load_calibration",
     "read_trace",
     "simulate",

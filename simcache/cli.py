@@ -335,7 +335,11 @@ def synth(output, num_requests, length, layers, experts, top_k, transitions, com
               help="Score on this fraction of requests; fit the Markov prior on the rest.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="For --split and random eviction.")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
-              help="Timing tables from 'simcache probe' (default: H200 reference figures).")
+              help="Timing tables from 'simcache probe', or a reference machine: h200 (the "
+                   "default), rtx4090.")
+@click.option("--miss", "misses", default="load", callback=_csv(str), show_default=True,
+              help="Who serves a miss, comma-separated: load (copy it), cpu (compute it on the "
+                   "host CPU), auto (split each step's misses to minimise its time), auto-cputime.")
 @click.option("--no-overlap", is_flag=True, help="Model copies without a side stream (serial).")
 @click.option("--expert-bytes", type=EXPERT_BYTES, help="Override the trace's bytes per expert.")
 @click.option("--per-layer", is_flag=True, help="Also print per-layer counters.")
@@ -349,7 +353,7 @@ def synth(output, num_requests, length, layers, experts, top_k, transitions, com
               help="Progress bar on stderr (default: on for long runs at a terminal).")
 @friendly
 def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evict, admit, horizon,
-             prior, split, seed, calibration, no_overlap, expert_bytes, per_layer, as_json, out,
+             prior, split, seed, calibration, misses, no_overlap, expert_bytes, per_layer, as_json, out,
              decisions, force, progress):
     """Simulate expert caches over TRACE (default: the bundled FLAME-MoE-290M sample).
 
@@ -358,6 +362,7 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
       simcache simulate --policy lru,markov,belady,belady-bypass --capacity 8,16,32
       simcache simulate my.parquet --policy markov --threshold 0.1 --batch 64
       simcache simulate my.parquet --policy markov --split 0.5
+      simcache simulate my.parquet --policy lru,static --miss load,cpu,auto --split 0.5
     """
     from simcache.report import table, write_results
     from simcache.sweeps import simulate_grid
@@ -383,7 +388,7 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
         run = simulate_grid(
             path, policies, capacities, batch=batch, prefill=prefill, split=split, seed=seed,
             prior=prior, calibration=cal, record=decisions is not None, total=total,
-            progress=lambda n: bar.update(n) if bar is not None else None, **knobs,
+            progress=lambda n: bar.update(n) if bar is not None else None, **knobs, misses=misses,
         )
     finally:
         if bar is not None:
@@ -424,16 +429,26 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
     for note in notes:
         click.echo(f"note: {note}")
     click.echo("")
+    hybrid_cols = misses != ["load"]
     headers = ["policy", "capacity", "hit ratio", "hits", "fills", "bypasses", "forced", "evictions",
                "reloads", "GB loaded", "ms/token", "tokens/s"]
+    if hybrid_cols:  # who served the misses, and each executor's seconds
+        headers[1:1] = ["miss"]
+        headers[8:8] = ["cpu experts"]
+        headers += ["gpu s", "copy s", "cpu s"]
     rows = []
     for r in results:
         name = r.policy + (f" (tau={r.threshold:.3g})" if r.threshold is not None else "")
-        rows.append([
+        row = [
             name, r.capacity, r.hit_ratio, r.hits, r.fills, r.bypasses, r.forced_bypasses,
             r.evictions, r.reloads, None if r.bytes_loaded is None else r.bytes_loaded / 1e9,
             None if r.time_per_token_s is None else r.time_per_token_s * 1e3, r.tokens_per_s,
-        ])
+        ]
+        if hybrid_cols:
+            row[1:1] = [r.miss]
+            row[8:8] = [r.cpu_experts]
+            row += [r.gpu_s, r.copy_s, r.cpu_s]
+        rows.append(row)
     click.echo(table(headers, rows))
     if per_layer:
         for r in results:
@@ -815,47 +830,76 @@ def _torch():
 @main.command()
 @_preset_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the calibration JSON here.")
+@click.option("--cpu-threads", default="8,12,all", show_default=True,
+              help="Host thread counts to time the CPU expert FFN at ('all': every core).")
+@click.option("--no-cpu", is_flag=True, help="Skip the host CPU's tables.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
-def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, force, as_json):
+def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, cpu_threads, no_cpu, force, as_json):
     """Measure a GPU's copy bandwidth, copy latency, expert FFN time and copy/compute overlap,
-    and (unless --issue eager) the grouped FFN time of the replay's fast issue path.
+    (unless --issue eager) the grouped FFN time of the replay's fast issue path, and the host
+    CPU's expert FFN time (alone and while copies run) and activation round trip.
 
     Writes the calibration that 'simcache simulate --calibration' and 'simcache replay' read.
+    With --device cpu only the host is measured (tiny shapes, tests); the GPU tables are then
+    the built-in H200 default's.
     """
     _torch()
+    import dataclasses
+
     from simcache.replay.experts import DTYPES, pick_device
     from simcache.replay.presets import resolve
-    from simcache.replay.probe import probe as run_probe
+    from simcache.replay.probe import probe as run_probe, probe_host
     from simcache.report import table
 
     reserve(out, overwrite=force, suffixes=(".json",), what="--out")
     dev = pick_device(gpu if gpu is not None else (None if device == "cpu" else 0), device)
-    if dev.type != "cuda":
-        raise SimcacheError("probe measures a GPU: give --gpu N")
     p = resolve(preset, hidden, ffn)
-    cal = run_probe(dev, p, DTYPES[dtype], expert_dtype=expert_dtype, grouped=issue != "eager")
+    if dev.type != "cuda":
+        if no_cpu:
+            raise SimcacheError("probe --device cpu measures only the host: drop --no-cpu, or give --gpu N")
+        host = probe_host(dev, p, DTYPES[dtype], cpu_threads)
+        base = simcache.default_calibration()
+        cal = dataclasses.replace(
+            base, **{k: v for k, v in host.items() if k != "extra"}, extra=host["extra"],
+            device=f"host CPU only ({host['cpu_model']}); GPU tables: {base.device}",
+            source=f"simcache probe --device cpu (host only), preset {p.name}, {dtype}; GPU tables: {base.source}")
+    else:
+        cal = run_probe(dev, p, DTYPES[dtype], expert_dtype=expert_dtype, grouped=issue != "eager",
+                        cpu_threads=None if no_cpu else cpu_threads)
     if out is not None:
         cal.save(out)
     if as_json:
         click.echo(cal.to_json())
         return
     click.echo(f"{cal.device}: {cal.source}")
-    click.echo(table(["copy size", "pinned GB/s"], [[f"{b / 2**20:g} MiB", g] for b, g in zip(cal.copy_bytes, cal.copy_gbps)]))
     x = cal.extra
-    click.echo(table(["copy size", "pageable GB/s"], [[f"{b / 2**20:g} MiB", g] for b, g in zip(x["pageable_bytes"], x["pageable_gbps"])]))
-    click.echo(f"copy latency (64 B): {x['copy_latency_us']:.1f} us")
-    click.echo(table(["tokens", f"{p.name} expert FFN ms (device)", "ms (host-paced)"],
-                     [[t, s * 1e3, w * 1e3] for t, s, w in zip(cal.ffn_tokens, cal.ffn_seconds, x["ffn_wall_seconds"])]))
-    click.echo(f"copy/compute overlap: {x['overlap_efficiency']:.2f} (copy {x['overlap_copy_s'] * 1e3:.2f} ms, "
-               f"compute {x['overlap_compute_s'] * 1e3:.2f} ms, both {x['overlap_both_s'] * 1e3:.2f} ms)")
-    g = cal.group_ffn
-    if g:
-        click.echo(f"grouped FFN ms (device; rows: experts, columns: tokens per expert); fixed work per group "
-                   f"{g['fixed_seconds'] * 1e6:.1f} us")
-        click.echo(table(["experts"] + [str(t) for t in g["tokens"]],
-                         [[n] + [v * 1e3 for v in row] for n, row in zip(g["experts"], g["seconds"])]))
+    if dev.type == "cuda":
+        click.echo(table(["copy size", "pinned GB/s"], [[f"{b / 2**20:g} MiB", g] for b, g in zip(cal.copy_bytes, cal.copy_gbps)]))
+        click.echo(table(["copy size", "pageable GB/s"], [[f"{b / 2**20:g} MiB", g] for b, g in zip(x["pageable_bytes"], x["pageable_gbps"])]))
+        click.echo(f"copy latency (64 B): {x['copy_latency_us']:.1f} us")
+        click.echo(table(["tokens", f"{p.name} expert FFN ms (device)", "ms (host-paced)"],
+                         [[t, s * 1e3, w * 1e3] for t, s, w in zip(cal.ffn_tokens, cal.ffn_seconds, x["ffn_wall_seconds"])]))
+        click.echo(f"copy/compute overlap: {x['overlap_efficiency']:.2f} (copy {x['overlap_copy_s'] * 1e3:.2f} ms, "
+                   f"compute {x['overlap_compute_s'] * 1e3:.2f} ms, both {x['overlap_both_s'] * 1e3:.2f} ms)")
+        g = cal.group_ffn
+        if g:
+            click.echo(f"grouped FFN ms (device; rows: experts, columns: tokens per expert); fixed work per group "
+                       f"{g['fixed_seconds'] * 1e6:.1f} us")
+            click.echo(table(["experts"] + [str(t) for t in g["tokens"]],
+                             [[n] + [v * 1e3 for v in row] for n, row in zip(g["experts"], g["seconds"])]))
+    if cal.has_cpu and "host_copy_alone_s" in x:
+        head = ["tokens"] + [f"{n} thr ms" + h for n in cal.cpu_threads for h in ("", " (copies)")]
+        rows = [[t] + [row[k] * 1e3 for a, b in zip(cal.cpu_seconds, cal.cpu_busy_seconds) for row in (a, b)]
+                for k, t in enumerate(cal.cpu_tokens)]
+        click.echo(f"host CPU: {cal.cpu_model}, {cal.cpu_dtype}, {p.name} expert FFN")
+        click.echo(table(head, rows))
+        click.echo("copies while the CPU computes: " + ", ".join(
+            f"{n} threads x{s:.3f}" for n, s in zip(cal.cpu_threads, cal.cpu_copy_slowdown))
+            + f" (alone {x['host_copy_alone_s'] * 1e3:.2f} ms)")
+        click.echo(f"chosen: {cal.cpu_thread_choice} threads; activation round trip: "
+                   f"{cal.act_latency_s * 1e6:.1f} us + {cal.act_token_bytes} B/token at {cal.act_gbps:.1f} GB/s each way")
     if out is not None:
         click.echo(f"wrote {out}")
 

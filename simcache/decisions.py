@@ -1,7 +1,8 @@
 """The decision log: what the simulator decided for every access, for replay on a GPU.
 
 One Parquet row per access, in simulation order: the (step, layer) group, the expert, the
-tokens routed to it, the outcome (hit / fill / bypass / forced bypass), the slot inside the
+tokens routed to it, the outcome (hit / fill / bypass / forced bypass / computed on the host
+CPU under ``--miss cpu|auto``), the slot inside the
 layer's (or global) pool for hits and fills, and the evicted (layer, expert) for fills that
 evicted. File metadata holds the run's :class:`Settings` (every simulate() argument that
 changes a decision, the content hashes of the scored trace and of the prior) and the
@@ -86,7 +87,7 @@ class DecisionLog:
     group_ptr: np.ndarray  # (groups + 1,) int64
     keys: np.ndarray  # (accesses,) int32: layer * E + expert
     tokens: np.ndarray  # (accesses,) int32
-    outcome: np.ndarray  # (accesses,) int8: 0 hit, 1 fill, 2 bypass, 3 forced bypass
+    outcome: np.ndarray  # (accesses,) int8: 0 hit, 1 fill, 2 bypass, 3 forced bypass, 4 CPU
     slot: np.ndarray  # (accesses,) int32: slot inside the pool, or -1
     victim: np.ndarray  # (accesses,) int32: evicted key, or -1
     meta: dict

@@ -82,7 +82,8 @@ class StackDistances:
             free = np.bincount(self.cold_layers[:capacity], minlength=self.histogram.shape[0])
         zero = np.zeros_like(hits)
         values = dict(hits=hits, fills=fills, bypasses=zero, forced_bypasses=zero.copy(),
-                      evictions=fills - free, reloads=fills - self.cold, accesses=accesses)
+                      evictions=fills - free, reloads=fills - self.cold, accesses=accesses,
+                      cpu_experts=zero.copy(), cpu_tokens=zero.copy())
         return {name: values[name].astype(np.int64) for name in COUNTERS}
 
 

@@ -7,7 +7,9 @@ For each (step, layer) group, in execution order:
    free slot, else the eviction rule's victim among unpinned residents, then a fill;
    refused -> a bypass (streamed through a transient buffer; the cache and its order are
    untouched); admitted but every resident pinned -> a forced bypass;
-3. every miss is one expert load over PCIe.
+3. every miss is one expert load over PCIe -- or, with ``--miss cpu|auto`` (docs/design.md §11), some
+   misses are computed on the host CPU instead: no load, the cache untouched
+   (:mod:`simcache.hybrid` decides which, per group, and prices the group).
 
 The bookkeeping lives once, in :func:`_run`; a policy only answers ``victim`` and ``admit``
 (and keeps its own order on access and eviction); see :mod:`simcache.policies.registry`.
@@ -22,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from simcache import _checks
+from simcache import hybrid
 from simcache._jit import kernel as jit
 from simcache.errors import SimcacheError
 from simcache.policies import _dispatch as dispatch
@@ -40,20 +43,26 @@ COUNTERS = {
     "fills": "misses admitted into a slot (a load)",
     "bypasses": "misses refused by admission, streamed past the cache (a load)",
     "forced_bypasses": "misses admitted while every resident was pinned (a load)",
+    "cpu_experts": "misses computed on the host CPU (--miss cpu|auto; no load)",
     "evictions": "residents given up for a fill",
     "reloads": "fills of an expert that had been evicted before",
     "accesses": "(step, layer, distinct expert) demands",
+    "cpu_tokens": "tokens of the experts computed on the host CPU",
 }
-HITS, FILLS, BYPASSES, FORCED_BYPASSES, EVICTIONS, RELOADS, ACCESSES = range(len(COUNTERS))
-# decision codes of a recorded access: its outcome, the first four counter columns
-HIT, FILL, BYPASS, FORCED_BYPASS = HITS, FILLS, BYPASSES, FORCED_BYPASSES
+(HITS, FILLS, BYPASSES, FORCED_BYPASSES, CPU_EXPERTS, EVICTIONS, RELOADS, ACCESSES,
+ CPU_TOKENS) = range(len(COUNTERS))
+# decision codes of a recorded access: its outcome, the first five counter columns
+HIT, FILL, BYPASS, FORCED_BYPASS, CPU = HITS, FILLS, BYPASSES, FORCED_BYPASSES, CPU_EXPERTS
 # per-layer seconds, declared once like the counters
 TIMES = {
-    "compute_s": "GPU FFN time of every demanded expert",
-    "transfer_s": "copy time of every load",
-    "time_s": "predicted time of the groups (copies overlapping compute if the calibration says so)",
+    "compute_s": "GPU FFN time of the experts the GPU computes (hits and copied misses; gpu_s)",
+    "transfer_s": "copy-engine time of every load, at its concurrent rate beside CPU work (copy_s)",
+    "cpu_s": "CPU path time: host FFN and activation round trip of each CPU expert",
+    "time_s": "predicted time of the groups (max of the GPU path, copies overlapping compute if "
+              "the calibration says so, and the CPU path)",
 }
-COMPUTE_S, TRANSFER_S, TIME_S = range(len(TIMES))
+COMPUTE_S, TRANSFER_S, CPU_S, TIME_S = range(len(TIMES))
+GPU_S, COPY_S = COMPUTE_S, TRANSFER_S  # the executors' names for the same columns (docs/design.md §11)
 
 CHUNK_ACCESSES = 4_000_000  # accesses per kernel call between progress updates
 
@@ -61,8 +70,8 @@ CHUNK_ACCESSES = 4_000_000  # accesses per kernel call between progress updates
 @jit
 def _run(
     g0, g1, group_ptr, tokens, L, per_layer, S, M,
-    evict, admit, learner, future_tag, record_tag,
-    counters, layer_time, t_copy, ffn_lut, overlap, group_n, group_t, group_s, group_fixed,
+    evict, admit, learner, future_tag, record_tag, miss_tag,
+    counters, layer_time, t_copy, ffn_lut, overlap, group_n, group_t, group_s, group_fixed, H,
     out_outcome, out_slot, out_victim, out_group_time,
 ):
     """Serve groups g0..g1-1. Per access it counts the outcome (counters[layer, outcome]),
@@ -75,6 +84,8 @@ def _run(
     """
     record = len(record_tag) == 2
     has_future = len(future_tag) == 2
+    miss = len(miss_tag) - 1  # hybrid.LOAD, CPU, AUTO or AUTO_CPUTIME
+    hybrid_mode = miss != hybrid.LOAD
     s = g0 // L
     l = g0 - s * L - 1
     for g in range(g0, g1):
@@ -92,13 +103,16 @@ def _run(
         # 1. demanded residents are hits, pinned for this group: no miss may evict them.
         # Branch-free: an absent key's slot -1 pins the spare last entry of S.pin (a branch
         # here mispredicts on every other access: -20% accesses/s).
-        if hi - lo > 1:  # (a lone access has no other miss to protect itself from)
+        if hybrid_mode:  # pins too, then splits the misses between copy and CPU
+            hybrid.plan(H, S, tokens, lo, hi, stamp, ffn_lut, t_copy, overlap, miss)
+        elif hi - lo > 1:  # (a lone access has no other miss to protect itself from)
             for i in range(lo, hi):
                 S.pin[S.where[S.keys[i]]] = stamp
         # 2. in expert order: hits are touched, misses ask admission and eviction. Touching
         # hits and fills in one order that does not depend on which were hits keeps LRU a
         # stack algorithm (hits never fall as capacity grows).
         loads = 0
+        misses = 0
         compute = 0.0
         last_miss = 0.0
         group_tokens = 0
@@ -118,6 +132,15 @@ def _run(
                 if record:
                     out_outcome[i] = HIT
                     out_slot[i] = slot - S.base[pool]
+                    out_victim[i] = -1
+                continue
+            misses += 1
+            if hybrid_mode and H.to_cpu[misses - 1]:  # on the host: no load, cache untouched
+                counters[l, CPU_EXPERTS] += 1
+                counters[l, CPU_TOKENS] += tokens[i]
+                if record:
+                    out_outcome[i] = CPU
+                    out_slot[i] = -1
                     out_victim[i] = -1
                 continue
             loads += 1
@@ -154,18 +177,25 @@ def _run(
                 out_slot[i] = slot - S.base[pool] if slot >= 0 else -1
                 out_victim[i] = gone
         # 3. time of this group: copies on a side stream overlap compute, but the last loaded
-        # expert can only compute after its copy; without overlap the two add up
-        transfer = loads * t_copy
+        # expert can only compute after its copy; without overlap the two add up. Hybrid
+        # groups were priced by hybrid.split (the same rule, with a CPU path beside it).
         counters[l, ACCESSES] += hi - lo
-        if group_s.shape[0] > 0:  # a grouped FFN table: the replay's fast issue path
-            compute, t = group_seconds(group_n, group_t, group_s, group_fixed, hi - lo - loads,
-                                       group_tokens - load_tokens, loads, load_tokens, transfer, overlap)
-        elif overlap:
-            t = max(compute, transfer + last_miss)
+        if hybrid_mode:
+            t = H.out[hybrid.TOTAL_S]
+            layer_time[l, GPU_S] += H.out[hybrid.GPU_S]
+            layer_time[l, COPY_S] += H.out[hybrid.COPY_S]
+            layer_time[l, CPU_S] += H.out[hybrid.CPU_S]
         else:
-            t = compute + transfer
-        layer_time[l, COMPUTE_S] += compute
-        layer_time[l, TRANSFER_S] += transfer
+            transfer = loads * t_copy
+            if group_s.shape[0] > 0:  # a grouped FFN table: the replay's fast issue path
+                compute, t = group_seconds(group_n, group_t, group_s, group_fixed, hi - lo - loads,
+                                           group_tokens - load_tokens, loads, load_tokens, transfer, overlap)
+            elif overlap:
+                t = max(compute, transfer + last_miss)
+            else:
+                t = compute + transfer
+            layer_time[l, GPU_S] += compute
+            layer_time[l, COPY_S] += transfer
         layer_time[l, TIME_S] += t
         if record:
             out_group_time[g] = t
@@ -176,7 +206,8 @@ def _run(
 
 @dataclass
 class Decisions:
-    """Per access: outcome code (0 hit, 1 fill, 2 bypass, 3 forced bypass), slot inside its
+    """Per access: outcome code (0 hit, 1 fill, 2 bypass, 3 forced bypass, 4 computed on the
+    host CPU), slot inside its
     pool (hits and fills, else -1) and the evicted key (fills that evicted, else -1); per
     (step, layer) group: the predicted time in seconds."""
 
@@ -214,8 +245,20 @@ class SimResult:
     elapsed_s: float
     decisions: Decisions | None = None
 
+    miss: str = "load"
+
     SETTINGS = ("policy", "evict", "admit", "capacity", "scope", "batch", "prefill", "threshold",
-                "model", "num_layers", "num_experts", "top_k", "steps", "decode_tokens")
+                "miss", "model", "num_layers", "num_experts", "top_k", "steps", "decode_tokens")
+
+    @property
+    def gpu_s(self) -> float | None:
+        """GPU FFN seconds (hits and copied experts): :attr:`compute_s` by its executor's name."""
+        return self.compute_s
+
+    @property
+    def copy_s(self) -> float | None:
+        """Copy-engine seconds: :attr:`transfer_s` by its executor's name."""
+        return self.transfer_s
 
     @property
     def loads(self) -> int:
@@ -297,6 +340,8 @@ def simulate(
     expert_bytes: int | None = None,
     record: bool = False,
     progress: Callable[[int], None] | None = None,
+    miss: str = "load",
+    train_demand: np.ndarray | None = None,
 ) -> SimResult:
     """Simulate an expert cache over a routing trace.
 
@@ -339,6 +384,15 @@ def simulate(
         Keep every access's decision (``result.decisions``).
     progress : callable, optional
         Called with the number of accesses done after each chunk.
+    miss : {"load", "cpu", "auto", "auto-cputime"}
+        Who serves a miss (docs/design.md §11, :mod:`simcache.hybrid`): ``load`` copies every miss;
+        ``cpu`` computes every miss on the host CPU; ``auto`` splits each group's misses
+        between the two to minimise its time. ``cpu`` and ``auto`` need a calibration with a
+        CPU table (the default has one).
+    train_demand : array (layers, E), optional
+        How often each expert was routed to in *training* data (:func:`demand_counts` of a
+        separate split), for rules that place experts up front (``evict="static"``); without
+        it, the column sums of ``prior`` are used.
 
     Returns
     -------
@@ -388,7 +442,10 @@ def simulate(
     learner = learner_for(eviction, admission)
     horizon = min(horizon, work.steps.num_steps)  # no step lies beyond the trace's end
     M = _learner(work, prior, tau, horizon, decay_every, decay, active=learner != 0)
+    if eviction.place is not None:
+        eviction.place(S, _check_demand(train_demand, prior, L, E, eviction.name), scope == "layer")
     eb, cal_name, t_copy, lut, ov = _timing(work, calibration, expert_bytes, overlap)
+    H, mode = _hybrid(work, miss, calibration, eb)
     group_table = group_table_for(calibration, eb)
 
     n_groups = work.demand.group_ptr.shape[0] - 1
@@ -396,12 +453,12 @@ def simulate(
     layer_time = np.zeros((L, len(TIMES)), np.float64)
     rec = _records(work.demand.num_accesses if record else 0, n_groups if record else 0)
     tags = (dispatch.tag(eviction.code), dispatch.tag(admission.code), dispatch.tag(learner),
-            dispatch.tag(int(future)), dispatch.tag(int(record)))
+            dispatch.tag(int(future)), dispatch.tag(int(record)), dispatch.tag(mode))
     start = time.perf_counter()
     for g0, g1 in _chunks(work.demand.group_ptr):
         _run(
             g0, g1, work.demand.group_ptr, work.demand.tokens, L, scope == "layer", S, M, *tags,
-            counters, layer_time, t_copy, lut, ov, *group_table, *rec,
+            counters, layer_time, t_copy, lut, ov, *group_table, H, *rec,
         )
         if progress is not None:
             progress(int(work.demand.group_ptr[g1] - work.demand.group_ptr[g0]))
@@ -429,6 +486,7 @@ def simulate(
         calibration=cal_name,
         elapsed_s=elapsed,
         decisions=Decisions(*rec) if record else None,
+        miss=miss,
     )
 
 
@@ -465,6 +523,31 @@ def _check_prior(prior, L, E):
     if prior.shape != (L, E, E):
         raise SimcacheError(f"prior has shape {prior.shape}, the trace needs ({L}, {E}, {E})")
     return _checks.counts("prior counts", prior)
+
+
+def _hybrid(work: Workload, miss, calibration, eb):
+    """The hybrid tables and scratch (:func:`simcache.hybrid.new_hybrid`) and the miss code."""
+    mode = hybrid.miss_code(miss)
+    if eb is None and mode in (hybrid.AUTO, hybrid.AUTO_CPUTIME):
+        raise SimcacheError(f"--miss {miss} prices each group, so it needs expert bytes (pass --expert-bytes)")
+    gp = work.demand.group_ptr
+    max_group = int(np.diff(gp).max()) if gp.shape[0] > 1 else 1
+    cal = calibration if calibration is not None else default_calibration()
+    return hybrid.new_hybrid(cal if eb is not None else None, eb, work.max_tokens, max_group, miss), mode
+
+
+def _check_demand(train_demand, prior, L, E, rule):
+    """The (layers, E) demand counts a placing rule ranks experts by: ``train_demand``, else
+    the prior's column sums (how often each expert was a next token's top-1)."""
+    if train_demand is None and prior is None:
+        raise SimcacheError(f"eviction '{rule}' places the most-demanded experts of training data: "
+                            f"give a training split (--split) or a prior (--prior), never the scored requests")
+    counts = np.asarray(train_demand if train_demand is not None else prior.sum(axis=1), dtype=np.float64)
+    if counts.shape != (L, E):
+        raise SimcacheError(f"training demand has shape {counts.shape}, the trace needs ({L}, {E})")
+    if not np.isfinite(counts).all() or (counts < 0).any():
+        raise SimcacheError("training demand counts must be finite and non-negative")
+    return counts
 
 
 def _timing(work: Workload, calibration, expert_bytes, overlap):

@@ -30,10 +30,12 @@ import numpy as np
 
 from simcache._files import atomic_output, check_output
 from simcache.errors import SimcacheError
+from simcache.hybrid import miss_code
 from simcache.policies import PRESETS, resolve
 from simcache.simulator import SCOPES, SimResult, simulate
 from simcache.timing import Calibration
 from simcache.trace import Trace, read_trace
+from simcache.transitions import demand_counts
 from simcache.workload import PREFILL_MODES, Workload
 
 
@@ -91,6 +93,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("seed", 0, int, "seed of random eviction", lru_free=True),
     Knob("expert_bytes", None, int, "override the trace's bytes per expert", lru_free=True),
     Knob("overlap", None, _bool, "copies overlap compute (default: the calibration's)", lru_free=True),
+    Knob("miss", "load", str, "who serves a miss: load (copy), cpu (the host CPU), auto, auto-cputime"),
 )
 KNOB = {k.name: k for k in KNOBS}
 WORKLOAD_KNOBS = tuple(k.name for k in KNOBS if k.workload)
@@ -228,7 +231,8 @@ def _check_ignored(params: dict, num_experts: int):
 
 
 def run_cells(work: Workload, cells: Sequence[dict], *, prior=None, calibration: Calibration | None = None,
-              record: bool = False, progress: Callable[[int], None] | None = None) -> list[SimResult]:
+              record: bool = False, progress: Callable[[int], None] | None = None,
+              train_demand=None) -> list[SimResult]:
     """Run every cell (a dict of cell knobs) on one workload; LRU cells at capacities the
     one-pass curve covers come from it (equal results, one pass per scope and timing).
 
@@ -259,7 +263,7 @@ def run_cells(work: Workload, cells: Sequence[dict], *, prior=None, calibration:
             continue
         kwargs = {k: params.get(k, KNOB[k].default) for k in CELL_KNOBS}
         results[j] = simulate(work, **kwargs, prior=prior, calibration=calibration, record=record,
-                              progress=progress)
+                              progress=progress, train_demand=train_demand)
     return [results[j] for j in range(len(cells))]
 
 
@@ -300,8 +304,9 @@ def run_group(group: Group, calibration: Calibration | None = None) -> list[dict
     trace = _load(group.source)
     if trace_hash(trace) != group.hash:
         raise SimcacheError(f"{group.name} changed while the sweep ran (content hash differs)")
-    work, prior, _ = prepare(trace, **group.workload)
-    results = run_cells(work, group.cells, prior=prior, calibration=calibration)
+    work, prior, train = prepare(trace, **group.workload)
+    results = run_cells(work, group.cells, prior=prior, calibration=calibration,
+                        train_demand=None if train is None else demand_counts(train))
     smallest = int(np.diff(work.demand.group_ptr).max())
     return [_row(group, params, r, "stack" if _lru_curve_cell(params) and r.capacity >= smallest else "direct")
             for params, r in zip(group.cells, results)]
@@ -589,6 +594,7 @@ def simulate_grid(
     record: bool = False,
     progress: Callable[[int], None] | None = None,
     total: Callable[[int], None] | None = None,
+    misses: Sequence[str] = ("load",),
     **knobs,
 ) -> GridRun:
     """Every (policy, capacity) on one workload of one trace, in this process.
@@ -598,7 +604,8 @@ def simulate_grid(
     (seeded by ``seed``, which also seeds random eviction); ``prior`` is a count array or a
     path (a separate trace or a .npy file). Other keyword arguments are cell knobs
     (:data:`KNOBS`). ``progress`` is called with accesses done, ``total`` once with the
-    number to do.
+    number to do. ``misses`` are the ``--miss`` modes to run each cell with; static
+    placement's demand counts come from the split's train requests or a prior trace.
     """
     from simcache.transitions import load_prior
 
@@ -613,35 +620,41 @@ def simulate_grid(
         capacities = [max(1, E // 4) if scope == "layer" else max(1, L * E // 4)]
     if not policies or not capacities:
         raise SimcacheError("the grid has no cells: give at least one policy and one capacity")
-    if record and len(policies) * len(capacities) != 1:
-        raise SimcacheError("--decisions needs exactly one policy and one capacity")
+    if record and len(policies) * len(capacities) * len(misses) != 1:
+        raise SimcacheError("--decisions needs exactly one policy, one capacity and one --miss")
+    for m in misses:
+        miss_code(m)
     for p in policies:
         resolve(p, knobs.get("evict"), knobs.get("admit"))
     notes = []
-    prior_counts = None
+    prior_counts = train_demand = None
     if split is not None:
         if prior is not None:
             raise SimcacheError("use either --split or --prior, not both")
         work, prior_counts, train = prepare(t, batch, prefill, split, seed)
+        train_demand = demand_counts(train)
         notes.append(
-            f"scored on {work.trace.num_requests:,} test requests; Markov prior fitted on "
-            f"{train.num_requests:,} train requests (split by request, seed {seed})")
+            f"scored on {work.trace.num_requests:,} test requests; Markov prior and static hot set "
+            f"fitted on {train.num_requests:,} train requests (split by request, seed {seed})")
     else:
         if isinstance(prior, (str, Path)):
             if path is not None and Path(prior).resolve() == path.resolve():
                 raise SimcacheError("the prior is the trace being scored: fit it on a separate trace")
-            notes.append(f"Markov prior from {prior}")
+            notes.append(f"Markov prior (and static hot set) from {prior}")
             prior_counts = load_prior(prior, L, E)
+            if Path(prior).suffix != ".npy":
+                train_demand = demand_counts(read_trace(prior))
         elif prior is not None:
             prior_counts = np.asarray(prior)
         work = Workload(t, batch, prefill)
     base = {k: knobs.get(k, KNOB[k].default) for k in CELL_KNOBS}
     base["seed"] = knobs.get("seed", seed)
-    cells = [{**base, "policy": p, "capacity": int(c)} for p in policies for c in capacities]
+    cells = [{**base, "policy": p, "capacity": int(c), "miss": m} for p in policies for m in misses
+             for c in capacities]
     if total is not None:
         total(work.demand.num_accesses * len(cells))
     results = run_cells(work, cells, prior=prior_counts, calibration=calibration, record=record,
-                        progress=progress)
+                        train_demand=train_demand, progress=progress)
     return GridRun(work.trace, work, results, notes, prior_counts)
 
 

@@ -10,6 +10,12 @@ does not).
 
 A :class:`Calibration` holds the measured tables; ``simcache probe`` writes one as JSON on a
 GPU, and the built-in default carries the H200 figures of docs/design.md §5.
+
+Hybrid execution (docs/design.md §11) adds the host CPU as a third executor: its expert FFN time by
+token count, alone and while copies run, for a few thread counts (the ``cpu_*`` fields), the
+activation round trip that sends a CPU expert's tokens down and its results back (``act_*``),
+and how much copies slow while the CPU computes. :data:`REFERENCES` names the built-in
+machines: ``h200`` (the default) and ``rtx4090`` (a consumer PCIe 4.0 setup, published figures).
 """
 
 from __future__ import annotations
@@ -68,6 +74,20 @@ class Calibration:
     source: str = ""
     extra: dict = field(default_factory=dict)
     group_ffn: dict = field(default_factory=dict)
+    # ---- host CPU executor (docs/design.md §11); empty cpu_threads = no CPU table ----
+    cpu_model: str = ""
+    cpu_dtype: str = ""
+    cpu_expert_bytes: int = MIXTRAL_EXPERT_BYTES
+    cpu_call_s: float = 0.0
+    cpu_threads: list = field(default_factory=list)
+    cpu_tokens: list = field(default_factory=list)
+    cpu_seconds: list = field(default_factory=list)
+    cpu_busy_seconds: list = field(default_factory=list)
+    cpu_copy_slowdown: list = field(default_factory=list)
+    cpu_thread_choice: int = 0
+    act_token_bytes: int = 0
+    act_latency_s: float = 0.0
+    act_gbps: float = 0.0
 
     def copy_seconds(self, nbytes: float) -> float:
         """Seconds to copy ``nbytes`` from pinned host memory to the GPU."""
@@ -100,6 +120,87 @@ class Calibration:
         return (np.asarray(g["experts"], np.float64), np.asarray(g["tokens"], np.float64), table,
                 float(g.get("fixed_seconds", 0.0)))
 
+    # ---- the host CPU (docs/design.md §11) ----------------------------------------------------------
+    # cpu_seconds[i][k] / cpu_busy_seconds[i][k]: one expert's FFN on the host with
+    # cpu_threads[i] threads for cpu_tokens[k] tokens, alone / while copies run;
+    # cpu_copy_slowdown[i]: copy time factor while the CPU computes with cpu_threads[i] threads;
+    # cpu_call_s: the part of an FFN that does not scale with the expert's bytes (per-call cost),
+    # the rest streams the weights from host memory and scales with them, as on the GPU.
+
+    @property
+    def has_cpu(self) -> bool:
+        return len(self.cpu_threads) > 0
+
+    def _cpu_row(self) -> int:
+        if self.cpu_thread_choice not in self.cpu_threads:
+            raise SimcacheError(f"calibration {self.device!r}: cpu_thread_choice {self.cpu_thread_choice} "
+                                f"is not one of cpu_threads {self.cpu_threads}")
+        return self.cpu_threads.index(self.cpu_thread_choice)
+
+    def cpu_seconds_for(self, tokens, expert_bytes: int, busy: bool) -> np.ndarray:
+        """Seconds of one expert's FFN on the host CPU at the chosen thread count, on ``tokens``
+        tokens (array-like), alone or while copies run (``busy``); 0 for 0 tokens."""
+        i = self._cpu_row()
+        table = self.cpu_busy_seconds if busy else self.cpu_seconds
+        t = np.asarray(tokens, float)
+        out = _interp_extrapolate(t, self.cpu_tokens, table[i])
+        out = self.cpu_call_s + (out - self.cpu_call_s) * (expert_bytes / self.cpu_expert_bytes)
+        out[t <= 0] = 0.0
+        return out
+
+    def roundtrip_seconds_for(self, tokens) -> np.ndarray:
+        """Seconds to send ``tokens`` activations to the host and the results back: two copies
+        of tokens x act_token_bytes, each the probed latency plus bytes over bandwidth."""
+        t = np.asarray(tokens, float)
+        one_way = self.act_latency_s + t * self.act_token_bytes / (self.act_gbps * 1e9) if self.act_gbps > 0 \
+            else np.full_like(t, self.act_latency_s)
+        out = 2.0 * one_way
+        out[t <= 0] = 0.0
+        return out
+
+    def copy_seconds_busy(self, nbytes: float) -> float:
+        """Seconds of one copy while the CPU computes at the chosen thread count."""
+        slow = self.cpu_copy_slowdown[self._cpu_row()] if self.cpu_copy_slowdown else 1.0
+        return self.copy_seconds(nbytes) * slow
+
+    def require_cpu(self, miss: str) -> None:
+        """A one-line error when ``--miss cpu|auto`` meets a calibration without a CPU table."""
+        if not self.has_cpu:
+            raise SimcacheError(
+                f"--miss {miss} needs a CPU table, and calibration {self.device!r} has none "
+                f"(run 'simcache probe', which measures the host, or use a reference calibration)")
+
+    def validate(self, where: str = "calibration") -> "Calibration":
+        """Check table shapes and signs; raise a one-line :class:`SimcacheError` naming the problem."""
+        if len(self.copy_bytes) < 1 or len(self.copy_bytes) != len(self.copy_gbps):
+            raise SimcacheError(f"{where}: copy_bytes and copy_gbps must be equal-length, non-empty")
+        if len(self.ffn_tokens) < 1 or len(self.ffn_tokens) != len(self.ffn_seconds):
+            raise SimcacheError(f"{where}: ffn_tokens and ffn_seconds must be equal-length, non-empty")
+        if min(self.copy_gbps) <= 0 or min(self.ffn_seconds) < 0:
+            raise SimcacheError(f"{where}: bandwidths must be positive and times non-negative")
+        if not self.has_cpu:
+            return self
+        n, k = len(self.cpu_threads), len(self.cpu_tokens)
+        if k < 1 or len(self.cpu_seconds) != n or len(self.cpu_busy_seconds) != n or \
+                any(len(row) != k for row in (*self.cpu_seconds, *self.cpu_busy_seconds)):
+            raise SimcacheError(f"{where}: cpu_seconds and cpu_busy_seconds need one row of "
+                                f"{k} times (cpu_tokens) per thread count ({n} in cpu_threads)")
+        if self.cpu_copy_slowdown and len(self.cpu_copy_slowdown) != n:
+            raise SimcacheError(f"{where}: cpu_copy_slowdown needs one factor per thread count ({n})")
+        if min(self.cpu_tokens) < 1 or min(self.cpu_threads) < 0:
+            raise SimcacheError(f"{where}: cpu_tokens must be positive and cpu_threads non-negative (0: not known)")
+        times = [x for row in (*self.cpu_seconds, *self.cpu_busy_seconds) for x in row]
+        if not all(math.isfinite(x) and x > 0 for x in times):
+            raise SimcacheError(f"{where}: CPU FFN times must be positive, got {min(times)!r}")
+        if not all(math.isfinite(x) and x > 0 for x in self.cpu_copy_slowdown):
+            raise SimcacheError(f"{where}: cpu_copy_slowdown factors must be positive")
+        if self.cpu_expert_bytes <= 0 or self.cpu_call_s < 0:
+            raise SimcacheError(f"{where}: cpu_expert_bytes must be positive and cpu_call_s non-negative")
+        if self.act_latency_s < 0 or self.act_gbps < 0 or self.act_token_bytes < 0:
+            raise SimcacheError(f"{where}: act_latency_s, act_gbps and act_token_bytes must be non-negative")
+        self._cpu_row()
+        return self
+
     def to_json(self) -> str:
         return json.dumps({"calibration_version": CALIBRATION_VERSION, **asdict(self)}, indent=2)
 
@@ -108,8 +209,59 @@ class Calibration:
         return atomic_write_text(path, self.to_json() + "\n")
 
 
+def _interp_extrapolate(t: np.ndarray, xs, ys) -> np.ndarray:
+    """Linear interpolation, clamped below, extrapolated along the last segment above."""
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    out = np.interp(t, xs, ys)
+    if xs.size >= 2:
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        beyond = t > xs[-1]
+        out[beyond] = ys[-1] + slope * (t[beyond] - xs[-1])
+    return out
+
+
+def choose_threads(threads, busy_one_token, copy_slowdown, copy_s: float) -> int:
+    """The thread count that serves misses fastest: the least CPU FFN time for one token while
+    copies run, plus the time the CPU's traffic adds to one concurrent copy (``copy_s`` seconds
+    alone). Ties go to fewer threads.
+
+    >>> choose_threads([8, 12, 16], [9.95e-3, 7.35e-3, 14.07e-3], [1.01, 1.05, 1.061], 6.37e-3)
+    12
+    """
+    cost = [b + (s - 1.0) * copy_s for b, s in zip(busy_one_token, copy_slowdown)]
+    best = min(range(len(threads)), key=lambda i: (cost[i], threads[i]))
+    return int(threads[best])
+
+
+# docs/design.md §11, measured on the H200 machine's host (16-core Xeon, torch bf16), one Mixtral-8x7B
+# expert, four distinct experts in rotation: 1 token alone / while copies run, per thread count,
+# and the copies' slowdown; 16 threads also by token count (6.68 ms for 1, 4.4 for 16, 8.4 for 64).
+_H200_HOST_1TOK = {8: (9.78e-3, 9.95e-3, 1.01), 12: (6.75e-3, 7.35e-3, 1.05), 16: (6.68e-3, 14.07e-3, 6.76 / 6.37)}
+_H200_HOST_16T_TOKENS = ([1, 16, 64], [6.68e-3, 4.4e-3, 8.4e-3])
+# cpu_call_s: the per-call part of a host FFN, fitted from the two 16-thread 1-token figures
+# of docs/design.md §11 (Mixtral expert 6.68 ms, DeepSeek-V2-Lite expert 0.46 ms) as a + b x bytes.
+_DSV2L_EXPERT_BYTES = 3 * 2048 * 1408 * 2
+_H200_HOST_CALL_S = 0.46e-3 - (6.68e-3 - 0.46e-3) / (MIXTRAL_EXPERT_BYTES - _DSV2L_EXPERT_BYTES) * _DSV2L_EXPERT_BYTES
+
+
+def _h200_host_tables():
+    """Rows per thread count: the 16-thread token curve, scaled to each count's 1-token figure
+    (only 16 threads was measured by token count; the others keep its shape)."""
+    tokens, curve = _H200_HOST_16T_TOKENS
+    threads = sorted(_H200_HOST_1TOK)
+    alone, busy = [], []
+    for n in threads:
+        a1, b1, _ = _H200_HOST_1TOK[n]
+        alone.append([a1 * c / curve[0] for c in curve])
+        busy.append([b1 * c / curve[0] for c in curve])
+    slow = [_H200_HOST_1TOK[n][2] for n in threads]
+    return threads, tokens, alone, busy, slow
+
+
 def default_calibration() -> Calibration:
-    """The H200 (PCIe 5.0 x16) reference figures of docs/design.md §5."""
+    """The H200 (PCIe 5.0 x16) reference figures of docs/design.md §5, and its host CPU's of §11."""
+    threads, tokens, alone, busy, slow = _h200_host_tables()
+    copy_s = MIXTRAL_EXPERT_BYTES / 54.5e9
     return Calibration(
         device="NVIDIA H200 (docs/design.md §5 reference figures)",
         copy_bytes=[1 * MIB, 16 * MIB, 1024 * MIB],
@@ -118,12 +270,69 @@ def default_calibration() -> Calibration:
         ffn_tokens=[1, 128, 2048],
         ffn_seconds=[0.12e-3, 0.12e-3, 1.0e-3],
         overlap=True,
-        source="built-in default (docs/design.md §5)",
+        source="built-in default (docs/design.md §5; host CPU: docs/design.md §11, the H200 machine's 16-core Xeon host)",
+        cpu_model="16-core Xeon host of the H200 machine (docs/design.md §11)",
+        cpu_dtype="bfloat16",
+        cpu_expert_bytes=MIXTRAL_EXPERT_BYTES,
+        cpu_call_s=_H200_HOST_CALL_S,
+        cpu_threads=threads,
+        cpu_tokens=tokens,
+        cpu_seconds=alone,
+        cpu_busy_seconds=busy,
+        cpu_copy_slowdown=slow,
+        cpu_thread_choice=choose_threads(threads, [row[0] for row in busy], slow, copy_s),
+        # the probe's pinned 64-byte copy latency on the H200 (docs/replay-data, run 3), and
+        # Mixtral's hidden size 4096 in bf16 per token
+        act_token_bytes=4096 * 2,
+        act_latency_s=12.8e-6,
+        act_gbps=35.0,
     )
 
 
+# efeslab/fiddler issue #7 ("Questions about the hardware specs for fiddler"), comment of
+# 2024-05-09: Fiddler's microbenchmark with pinned torch copies on an RTX 4090, one bf16
+# Mixtral-8x7B expert: weight copy CPU -> GPU 13.30 ms, GPU execution batch 1 0.59 ms, CPU
+# execution batch 1 11.41 ms. Only batch 1 was published: the tables are flat in token count.
+FIDDLER_4090_SOURCE = ("https://github.com/efeslab/fiddler/issues/7 (comment of 2024-05-09: RTX 4090, "
+                       "pinned copy of a bf16 Mixtral-8x7B expert 13.30 ms, GPU FFN 0.59 ms, CPU FFN "
+                       "11.41 ms at batch 1)")
+
+
+def rtx4090_calibration() -> Calibration:
+    """A consumer setup from published figures: RTX 4090 on PCIe 4.0 (Fiddler's issue tracker)."""
+    return Calibration(
+        device="NVIDIA RTX 4090, PCIe 4.0 (published figures, efeslab/fiddler#7)",
+        copy_bytes=[MIXTRAL_EXPERT_BYTES],
+        copy_gbps=[MIXTRAL_EXPERT_BYTES / 13.30e-3 / 1e9],
+        ffn_expert_bytes=MIXTRAL_EXPERT_BYTES,
+        ffn_tokens=[1],
+        ffn_seconds=[0.59e-3],
+        overlap=True,
+        source=FIDDLER_4090_SOURCE,
+        cpu_model="host CPU of the RTX 4090 machine (not named in the source)",
+        cpu_dtype="bfloat16",
+        cpu_expert_bytes=MIXTRAL_EXPERT_BYTES,
+        cpu_threads=[0],  # 0: the thread count was not published
+        cpu_tokens=[1],
+        cpu_seconds=[[11.41e-3]],
+        cpu_busy_seconds=[[11.41e-3]],  # no contention figure published: taken as none
+        cpu_copy_slowdown=[1.0],
+        cpu_thread_choice=0,
+        # not published: the H200 probe's pinned-copy latency and Mixtral's bf16 hidden
+        act_token_bytes=4096 * 2,
+        act_latency_s=12.8e-6,
+        act_gbps=24.0,
+    )
+
+
+REFERENCES = {"h200": default_calibration, "rtx4090": rtx4090_calibration}
+
+
 def load_calibration(path) -> Calibration:
-    """Read a calibration JSON written by ``simcache probe``."""
+    """Read a calibration JSON written by ``simcache probe``, or name a built-in reference
+    machine (:data:`REFERENCES`: ``h200``, ``rtx4090``)."""
+    if str(path) in REFERENCES:
+        return REFERENCES[str(path)]()
     path = check_input(path, "calibration file")
     try:
         data = json.loads(path.read_text())
@@ -136,12 +345,7 @@ def load_calibration(path) -> Calibration:
         cal = Calibration(**data)
     except TypeError as exc:
         raise SimcacheError(f"{path}: unexpected calibration fields ({exc})") from None
-    if len(cal.copy_bytes) < 1 or len(cal.copy_bytes) != len(cal.copy_gbps):
-        raise SimcacheError(f"{path}: copy_bytes and copy_gbps must be equal-length, non-empty")
-    if len(cal.ffn_tokens) < 1 or len(cal.ffn_tokens) != len(cal.ffn_seconds):
-        raise SimcacheError(f"{path}: ffn_tokens and ffn_seconds must be equal-length, non-empty")
-    if min(cal.copy_gbps) <= 0 or min(cal.ffn_seconds) < 0:
-        raise SimcacheError(f"{path}: bandwidths must be positive and times non-negative")
+    cal.validate(str(path))
     _check_group_ffn(path, cal.group_ffn)
     return cal
 

@@ -49,6 +49,23 @@ def fit_prior(trace: Trace) -> np.ndarray:
     return counts
 
 
+def demand_counts(trace: Trace) -> np.ndarray:
+    """How often each (layer, expert) was routed to, over every token of ``trace`` (all top-k
+    choices, prompt and generated): shape (layers, E), float64. Static placement ranks experts
+    by these counts of a *training* trace.
+
+    >>> import numpy as np, simcache
+    >>> t = simcache.Trace.from_arrays(np.array([[0, 1], [1, 2]]), request=[0, 0],
+    ...     position=[0, 1], layer=[0, 0], num_experts=3)
+    >>> demand_counts(t).tolist()
+    [[1.0, 2.0, 1.0]]
+    """
+    L, E = trace.num_layers, trace.num_experts
+    ex = trace.token_experts().astype(np.int64)  # (tokens, L, k); ids below 0 are gaps
+    keys = np.arange(L)[None, :, None] * E + ex
+    return np.bincount(keys[ex >= 0], minlength=L * E).astype(np.float64).reshape(L, E)
+
+
 def load_counts(path) -> np.ndarray:
     """A ``.npy`` array of transition counts, with a one-line error for a missing or bad file
     (its shape is the caller's to check)."""

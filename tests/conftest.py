@@ -35,6 +35,14 @@ def random_trace(seed, *, layers=2, experts=6, top_k=2, requests=4, length=(3, 1
     return t
 
 
+def rule_inputs(evict, trace):
+    """What a rule needs beyond the trace: training demand for rules that place residents up
+    front (counted on the trace itself here: these tests check mechanics, not scores)."""
+    if evict is None or simcache.EVICTION[evict].place is None:
+        return {}
+    return {"train_demand": simcache.demand_counts(trace)}
+
+
 def require(path: Path):
     if not path.exists():
         pytest.skip(f"{path} not present (../shared beside the checkout)")

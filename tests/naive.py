@@ -15,7 +15,7 @@ from collections import Counter, OrderedDict
 
 import numpy as np
 
-HIT, FILL, BYPASS, FORCED = 0, 1, 2, 3
+HIT, FILL, BYPASS, FORCED, CPU = 0, 1, 2, 3, 4
 MASK = (1 << 64) - 1
 
 
@@ -110,6 +110,7 @@ class NaiveCache:
         self.insertion = [OrderedDict() for _ in range(pools)]  # FIFO order
         self.last, self.freq = {}, {}
         self.evicted = set()
+        self.placed = set()
         self.flat = flat  # keys in access order
         self.group_of = group_of  # group index of every access
         self.positions = {}
@@ -596,10 +597,42 @@ class MRS(EvictionTwin):
         return min(cands, key=lambda k: (self.value(k, s if k // E <= here else s - 1), self.c.last[k]))
 
 
+class Static(EvictionTwin):
+    """Never gives a resident up (the residents were placed before the first step)."""
+
+    def victim(self, p, pinned, cands, i):
+        return None
+
+
 EVICTION = {"lru": LRU, "fifo": FIFO, "lifo": LIFO, "lfu": LFU, "random": Random,
             "belady": Belady, "markov": MarkovEviction, "sieve": Sieve, "s3fifo": S3FIFO, "arc": ARC,
             "2q": TwoQ, "lfru": LFRU, "min-visit": MinVisit, "mrs": MRS, "least-stale": LeastStale,
-            "lfu-decay": LFUDecay}
+            "lfu-decay": LFUDecay, "static": Static}
+PLACES = {"static"}  # eviction rules whose residents are placed up front (simulate(placed=...))
+
+
+def demand(trace):
+    """{(layer x E + expert): times routed} over every token and top-k choice."""
+    c = Counter()
+    L, E = trace.num_layers, trace.num_experts
+    ex = trace.experts.reshape(-1, L, trace.top_k)
+    for tok in ex.tolist():
+        for l, choices in enumerate(tok):
+            for e in choices:
+                if e >= 0:  # -1: a gap or padding
+                    c[l * E + e] += 1
+    return c
+
+
+def hot_set(counts, num_layers, num_experts, capacity, scope):
+    """The keys static placement puts in the cache, pool by pool in slot order: most demanded
+    first, ties to the lower key."""
+    pools = [[l * num_experts + e for e in range(num_experts)] for l in range(num_layers)] \
+        if scope == "layer" else [list(range(num_layers * num_experts))]
+    out = []
+    for keys in pools:
+        out += sorted(keys, key=lambda k: (-counts.get(k, 0), k))[:capacity]
+    return out
 
 
 def admit_all(c, key, i, pinned, later_misses):
@@ -617,7 +650,8 @@ def admit_oracle(c, key, i, pinned, later_misses):
     me = c.future_key(key, i)
     unpinned = [k for k in c.slots[p].values() if k not in pinned]
     room = c.cap - c.used[p] + len(unpinned)
-    nearer = sum(1 for k in unpinned if c.future_key(k, c.last[k]) <= me)
+    # a placed resident not yet demanded (static) counts as needed before anything
+    nearer = sum(1 for k in unpinned if c.last[k] < 0 or c.future_key(k, c.last[k]) <= me)
     nearer += sum(1 for (k, j) in later_misses if c.future_key(k, j) < me)
     return nearer < room
 
@@ -627,8 +661,14 @@ LEARNS = {"markov", "markov-h"}  # admission rules with a learner; markov evicti
 
 
 def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="skip", tau=0.1,
-             prior=None, horizon=4, decay_every=100, decay=0.99, seed=0):
-    """Returns dict(outcome=[...], slot=[...], victim=[...], counters={name: [per layer]})."""
+             prior=None, horizon=4, decay_every=100, decay=0.99, seed=0, miss="load", tables=None,
+             placed=()):
+    """Returns dict(outcome=[...], slot=[...], victim=[...], counters={name: [per layer]}).
+
+    ``miss`` "cpu" / "auto" / "auto-cputime" (docs/design.md §11) needs ``tables`` = (gpu, cpu,
+    cpu_busy, t_copy, t_copy_busy, overlap) as :func:`group_split` takes them, and adds
+    ``group_time`` (per group: gpu_s, copy_s, cpu_s, time_s). ``placed``: keys resident before
+    the first step, in slot order per pool (static placement)."""
     steps = schedule(trace, batch, prefill)
     groups = accesses(trace, steps)
     flat = [key for _, _, acc in groups for key, _ in acc]
@@ -640,9 +680,19 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
     c.step_of = [s for s, _, acc in groups for _ in acc]
     c.gate = gates(trace, steps, groups)
     learns = admit in LEARNS or evict == "markov"
-    names = ("accesses", "hits", "fills", "bypasses", "forced_bypasses", "evictions", "reloads")
+    names = ("accesses", "hits", "fills", "bypasses", "forced_bypasses", "evictions", "reloads",
+             "cpu_experts", "cpu_tokens")
     counters = {n: [0] * L for n in names}
-    outcome, slot_out, victim_out = [], [], []
+    outcome, slot_out, victim_out, group_time = [], [], [], []
+    c.placed = set(placed)
+    for key in placed:
+        p = c.pool(key)
+        c.where[key] = (p, c.used[p])
+        c.slots[p][c.used[p]] = key
+        c.used[p] += 1
+        c.insertion[p][key] = True
+        c.recency[p][key] = True
+        c.last[key], c.freq[key] = -1, 0
     i = 0
     for s, l, acc in groups:
         if learns:
@@ -650,10 +700,30 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
             c.learn(s, l, pairs, top1, [k for k, _ in acc])
         counters["accesses"][l] += len(acc)
         pinned = {k for k, _ in acc if k in c.where}
+        to_cpu = set()
+        if miss != "load":
+            gpu, cpu, cpu_busy, t_copy, t_copy_busy, overlap = tables
+            hit_s = 0.0
+            for k, n in acc:
+                if k in c.where:
+                    hit_s += gpu[n]
+            missing = [(k, n) for k, n in acc if k not in c.where]
+            j, copied, times = group_split(hit_s, [n for _, n in missing], gpu, cpu, cpu_busy, t_copy,
+                                           t_copy_busy, overlap, auto=miss != "cpu",
+                                           rank=by_cpu_time if miss == "auto-cputime" else by_tokens)
+            to_cpu = {k for a, (k, _) in enumerate(missing) if a not in copied}
+            group_time.append(times)
         base_i = i
-        for j, (key, _) in enumerate(acc):
+        for j, (key, ntok) in enumerate(acc):
             i = base_i + j
             p = c.pool(key)
+            if key in to_cpu:
+                counters["cpu_experts"][l] += 1
+                counters["cpu_tokens"][l] += ntok
+                outcome.append(CPU)
+                slot_out.append(-1)
+                victim_out.append(-1)
+                continue
             if key in c.where:
                 c.touch(key, i)
                 c.freq[key] += 1
@@ -663,6 +733,7 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
                 slot_out.append(c.where[key][1])
                 victim_out.append(-1)
                 continue
+            # (the group's later misses, CPU-served ones included, as the kernel counts them)
             later = [(k, base_i + jj) for jj, (k, _) in enumerate(acc) if jj > j and k not in c.where]
             if not c.admit(key, i, pinned, later):
                 counters["bypasses"][l] += 1
@@ -703,7 +774,8 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
             slot_out.append(slot)
             victim_out.append(gone)
         i = base_i + len(acc)
-    return {"outcome": outcome, "slot": slot_out, "victim": victim_out, "counters": counters}
+    return {"outcome": outcome, "slot": slot_out, "victim": victim_out, "counters": counters,
+            "group_time": group_time}
 
 
 def gates(trace, steps, groups):
@@ -783,3 +855,68 @@ def optimal_hits(groups, capacity, bypass=True):
 def as_arrays(result):
     return (np.array(result["outcome"], np.int8), np.array(result["slot"], np.int32),
             np.array(result["victim"], np.int32))
+
+
+# ---- hybrid execution (docs/design.md §11) ---------------------------------------------------------
+
+
+def group_time(hit_s, miss_tokens, copied, rest, gpu, cpu, cpu_busy, t_copy, t_copy_busy, overlap):
+    """(gpu_s, copy_s, cpu_s, time_s) of one group, written from docs/design.md §11: the misses at
+    positions ``copied`` are copied (issued in expert order, so the highest position is the last
+    to arrive), those at ``rest`` are computed on the CPU (summed from the end of ``rest``). Each
+    path runs at its concurrent rate when the other path has work."""
+    g = hit_s
+    for a in copied:
+        g += gpu[miss_tokens[a]]
+    c = 0.0
+    for a in reversed(rest):
+        c += (cpu_busy if copied else cpu)[miss_tokens[a]]
+    copy = len(copied) * (t_copy_busy if rest else t_copy)
+    if not copied:
+        path = g
+    elif overlap:
+        path = max(g, copy + gpu[miss_tokens[max(copied)]])
+    else:
+        path = g + copy
+    return g, copy, c, max(path, c)
+
+
+def by_tokens(miss_tokens, cpu_busy):
+    """The reference ranking of docs/design.md §11: by token count, descending, ties in expert order."""
+    return sorted(range(len(miss_tokens)), key=lambda a: -miss_tokens[a])
+
+
+def by_cpu_time(miss_tokens, cpu_busy):
+    """A variant: by the CPU time each miss would take, descending (equals by_tokens when the
+    CPU table rises with token count)."""
+    return sorted(range(len(miss_tokens)), key=lambda a: -cpu_busy[miss_tokens[a]])
+
+
+def group_split(hit_s, miss_tokens, gpu, cpu, cpu_busy, t_copy, t_copy_busy, overlap, auto=True,
+                rank=by_tokens):
+    """A ranking rule by enumeration: for every j, the first j of the ranking copied and the
+    rest on the CPU; the least time wins, ties to the larger j (``auto=False``: j = 0).
+    Returns (j, sorted copied positions, (gpu_s, copy_s, cpu_s, time_s))."""
+    order = rank(miss_tokens, cpu_busy)
+    best = None
+    for j in range(len(order) + 1) if auto else [0]:
+        times = group_time(hit_s, miss_tokens, order[:j], order[j:], gpu, cpu, cpu_busy,
+                           t_copy, t_copy_busy, overlap)
+        if best is None or times[3] <= best[2][3]:
+            best = (j, sorted(order[:j]), times)
+    return best
+
+
+def best_subset(hit_s, miss_tokens, gpu, cpu, cpu_busy, t_copy, t_copy_busy, overlap):
+    """The least group time over every subset of the misses copied (2^m: small groups only)."""
+    from itertools import combinations
+
+    m = len(miss_tokens)
+    best = float("inf")
+    for j in range(m + 1):
+        for copied in combinations(range(m), j):
+            rest = [a for a in range(m) if a not in copied]
+            t = group_time(hit_s, miss_tokens, list(copied), rest, gpu, cpu, cpu_busy, t_copy,
+                           t_copy_busy, overlap)[3]
+            best = min(best, t)
+    return best

@@ -9,7 +9,7 @@ import simcache
 from simcache.policies import ADMISSION, EVICTION, PRESETS, _dispatch, resolve
 
 from . import naive
-from .conftest import random_trace
+from .conftest import random_trace, rule_inputs
 
 
 def test_registry_is_consistent_and_dispatched():
@@ -62,8 +62,9 @@ def test_each_eviction_rule_behaves_differently_from_the_rest(name):
     """Every code reaches its own rule: on a trace with locality, each rule's decisions are
     distinct from at least one other rule's (a mis-wired chain would duplicate another)."""
     t = random_trace(21, experts=8, requests=6, length=(30, 40))
-    mine = simcache.simulate(t, None, 3, evict=name, record=True).decisions.victim
-    others = [simcache.simulate(t, None, 3, evict=o, record=True).decisions.victim for o in EVICTION if o != name]
+    mine = simcache.simulate(t, None, 3, evict=name, record=True, **rule_inputs(name, t)).decisions.victim
+    others = [simcache.simulate(t, None, 3, evict=o, record=True, **rule_inputs(o, t)).decisions.victim
+              for o in EVICTION if o != name]
     assert all(not np.array_equal(mine, v) for v in others)
 
 

@@ -91,11 +91,20 @@ GOLDEN = {
     ('lfu-decay', 16, 1): (37020, 90084, 0, 0, 89956, 89572),
     ('lfu-decay', 32, 1): (70369, 56735, 0, 0, 56479, 56223),
     ('lfu-decay', 16, 8): (33684, 71819, 0, 12179, 71691, 71307),
+    ('static', 8, 1): (18345, 0, 0, 108759, 0, 0),
+    ('static', 16, 1): (35160, 0, 0, 91944, 0, 0),
+    ('static', 32, 1): (67016, 0, 0, 60088, 0, 0),
+    ('static', 16, 8): (32102, 0, 0, 85580, 0, 0),
 }
 
 
 def counts(trace, policy, capacity, batch):
-    r = simcache.simulate(trace, policy, capacity, batch=batch)
+    # a rule that places residents up front ranks them by half of the requests (a regression
+    # pin on the whole trace, not an evaluation)
+    extra = {}
+    if simcache.EVICTION[simcache.PRESETS[policy][0]].place is not None:
+        extra["train_demand"] = simcache.demand_counts(simcache.split_requests(trace, 0.5, 0)[0])
+    r = simcache.simulate(trace, policy, capacity, batch=batch, **extra)
     return (r.hits, r.fills, r.bypasses, r.forced_bypasses, r.evictions, r.reloads)
 
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import simcache
 from simcache.policies import ADMISSION, EVICTION, PRESETS
 
+from .conftest import rule_inputs
 from .strategies import traces
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -34,7 +35,8 @@ def test_counters_add_up_and_occupancy_bounded(trace, data, evict, admit):
     batch, prefill, scope, capacity = workload_args(data, trace)
     assume(has_accesses(trace, prefill))
     r = simcache.simulate(trace, None, capacity, evict=evict, admit=admit, batch=batch,
-                          prefill=prefill, scope=scope, record=True, threshold=0.2)
+                          prefill=prefill, scope=scope, record=True, threshold=0.2,
+                          **rule_inputs(evict, trace))
     assert r.hits + r.fills + r.bypasses + r.forced_bypasses == r.accesses
     pl = r.per_layer
     assert (pl["hits"] + pl["fills"] + pl["bypasses"] + pl["forced_bypasses"] == pl["accesses"]).all()
@@ -47,6 +49,14 @@ def test_counters_add_up_and_occupancy_bounded(trace, data, evict, admit):
     keys = Workload(trace, batch, prefill).demand.keys
     pool = (keys // E) if scope == "layer" else np.zeros_like(keys)
     resident = [set() for _ in range(trace.num_layers if scope == "layer" else 1)]
+    if EVICTION[evict].place is not None:  # residents placed before the first step
+        from simcache.state import new_state
+
+        S = new_state(keys=keys, future=np.zeros(0, np.int64), num_layers=trace.num_layers, num_experts=E,
+                      pool_caps=[capacity] * len(resident), rules=(EVICTION[evict],))
+        EVICTION[evict].place(S, rule_inputs(evict, trace)["train_demand"], scope == "layer")
+        for slot in np.flatnonzero(S.slot_key >= 0):
+            resident[S.slot_pool[slot]].add(S.slot_key[slot])
     for i in range(keys.size):
         p = pool[i]
         if d.outcome[i] == 0:
@@ -75,11 +85,12 @@ def test_nothing_beats_belady_with_bypass(trace, data):
     for evict in EVICTION:
         for admit in ADMISSION:
             r = simcache.simulate(work, None, capacity, evict=evict, admit=admit, scope=scope,
-                                  threshold=0.2)
+                                  threshold=0.2, **rule_inputs(evict, trace))
             assert r.loads >= best.loads, (evict, admit)
     demand_min = simcache.simulate(work, "belady", capacity, scope=scope)
     for evict in EVICTION:
-        r = simcache.simulate(work, None, capacity, evict=evict, admit="all", scope=scope)
+        r = simcache.simulate(work, None, capacity, evict=evict, admit="all", scope=scope,
+                              **rule_inputs(evict, trace))
         assert r.loads >= demand_min.loads, evict
 
 
@@ -99,10 +110,11 @@ def test_same_seed_same_result(trace, data, policy):
     batch, prefill, scope, capacity = workload_args(data, trace)
     assume(has_accesses(trace, prefill))
     seed = data.draw(st.integers(0, 2**31))
+    extra = rule_inputs(PRESETS[policy][0], trace)
     a = simcache.simulate(trace, policy, capacity, batch=batch, prefill=prefill, scope=scope,
-                          seed=seed, record=True)
+                          seed=seed, record=True, **extra)
     b = simcache.simulate(trace, policy, capacity, batch=batch, prefill=prefill, scope=scope,
-                          seed=seed, record=True)
+                          seed=seed, record=True, **extra)
     np.testing.assert_array_equal(a.decisions.outcome, b.decisions.outcome)
     np.testing.assert_array_equal(a.decisions.victim, b.decisions.victim)
     assert a.to_dict() | {"elapsed": 0} == b.to_dict() | {"elapsed": 0}

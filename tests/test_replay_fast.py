@@ -256,7 +256,8 @@ def test_input_errors():
         "replay", "traces/trained-mixtral-8e.parquet", "--device", "cpu", "--preset", "qwen3-30b-a3b")
     assert "deepseek-v3 has 256 experts per layer but the trace has 64" in error_of(
         "replay", "traces/flame-moe-290m.parquet", "--device", "cpu", "--preset", "deepseek-v3")
-    assert "probe measures a GPU" in error_of("probe", "--device", "cpu")
+    # (probe --device cpu measures the host CPU alone: tests/test_hybrid_replay.py)
+    assert "measures only the host" in error_of("probe", "--device", "cpu", "--no-cpu")
     cuda = torch.device("cuda", 0)
     with pytest.raises(simcache.SimcacheError, match="computes in bfloat16.*--issue eager"):
         check_fast(cuda, torch.float16, (9, 0))

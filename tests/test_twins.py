@@ -11,15 +11,18 @@ import simcache
 from simcache.policies import ADMISSION, EVICTION
 
 from . import naive
-from .conftest import random_trace
+from .conftest import random_trace, rule_inputs
 
 PAIRS = list(itertools.product(EVICTION, ADMISSION))
 
 
 def compare(trace, evict, admit, capacity, **kw):
     r = simcache.simulate(trace, None, capacity, evict=evict, admit=admit, record=True,
-                          threshold=kw.pop("tau", 0.1), **kw)
+                          threshold=kw.pop("tau", 0.1), **kw, **rule_inputs(evict, trace))
+    placed = naive.hot_set(naive.demand(trace), trace.num_layers, trace.num_experts, capacity,
+                           kw.get("scope", "layer")) if evict in naive.PLACES else ()
     ref = naive.simulate(trace, evict, admit, capacity, tau=r.threshold if r.threshold is not None else 0.1,
+                         placed=placed,
                          **{k: v for k, v in kw.items() if k in ("scope", "batch", "prefill", "prior",
                                                                  "horizon", "decay_every", "decay", "seed")})
     outcome, slot, victim = naive.as_arrays(ref)

@@ -12,7 +12,7 @@ from simcache.errors import SimcacheError
 from simcache.policies.admission import always, markov as markov_admission, oracle
 from simcache.policies.eviction import (
     arc, belady, fifo, least_stale, lfru, lfu, lfu_decay, lifo, lru, markov, min_visit, mrs, random,
-    s3fifo, sieve, twoq,
+    s3fifo, sieve, static, twoq,
 )
 from simcache.policies.registry import Admission, Eviction, declared, learners, table
 
@@ -33,6 +33,7 @@ EVICTION: dict[str, Eviction] = table(declared(
     mrs,
     least_stale,
     lfu_decay,
+    static,
 ))
 
 ADMISSION: dict[str, Admission] = table(declared(
@@ -62,6 +63,7 @@ PRESETS = {
     "mrs": ("mrs", "all"),
     "least-stale": ("least-stale", "all"),
     "lfu-decay": ("lfu-decay", "all"),
+    "static": ("static", "all"),
 }
 
 

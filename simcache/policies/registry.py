@@ -26,6 +26,9 @@ Hooks, all jitted with :func:`simcache._jit.kernel` (inlined into the loop):
     Called at the start of each (step ``s``, layer ``l``) group (accesses ``lo:hi``) to
     update scores; at most one learner runs per simulation (the admission's, else the
     eviction's).
+``place(S, demand, per_layer)`` (Python, optional)
+    Fills the cache before the first step from training demand counts (layers, E): a rule
+    that places its residents up front (``static``).
 
 ``S`` is the :class:`~simcache.state.CacheState`, ``M`` the Markov learner's inputs
 (:class:`~simcache.state.Learner`).
@@ -93,6 +96,7 @@ class Eviction:
     notes: str = ""  # the paper or system the rule comes from
     state: Mapping[str, Field] = field(default_factory=dict)
     learn: Callable | None = None  # scores it ranks by (Markov eviction)
+    place: Callable | None = None  # residents placed before the first step (static)
     needs_future: bool = False
     knobs: tuple[str, ...] = ()  # simulate() options it reads (reported with its results)
     code: int = -1  # position in the registry, set by :func:`table`

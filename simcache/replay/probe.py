@@ -11,7 +11,10 @@
   group's fixed work (gather, zeroing, sum) once; quantised experts include their gather and
   dequantisation;
 * copy / compute overlap: an expert-sized copy on a side stream against FFNs on the default
-  stream, both alone and together.
+  stream, both alone and together;
+* the host CPU (docs/design.md §11): the expert FFN on the host by token count at a few thread counts,
+  alone and while expert copies run, the copies' slowdown, the thread count that serves misses
+  fastest, and the activation round trip device -> host -> device (:func:`probe_host`).
 
 The result is a :class:`simcache.Calibration`; ``simcache probe --out calib.json`` writes it
 for ``simcache simulate --calibration``.
@@ -237,13 +240,15 @@ def overlap_efficiency(dev, preset: Preset, dtype, tokens=64):
 
 
 def probe(dev: torch.device, preset: Preset, dtype: torch.dtype, sizes=COPY_SIZES, expert_dtype=None,
-          grouped: bool = True) -> simcache.Calibration:
-    """Every measurement above; ``grouped`` adds the fast path's grouped FFN table."""
+          grouped: bool = True, cpu_threads: str | None = "8,12,all") -> simcache.Calibration:
+    """Every measurement above; ``grouped`` adds the fast path's grouped FFN table and, unless
+    ``cpu_threads`` is None, the host CPU's tables (:func:`probe_host`)."""
     if dev.type != "cuda":
         raise SimcacheError("probe measures a GPU: give --gpu N")
     name = torch.cuda.get_device_name(dev)
     if grouped:
         check_fast(dev, dtype)
+    host = probe_host(dev, preset, dtype, cpu_threads) if cpu_threads is not None else {"extra": {}}
     pinned = [_copy_gbps(dev, s, True) for s in sizes]
     pageable = [_copy_gbps(dev, s, False) for s in sizes[::2]]
     latency = _latency_us(dev)
@@ -274,5 +279,190 @@ def probe(dev: torch.device, preset: Preset, dtype: torch.dtype, sizes=COPY_SIZE
             "preset": preset.name,
             "expert_dtype": expert_dtype,
             "ffn_wall_seconds": [float(f) for f in ffn_wall],
+            **host.pop("extra"),
         },
+        **host,
+    )
+
+
+# ---- the host CPU as an executor (docs/design.md §11) -----------------------------------------------
+
+CPU_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+ROUNDTRIP_TOKENS = [1, 16, 256, 2048]
+
+
+class _Copies:
+    """Expert-sized copies back to back on a background thread while the block runs: pinned
+    host -> device on a side stream on a GPU, host -> host on a CPU-only run (tests). Records
+    the seconds of each copy."""
+
+    def __init__(self, dev, nbytes):
+        self.dev = dev
+        cuda = dev.type == "cuda"
+        self.src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+        self.src.fill_(1)
+        self.dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        self.stream = torch.cuda.Stream(dev) if cuda else None
+        self.times: list[float] = []
+        self._stop = None
+
+    def one(self):
+        t0 = time.perf_counter()
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                self.dst.copy_(self.src, non_blocking=True)
+            self.stream.synchronize()
+        else:
+            self.dst.copy_(self.src)
+        return time.perf_counter() - t0
+
+    def __enter__(self):
+        import threading
+
+        self._stop = threading.Event()
+        self.times = []
+
+        def loop():
+            while not self._stop.is_set():
+                self.times.append(self.one())
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        while not self.times:  # copies are under way before the block starts
+            time.sleep(1e-4)
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def host_ffn_seconds(preset: Preset, dtype, tokens=CPU_TOKENS, copies: "_Copies | None" = None,
+                     min_seconds=0.05, max_calls=20):
+    """Host seconds of one expert's SwiGLU FFN by token count, at torch's current thread count:
+    four distinct experts in rotation (so no expert stays in the CPU caches), an untimed call
+    first, then calls until ``min_seconds`` or ``max_calls``; mean per call. With ``copies``,
+    expert copies run on a background thread meanwhile."""
+    from simcache.replay.experts import ffn
+
+    gen = torch.Generator().manual_seed(0)
+    experts = [(torch.randn(preset.expert_elements(), generator=gen) * preset.hidden ** -0.5).to(dtype)
+               for _ in range(4)]
+    out = []
+    ctx = copies if copies is not None else _Null()
+    with ctx:
+        for t in tokens:
+            x = torch.randn((t, preset.hidden), generator=gen).to(dtype)  # (T, H)
+            ffn(x, experts[0], preset.hidden, preset.ffn)
+            calls, t0 = 0, time.perf_counter()
+            while True:
+                ffn(x, experts[calls % 4], preset.hidden, preset.ffn)
+                calls += 1
+                elapsed = time.perf_counter() - t0
+                if elapsed >= min_seconds or calls >= max_calls:
+                    break
+            out.append(elapsed / calls)
+    return out
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def roundtrip_seconds(dev, hidden, dtype, tokens=ROUNDTRIP_TOKENS, reps=50):
+    """Median seconds to send tokens x hidden activations device -> host (pinned) -> device,
+    by token count; on a CPU-only run, two host copies."""
+    cuda = dev.type == "cuda"
+    out = []
+    for t in tokens:
+        x = torch.randn((t, hidden), device=dev).to(dtype)  # (T, H)
+        host = torch.empty((t, hidden), dtype=dtype, pin_memory=cuda)  # (T, H)
+        back = torch.empty_like(x)
+        times = []
+        for _ in range(reps + 2):
+            if cuda:
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            host.copy_(x, non_blocking=cuda)
+            if cuda:
+                torch.cuda.synchronize(dev)
+            back.copy_(host, non_blocking=cuda)
+            if cuda:
+                torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - t0)
+        out.append(float(np.median(times[2:])))
+    return out
+
+
+def fit_roundtrip(tokens, seconds, token_bytes):
+    """(one-way latency s, GB/s) from round-trip times: least squares of rt/2 on bytes."""
+    b = np.asarray(tokens, float) * token_bytes
+    y = np.asarray(seconds, float) / 2
+    slope, intercept = np.polyfit(b, y, 1) if len(b) >= 2 else (0.0, float(y[0]))
+    latency = max(float(intercept), 0.0)
+    gbps = 1.0 / (slope * 1e9) if slope > 0 else 0.0
+    return latency, gbps
+
+
+def host_threads(spec: str) -> list[int]:
+    """``"8,12,all"`` -> thread counts (``all``: every core this process may use), sorted."""
+    from simcache.errors import SimcacheError
+    from simcache.replay.cpu import _cores
+
+    out = set()
+    for part in str(spec).split(","):
+        part = part.strip()
+        if part == "all":
+            out.add(_cores())
+        elif part:
+            try:
+                n = int(part)
+            except ValueError:
+                raise SimcacheError(f"--cpu-threads must look like 8,12,all, got {spec!r}") from None
+            if n < 1:
+                raise SimcacheError(f"--cpu-threads must be positive, got {n}")
+            out.add(min(n, _cores()))
+    if not out:
+        raise SimcacheError(f"--cpu-threads names no thread count: {spec!r}")
+    return sorted(out)
+
+
+def probe_host(dev, preset: Preset, dtype, threads: str = "8,12,all", tokens=CPU_TOKENS,
+               min_seconds=0.05) -> dict:
+    """The host CPU's part of a calibration (the ``cpu_*`` and ``act_*`` fields of
+    :class:`simcache.Calibration`): for each thread count, the expert FFN by token count alone
+    and while expert copies run, and the copies' slowdown; the thread count that serves misses
+    fastest (:func:`simcache.timing.choose_threads`); the activation round trip."""
+    from simcache.replay.cpu import cpu_model, set_host_threads
+    from simcache.timing import choose_threads
+
+    threads = host_threads(threads)
+    before = torch.get_num_threads()
+    eb = preset.expert_bytes(torch.tensor([], dtype=dtype).element_size())
+    copies = _Copies(dev, eb)
+    copy_alone = float(np.median([copies.one() for _ in range(12)][3:]))  # 3 untimed
+    alone, busy, slow = [], [], []
+    try:
+        for n in threads:
+            set_host_threads(n)
+            alone.append(host_ffn_seconds(preset, dtype, tokens, min_seconds=min_seconds))
+            busy.append(host_ffn_seconds(preset, dtype, tokens, copies=copies, min_seconds=min_seconds))
+            slow.append(float(np.median(copies.times)) / copy_alone if copies.times else 1.0)
+    finally:
+        torch.set_num_threads(before)
+    choice = choose_threads(threads, [row[0] for row in busy], slow, copy_alone)
+    token_bytes = preset.hidden * torch.tensor([], dtype=dtype).element_size()
+    rt = roundtrip_seconds(dev, preset.hidden, dtype)
+    latency, gbps = fit_roundtrip(ROUNDTRIP_TOKENS, rt, token_bytes)
+    return dict(
+        cpu_model=cpu_model(), cpu_dtype=str(dtype).replace("torch.", ""), cpu_expert_bytes=eb, cpu_call_s=0.0,
+        cpu_threads=threads, cpu_tokens=list(tokens), cpu_seconds=alone, cpu_busy_seconds=busy,
+        cpu_copy_slowdown=slow, cpu_thread_choice=choice,
+        act_token_bytes=token_bytes, act_latency_s=latency, act_gbps=gbps,
+        extra={"host_copy_alone_s": copy_alone, "roundtrip_tokens": list(ROUNDTRIP_TOKENS),
+               "roundtrip_seconds": rt},
     )

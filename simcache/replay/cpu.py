@@ -1,0 +1,193 @@
+"""The host CPU as a third executor (docs/design.md §11): experts computed where their weights live.
+
+For a (step, layer) the schedule sends some misses to the CPU. :class:`HostExecutor` runs them
+on one worker thread while the GPU streams proceed: the issuing thread gathers the CPU experts'
+tokens on the device; the worker, one expert at a time, copies its tokens down to a pinned host
+buffer (device -> host, on the executor's own stream), computes the SwiGLU FFN on the host with
+torch at the probed thread count and copies the result back up -- one activation round trip per
+expert, as the timing model prices it (docs/design.md §11). The compute stream waits for the CPU's
+results only when it adds them into the layer output, so the GPU computes its own experts
+meanwhile. On a CPU-only run (tests) the same code runs with host tensors and no streams.
+
+Tensor dimensions used in shape comments:
+    H  hidden size            W = 3 * F * H  elements per expert
+    n  tokens in the step     T  tokens routed to one expert
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from simcache.errors import SimcacheError
+from simcache.replay.experts import ffn
+
+_THREADS_LOCK = threading.Lock()
+
+
+def set_host_threads(threads: int | None) -> int:
+    """Set torch's intra-op thread count (``None`` or 0: every core); returns the count."""
+    n = int(threads) if threads else _cores()
+    if n < 1:
+        raise SimcacheError(f"host thread count must be positive, got {threads}")
+    with _THREADS_LOCK:
+        torch.set_num_threads(n)
+    return n
+
+
+def _cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    """The host CPU's model name (from /proc/cpuinfo), with its core count."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name or 'unknown CPU'} ({_cores()} cores available)"
+
+
+@dataclass
+class Job:
+    """One CPU expert of a group: its host weights row (W,), routed token rows (T,) on the
+    device and gate weights (T, 1) on the device."""
+
+    weights: torch.Tensor
+    idx: torch.Tensor
+    gate: torch.Tensor
+
+
+@dataclass
+class Ticket:
+    """A group's CPU work in flight: its future and, once done, each expert's seconds (round
+    trip and host FFN) and the whole CPU path's seconds from submission."""
+
+    future: Future
+    jobs: list
+    expert_s: list = field(default_factory=list)
+    path_s: float = 0.0
+
+
+class HostExecutor:
+    """Computes CPU-assigned experts on the host, one group at a time, beside the GPU.
+
+    Parameters
+    ----------
+    hidden, ffn_size : int
+        Expert shapes.
+    device : torch.device
+        Where activations and outputs live (``cuda:N``, or ``cpu`` in tests).
+    threads : int, optional
+        torch threads on the host (the probe's choice); default every core.
+    """
+
+    def __init__(self, hidden: int, ffn_size: int, device: torch.device, threads: int | None = None,
+                 max_tokens: int = 4096, dtype: torch.dtype = torch.bfloat16):
+        self.hidden, self.ffn_size, self.dev = hidden, ffn_size, device
+        self.threads = set_host_threads(threads)
+        self.cuda = device.type == "cuda"
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simcache-host")
+        self._stream = torch.cuda.Stream(device) if self.cuda else None
+        pin = self.cuda
+        self._down = torch.empty((max_tokens, hidden), dtype=dtype, pin_memory=pin)  # (n, H) host
+        self._up = torch.empty((max_tokens, hidden), dtype=dtype, pin_memory=pin)  # (n, H) host
+        self._dev_out = torch.empty((max_tokens, hidden), dtype=dtype, device=device)  # (n, H)
+        self._consumed = None  # event: the compute stream has read the last results
+        self._open = False
+
+    def submit(self, x: torch.Tensor, jobs: list[Job]) -> Ticket | None:
+        """Start a group's CPU experts on x (n, H); returns a ticket for :meth:`finish`, or
+        None when the group has no CPU work. Call from the thread that issues GPU work: the
+        gather of each expert's tokens is queued on the current stream before the worker
+        copies them down."""
+        if not jobs:
+            return None
+        if self._open:
+            raise SimcacheError("HostExecutor: finish a group's CPU work before submitting the next")
+        self._open = True
+        total = sum(int(j.idx.numel()) for j in jobs)
+        if total > self._down.shape[0]:
+            raise SimcacheError(f"a group sends {total} token rows to the CPU, more than the "
+                                f"{self._down.shape[0]} the host buffers hold")
+        # gather every CPU expert's token rows into one contiguous block on the device
+        rows = torch.cat([j.idx for j in jobs]) if len(jobs) > 1 else jobs[0].idx  # (sum T,)
+        picked = x.index_select(0, rows)  # (sum T, H)
+        gathered = None
+        if self.cuda:
+            picked.record_stream(self._stream)  # read on the executor's stream
+            gathered = torch.cuda.Event()
+            gathered.record()
+        ticket = Ticket(None, jobs)
+        ticket.future = self._pool.submit(self._work, picked, gathered, ticket, time.perf_counter())
+        return ticket
+
+    def _work(self, picked, gathered, ticket, t0):
+        n = picked.shape[0]
+        out = self._dev_out[:n]  # (sum T, H) on the device
+        if self.cuda:
+            self._stream.wait_event(gathered)
+            if self._consumed is not None:  # the previous group's results were read
+                self._stream.wait_event(self._consumed)
+        lo = 0
+        for job in ticket.jobs:
+            t = int(job.idx.numel())
+            down, up = self._down[lo:lo + t], self._up[lo:lo + t]  # (T, H) host
+            e0 = time.perf_counter()
+            if self.cuda:
+                with torch.cuda.stream(self._stream):
+                    down.copy_(picked[lo:lo + t], non_blocking=True)  # device -> host
+                self._stream.synchronize()
+            else:
+                down.copy_(picked[lo:lo + t])
+            up.copy_(ffn(down, job.weights, self.hidden, self.ffn_size))  # (T, H) on the host
+            if self.cuda:
+                with torch.cuda.stream(self._stream):
+                    out[lo:lo + t].copy_(up, non_blocking=True)  # host -> device
+            else:
+                out[lo:lo + t].copy_(up)
+            ticket.expert_s.append(time.perf_counter() - e0)
+            lo += t
+        if self.cuda:
+            self._stream.synchronize()
+        ticket.path_s = time.perf_counter() - t0
+        return out
+
+    def finish(self, ticket: Ticket | None, out: torch.Tensor) -> None:
+        """Wait for a group's CPU results and add them into out (n, H) on the current stream:
+        out[idx] += gate x FFN(x[idx]) for every CPU expert."""
+        if ticket is None:
+            return
+        y = ticket.future.result()
+        self._open = False  # (sum T, H) on the device
+        lo = 0
+        for job in ticket.jobs:
+            t = int(job.idx.numel())
+            out.index_add_(0, job.idx, y[lo:lo + t] * job.gate)
+            lo += t
+        if self.cuda:
+            self._consumed = torch.cuda.Event()
+            self._consumed.record()
+
+    def close(self):
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
