@@ -383,3 +383,71 @@ def optimal_hits(groups, capacity, bypass=True):
 def as_arrays(result):
     return (np.array(result["outcome"], np.int8), np.array(result["slot"], np.int32),
             np.array(result["victim"], np.int32))
+
+
+class Timeline:
+    """The copy-engine timeline of DESIGN §12 as a plain event list (twin of
+    ``simcache.timeline``): absolute times, one record per copy, a list as the queue.
+
+    ``copies`` holds every copy made: dict(key, kind "demand" | "prefetch", start, done,
+    requested, target, origin); ``groups`` every group's (start, end, stall).
+    """
+
+    def __init__(self, t_copy):
+        self.t = t_copy
+        self.now = 0.0  # end of the last group = start of the next
+        self.copies = []
+        self.queue = []  # prefetch requests not started, in request order
+        self.groups = []
+
+    def engine_free(self):
+        return max((c["done"] for c in self.copies), default=0.0)
+
+    def done_of(self, key):
+        return max((c["done"] for c in self.copies if c["key"] == key), default=0.0)
+
+    def begin(self):
+        self.start = self.now
+        self.waiting = []  # (arrival, copy number, compute) of used experts arriving late
+
+    def waits(self, key):
+        return self.done_of(key) > self.start
+
+    def demand(self, key, cost):
+        begin = max(self.engine_free(), self.start)
+        self.copies.append(dict(key=key, kind="demand", start=begin, done=begin + self.t,
+                                requested=self.start, target=None, origin=None))
+        self.waiting.append((begin + self.t, len(self.copies), cost))
+
+    def use(self, key, cost):
+        n = max(j for j, c in enumerate(self.copies) if c["key"] == key) + 1
+        self.waiting.append((self.copies[n - 1]["done"], n, cost))
+
+    def request(self, key, target, origin):
+        self.queue.append(dict(key=key, requested=self.start, target=target, origin=origin))
+
+    def end(self, compute, overlap):
+        S = self.start
+        if overlap:
+            E = S + compute
+            if self.waiting:
+                a, _, c = max(self.waiting)  # the copy completing last (ties: the later copy)
+                E = max(E, a + c)
+        else:
+            E = max([S] + [a for a, _, _ in self.waiting]) + compute
+        self.now = E
+        self.groups.append((S, E, (E - S) - compute))
+        return E - S
+
+    def advance(self, decide):
+        """Start queued prefetches whose start falls before the clock; ``decide(request)``
+        says whether to copy it (True) or drop it (False, no engine time)."""
+        while self.queue:
+            r = self.queue[0]
+            begin = max(self.engine_free(), r["requested"])
+            if begin >= self.now:
+                break
+            self.queue.pop(0)
+            if decide(r):
+                self.copies.append(dict(key=r["key"], kind="prefetch", start=begin, done=begin + self.t,
+                                        requested=r["requested"], target=r["target"], origin=r["origin"]))
