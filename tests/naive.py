@@ -451,3 +451,54 @@ class Timeline:
             if decide(r):
                 self.copies.append(dict(key=r["key"], kind="prefetch", start=begin, done=begin + self.t,
                                         requested=r["requested"], target=r["target"], origin=r["origin"]))
+
+
+def prefetch_plan(trace, predictor, width, *, batch=1, prefill="skip", prior=None, decay_every=100,
+                  decay=0.99, lookahead=None):
+    """Per group, the keys a predictor requests (twin of ``simcache.prefetch.plan``), written
+    from DESIGN §12: returns (distance, [[keys of group 0], [keys of group 1], ...])."""
+    steps = schedule(trace, batch, prefill)
+    groups = accesses(trace, steps)
+    L, E = trace.num_layers, trace.num_experts
+
+    def top(scores):  # highest first, ties to the lower expert; positive scores only
+        ranked = sorted((e for e in scores if scores[e] > 0), key=lambda e: (-scores[e], e))
+        return ranked[:width]
+
+    plan = []
+    if predictor == "oracle":
+        for g, (s, l, acc) in enumerate(groups):
+            if l == L - 1:
+                plan.append([])
+                continue
+            nxt = groups[g + 1][2]
+            plan.append([(l + 1) * E + e for e in top({k % E: n for k, n in nxt})])
+        return 1, plan
+    if predictor == "lookahead":
+        la = np.asarray(lookahead).reshape(trace.num_tokens, L, -1)
+        m = la.shape[2]
+        for s, l, acc in groups:
+            if l == L - 1:
+                plan.append([])
+                continue
+            votes, best = Counter(), {}
+            for t, _ in steps[s]:
+                for r, e in enumerate(la[t, l, :min(width, m)].tolist()):
+                    if e >= 0:
+                        votes[e] += 1
+                        best[e] = min(best.get(e, m), r)
+            ranked = sorted(votes, key=lambda e: (-votes[e], best[e], e))[:width]
+            plan.append([(l + 1) * E + e for e in ranked])
+        return 1, plan
+    assert predictor == "markov"
+    c = NaiveCache(trace, "lru", "markov", 1, "layer", tau=0.0, prior=prior, horizon=1,
+                   decay_every=decay_every, decay=decay, seed=0, flat=[], group_of=[])
+    top1 = trace.experts.reshape(-1, L, trace.top_k)[:, :, 0].tolist()
+    for g, (s, l, acc) in enumerate(groups):
+        pairs = [(prev, t) for t, prev in steps[s] if prev is not None]
+        c.learn(s, l, pairs, top1, [k for k, _ in acc])
+        if c.nodata[l] or g + L >= len(groups):
+            plan.append([])
+            continue
+        plan.append([l * E + e for e in top({e: c.score[l * E + e][0] for e in range(E)})])
+    return L, plan
