@@ -502,3 +502,159 @@ def prefetch_plan(trace, predictor, width, *, batch=1, prefill="skip", prior=Non
             continue
         plan.append([l * E + e for e in top({e: c.score[l * E + e][0] for e in range(E)})])
     return L, plan
+
+
+PREFETCHED = 4  # served from a prefetch buffer
+
+
+def simulate_prefetch(trace, evict, admit, capacity, *, prefetch, t_copy, lut, overlap=True,
+                      scope="layer", batch=1, prefill="skip", tau=0.1, prior=None, horizon=4,
+                      decay_every=100, decay=0.99, seed=0):
+    """The cache of DESIGN §4 on the timeline of §12 with prefetches (docs/prefetch.md), written
+    plainly: ``prefetch`` = (distance, plan lists) from :func:`prefetch_plan`; ``lut[n]`` =
+    compute of an expert with n tokens. Returns the outcomes as :func:`simulate` does (plus
+    code 4 = served from a prefetch buffer, its slot = the buffer), every group's
+    (start, end, stall), the prefetch schedule [(origin, after group, key, slot, buffer)] and
+    counters."""
+    distance, plan = prefetch
+    steps = schedule(trace, batch, prefill)
+    groups = accesses(trace, steps)
+    flat = [key for _, _, acc in groups for key, _ in acc]
+    group_of = [g for g, (_, _, acc) in enumerate(groups) for _ in acc]
+    L, E = trace.num_layers, trace.num_experts
+    top1 = trace.experts.reshape(-1, L, trace.top_k)[:, :, 0].tolist()
+    c = NaiveCache(trace, evict, admit, capacity, scope, tau=tau, prior=prior, horizon=horizon,
+                   decay_every=decay_every, decay=decay, seed=seed, flat=flat, group_of=group_of)
+    learns = admit in ("markov", "markov-h") or evict == "markov"
+    names = ("accesses", "hits", "fills", "bypasses", "forced_bypasses", "evictions", "reloads",
+             "prefetched", "prefetches", "prefetch_used")
+    counters = {n: [0] * L for n in names}
+    outcome, slot_out, victim_out = [], [], []
+    tl = Timeline(t_copy)
+    buffers = {}  # key -> (target group, buffer index)
+    unused = set()  # resident prefetched keys not demanded since
+    sched = []
+    last_started = None
+    i = 0
+
+    def evict_one(p, pinned, i):
+        v = c.victim(p, pinned, i)
+        if v is None:
+            return None, -1
+        _, slot = c.where.pop(v)
+        c.recency[p].pop(v)
+        c.insertion[p].pop(v)
+        c.evicted.add(v)
+        unused.discard(v)
+        counters["evictions"][v // E] += 1
+        return slot, v
+
+    def place(key, i):
+        """A free slot or a victim's; fills ``key`` in. Returns (slot, victim) or (None, -1)."""
+        p = c.pool(key)
+        gone = -1
+        if c.used[p] < c.cap:
+            slot = c.used[p]
+            c.used[p] += 1
+        else:
+            slot, gone = evict_one(p, pinned, i)
+            if slot is None:
+                return None, -1
+        c.where[key] = (p, slot)
+        c.slots[p][slot] = key
+        c.insertion[p][key] = True
+        c.touch(key, i)
+        c.freq[key] = 1
+        pinned.add(key)
+        return slot, gone
+
+    for g, (s, l, acc) in enumerate(groups):
+        if learns:
+            pairs = [(prev, t) for t, prev in steps[s] if prev is not None]
+            c.learn(s, l, pairs, top1, [k for k, _ in acc])
+        counters["accesses"][l] += len(acc)
+        tl.begin()
+        pinned = {k for k, _ in acc if k in c.where}
+        if last_started in c.where and tl.waits(last_started):
+            pinned.add(last_started)  # its copy is in flight: its slot is being written
+        base_i = i
+        compute = 0.0
+        for j, (key, n) in enumerate(acc):
+            i = base_i + j
+            cost = lut[n]
+            compute += cost
+            if key in c.where:
+                c.touch(key, i)
+                c.freq[key] += 1
+                counters["hits"][l] += 1
+                if key in unused:
+                    unused.discard(key)
+                    counters["prefetch_used"][l] += 1
+                if tl.waits(key):
+                    tl.use(key, cost)
+                outcome.append(HIT)
+                slot_out.append(c.where[key][1])
+                victim_out.append(-1)
+                continue
+            if buffers.get(key, (None,))[0] == g:
+                _, b = buffers.pop(key)
+                counters["prefetched"][l] += 1
+                counters["prefetch_used"][l] += 1
+                if tl.waits(key):
+                    tl.use(key, cost)
+                outcome.append(PREFETCHED)
+                slot_out.append(b)
+                victim_out.append(-1)
+                continue
+            tl.demand(key, cost)
+            later = [(k, base_i + jj) for jj, (k, _) in enumerate(acc) if jj > j and k not in c.where]
+            if not c.admit(key, i, pinned, later):
+                counters["bypasses"][l] += 1
+                outcome.append(BYPASS)
+                slot_out.append(-1)
+                victim_out.append(-1)
+                continue
+            was_evicted = key in c.evicted
+            slot, gone = place(key, i)
+            if slot is None:
+                counters["forced_bypasses"][l] += 1
+                outcome.append(FORCED)
+                slot_out.append(-1)
+                victim_out.append(-1)
+                continue
+            if was_evicted:
+                counters["reloads"][l] += 1
+            counters["fills"][l] += 1
+            outcome.append(FILL)
+            slot_out.append(slot)
+            victim_out.append(gone)
+        i = base_i + len(acc)
+        for key in plan[g]:
+            tl.request(key, g + distance, g)
+        tl.end(compute, overlap)
+        for key in [k for k, (t, _) in buffers.items() if t <= g]:
+            del buffers[key]  # its group is over: the buffer is freed
+
+        def decide(r, g=g, i=i):
+            nonlocal last_started
+            key = r["key"]
+            if r["target"] <= g or key in c.where or key in buffers:
+                return False
+            pinned.update(k for k in plan[r["origin"]] if k in c.where)
+            slot = None
+            if admit == "all" or c.nodata[key // E] or c.p_return(key) >= tau:
+                slot, _ = place(key, i)
+            if slot is not None:
+                unused.add(key)
+                sched.append((r["origin"], g, key, slot, -1))
+            else:
+                b = min(set(range(len(buffers) + 1)) - {b for _, b in buffers.values()})
+                buffers[key] = (r["target"], b)
+                sched.append((r["origin"], g, key, -1, b))
+            counters["prefetches"][key // E] += 1
+            last_started = key
+            return True
+
+        tl.advance(decide)
+    return {"outcome": outcome, "slot": slot_out, "victim": victim_out, "counters": counters,
+            "groups": tl.groups, "schedule": sched, "copies": tl.copies}
