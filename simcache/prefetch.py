@@ -31,10 +31,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simcache._jit import jit
+from simcache import timeline as tl
+from simcache._jit import jit, kernel
 from simcache.errors import SimcacheError
+from simcache.policies import _dispatch as dispatch
 from simcache.policies.admission import markov as markov_admission
 from simcache.state import Learner
+from simcache.timeline import new_timeline
 from simcache.workload import Workload
 
 
@@ -208,3 +211,178 @@ def _markov(S, M, group_ptr, L, E, width, scratch, ptr, keys):
                 scratch[e] = M.work[e]
             n = _take(scratch, E, width, l * E, keys, n)
         ptr[g + 1] = n
+
+
+# ---- inside the simulation kernel ----------------------------------------------------------
+# The prefetch part of the loop (docs/prefetch.md "Where a prefetch goes"); its state is one
+# tuple, declared here once. The loop calls: begin at a group's start, on_hit / buffered on
+# its accesses, then finish after its demand copies.
+
+Prefetching = namedtuple(
+    "Prefetching",
+    [
+        "T",  # the copy-engine timeline (simcache.timeline)
+        "ptr",  # (groups + 1,) int64: the plan, Plan.ptr
+        "keys",  # (requests,) int32: Plan.keys
+        "distance",  # int: requested for group g + distance
+        "unused",  # (keys,) bool: resident by prefetch, not demanded since
+        "buf_key",  # (buffers,) int32: the key waiting in prefetch buffer b, or -1
+        "buf_target",  # (buffers,) int64: the group it waits for
+        "live",  # (3,) int64: [buffers in use, key of the prefetch started last or -1, scheduled]
+        "counts",  # (layers, 3) int64: [prefetches issued, used, accesses served from a buffer]
+        "sched",  # (prefetches, 4) int64 when recording: [after group, key, slot, buffer]
+        "group",  # (groups, 2) float64 when recording: [start, stall]
+    ],
+)
+ISSUED, USED, FROM_BUFFER = 0, 1, 2
+
+
+
+def new_prefetching(plan_: Plan, num_keys: int, num_layers: int, t_copy: float, n_groups: int,
+                    record: bool) -> Prefetching:
+    """The kernel's prefetch state for ``plan_`` (a cold start: nothing queued or buffered)."""
+    w, d = plan_.width, plan_.distance
+    requests = int(plan_.keys.shape[0])
+    return Prefetching(
+        T=new_timeline(num_keys, t_copy, (2 * d + 4) * w + 8),
+        ptr=plan_.ptr,
+        keys=plan_.keys,
+        distance=int(d),
+        unused=np.zeros(num_keys, np.bool_),
+        # buffers in use wait for groups g .. g + distance: at most width each
+        buf_key=np.full(max(1, w * (d + 1)), -1, np.int32),
+        buf_target=np.zeros(max(1, w * (d + 1)), np.int64),
+        live=np.array([0, -1, 0], np.int64),
+        counts=np.zeros((num_layers, 3), np.int64),
+        sched=np.zeros((requests if record else 1, 4), np.int64),
+        group=np.zeros((n_groups if record else 1, 2)),
+    )
+
+
+def no_prefetching(num_layers: int) -> Prefetching:
+    """A placeholder of the same type for runs without prefetch."""
+    return new_prefetching(Plan("none", 1, 1, np.zeros(2, np.int64), np.zeros(0, np.int32)), 1,
+                           num_layers, 0.0, 1, False)
+
+
+@kernel
+def begin(P, S, stamp):
+    """A group starts: the prefetch in flight (its slot is being written) is pinned."""
+    tl.begin(P.T)
+    k = P.live[1]
+    if k >= 0:
+        slot = S.where[k]
+        if slot >= 0 and tl.waits(P.T, k):
+            S.pin[slot] = stamp
+
+
+@kernel
+def on_hit(P, key, cost, l):
+    if P.unused[key]:
+        P.unused[key] = False
+        P.counts[l, USED] += 1
+    if tl.waits(P.T, key):
+        tl.use(P.T, key, cost)
+
+
+@kernel
+def buffered(P, key, g, cost, l):
+    """For a miss of group g: the prefetch buffer waiting with ``key`` for g (it is used), or
+    -1 after issuing the miss's demand copy."""
+    if P.live[0] > 0:
+        for b in range(P.buf_key.shape[0]):
+            if P.buf_key[b] == key and P.buf_target[b] == g:
+                P.counts[l, USED] += 1
+                P.counts[l, FROM_BUFFER] += 1
+                if tl.waits(P.T, key):
+                    tl.use(P.T, key, cost)
+                return b
+    tl.demand(P.T, key, cost)
+    return -1
+
+
+@kernel
+def _waiting(P, key, g):
+    if P.live[0] > 0:
+        for b in range(P.buf_key.shape[0]):
+            if P.buf_key[b] == key and P.buf_target[b] > g:
+                return True
+    return False
+
+
+@kernel
+def _admit(admit_code, S, M, key):
+    if admit_code == dispatch.ALL:
+        return True
+    if S.nodata[key // M.E]:
+        return True
+    return markov_admission.p_return(S, M, key) >= M.tau
+
+
+@kernel
+def finish(P, S, M, evict, admit_code, per_layer, E, g, hi, stamp, compute, overlap, counters,
+           evictions_col, record):
+    """After group g's demand copies: queue its plan, end it on the timeline, then place the
+    prefetches that start before its end. Returns the group's duration."""
+    T = P.T
+    for r in range(P.ptr[g], P.ptr[g + 1]):
+        tl.request(T, P.keys[r], g + P.distance, g)
+    t = tl.end(T, compute, overlap)
+    if record:
+        P.group[g, 1] = t - compute
+    j = tl.next_start(T)
+    while j >= 0:
+        key = T.q_key[j]
+        if T.q_target[j] <= g or S.where[key] >= 0 or _waiting(P, key, g):
+            tl.drop(T, j)
+            j = tl.next_start(T)
+            continue
+        origin = T.q_origin[j]
+        for r in range(P.ptr[origin], P.ptr[origin + 1]):  # what the same group will use
+            S.pin[S.where[P.keys[r]]] = stamp  # (an absent key pins the spare entry)
+        pool = key // E if per_layer else 0
+        slot = -1
+        if _admit(admit_code, S, M, key):
+            if S.used[pool] < S.cap[pool]:
+                slot = S.base[pool] + S.used[pool]
+                S.used[pool] += 1
+            else:
+                slot = dispatch.victim(evict, S, M, pool, stamp)
+                if slot >= 0:
+                    gone = S.slot_key[slot]
+                    dispatch.on_evict(evict, S, slot)
+                    S.where[gone] = -1
+                    S.evicted[gone] = True
+                    P.unused[gone] = False
+                    counters[key // E, evictions_col] += 1  # (at the layer of the newcomer)
+        b = -1
+        if slot >= 0:
+            S.where[key] = slot
+            S.slot_key[slot] = key
+            S.pin[slot] = stamp
+            dispatch.on_access(evict, S, slot, hi, True)
+            P.unused[key] = True
+        else:
+            b = 0
+            while P.buf_key[b] >= 0:
+                b += 1
+            P.buf_key[b] = key
+            P.buf_target[b] = T.q_target[j]
+            P.live[0] += 1
+        P.counts[key // E, ISSUED] += 1
+        P.live[1] = key
+        if record:
+            n = P.live[2]
+            P.sched[n, 0] = g
+            P.sched[n, 1] = key
+            P.sched[n, 2] = slot - S.base[pool] if slot >= 0 else -1
+            P.sched[n, 3] = b
+        P.live[2] += 1
+        tl.start(T, j)
+        j = tl.next_start(T)
+    if P.live[0] > 0:  # buffers whose group is over are freed (after the prefetches that
+        for b in range(P.buf_key.shape[0]):  # start during it: they may not overwrite them)
+            if P.buf_key[b] >= 0 and P.buf_target[b] <= g:
+                P.buf_key[b] = -1
+                P.live[0] -= 1
+    return t

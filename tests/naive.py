@@ -531,13 +531,13 @@ def simulate_prefetch(trace, evict, admit, capacity, *, prefetch, t_copy, lut, o
     counters = {n: [0] * L for n in names}
     outcome, slot_out, victim_out = [], [], []
     tl = Timeline(t_copy)
-    buffers = {}  # key -> (target group, buffer index)
+    buffers = []  # prefetch buffers taken: [key, target group, buffer index]
     unused = set()  # resident prefetched keys not demanded since
     sched = []
     last_started = None
     i = 0
 
-    def evict_one(p, pinned, i):
+    def evict_one(p, pinned, i, layer):
         v = c.victim(p, pinned, i)
         if v is None:
             return None, -1
@@ -546,7 +546,7 @@ def simulate_prefetch(trace, evict, admit, capacity, *, prefetch, t_copy, lut, o
         c.insertion[p].pop(v)
         c.evicted.add(v)
         unused.discard(v)
-        counters["evictions"][v // E] += 1
+        counters["evictions"][layer] += 1  # the layer of the expert taking the slot
         return slot, v
 
     def place(key, i):
@@ -557,7 +557,7 @@ def simulate_prefetch(trace, evict, admit, capacity, *, prefetch, t_copy, lut, o
             slot = c.used[p]
             c.used[p] += 1
         else:
-            slot, gone = evict_one(p, pinned, i)
+            slot, gone = evict_one(p, pinned, i, key // E)
             if slot is None:
                 return None, -1
         c.where[key] = (p, slot)
@@ -596,8 +596,9 @@ def simulate_prefetch(trace, evict, admit, capacity, *, prefetch, t_copy, lut, o
                 slot_out.append(c.where[key][1])
                 victim_out.append(-1)
                 continue
-            if buffers.get(key, (None,))[0] == g:
-                _, b = buffers.pop(key)
+            mine = [b for k, t, b in buffers if k == key and t == g]
+            if mine:  # (the buffer stays taken until the group is over)
+                b = mine[0]
                 counters["prefetched"][l] += 1
                 counters["prefetch_used"][l] += 1
                 if tl.waits(key):
@@ -632,13 +633,11 @@ def simulate_prefetch(trace, evict, admit, capacity, *, prefetch, t_copy, lut, o
         for key in plan[g]:
             tl.request(key, g + distance, g)
         tl.end(compute, overlap)
-        for key in [k for k, (t, _) in buffers.items() if t <= g]:
-            del buffers[key]  # its group is over: the buffer is freed
 
         def decide(r, g=g, i=i):
             nonlocal last_started
             key = r["key"]
-            if r["target"] <= g or key in c.where or key in buffers:
+            if r["target"] <= g or key in c.where or any(k == key and t > g for k, t, _ in buffers):
                 return False
             pinned.update(k for k in plan[r["origin"]] if k in c.where)
             slot = None
@@ -648,13 +647,14 @@ def simulate_prefetch(trace, evict, admit, capacity, *, prefetch, t_copy, lut, o
                 unused.add(key)
                 sched.append((r["origin"], g, key, slot, -1))
             else:
-                b = min(set(range(len(buffers) + 1)) - {b for _, b in buffers.values()})
-                buffers[key] = (r["target"], b)
+                b = min(set(range(len(buffers) + 1)) - {b for _, _, b in buffers})
+                buffers.append((key, r["target"], b))
                 sched.append((r["origin"], g, key, -1, b))
             counters["prefetches"][key // E] += 1
             last_started = key
             return True
 
         tl.advance(decide)
+        buffers = [x for x in buffers if x[1] > g]  # a group over frees its buffers
     return {"outcome": outcome, "slot": slot_out, "victim": victim_out, "counters": counters,
             "groups": tl.groups, "schedule": sched, "copies": tl.copies}
