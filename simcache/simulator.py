@@ -1,4 +1,4 @@
-"""The expert-cache simulator: one loop, small policies (DESIGN §4).
+"""The expert-cache simulator: one loop, small policies (docs/design.md, "Cache semantics").
 
 For each (step, layer) group, in execution order:
 
@@ -10,13 +10,13 @@ For each (step, layer) group, in execution order:
 3. every miss is one expert load over PCIe.
 
 The bookkeeping lives once, in :func:`_run`; a policy only answers ``victim`` and ``admit``
-(and keeps its own order on access and eviction).
+(and keeps its own order on access and eviction); see :mod:`simcache.policies.registry`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -24,7 +24,7 @@ import numpy as np
 from simcache._jit import kernel as jit
 from simcache.errors import SimcacheError
 from simcache.policies import _dispatch as dispatch
-from simcache.policies import learner_for, policy_name, resolve
+from simcache.policies import learner_for, needs_future, policy_name, resolve
 from simcache.state import Learner, new_state
 from simcache.timing import Calibration, default_calibration
 from simcache.trace import Trace
@@ -32,11 +32,27 @@ from simcache.workload import Workload
 
 SCOPES = ("layer", "global")
 
-# decision codes (record=True), also the first four counter columns
-HIT, FILL, BYPASS, FORCED_BYPASS = 0, 1, 2, 3
-OUTCOME_NAMES = ("hit", "fill", "bypass", "forced")
-EVICTIONS, RELOADS, ACCESSES = 4, 5, 6
-COUNTER_NAMES = ("hits", "fills", "bypasses", "forced_bypasses", "evictions", "reloads", "accesses")
+# The counters, declared once: the kernel's columns (in this order), SimResult's attributes,
+# to_dict, per_layer and docs/metrics.md come from this table.
+COUNTERS = {
+    "hits": "accesses whose expert was resident",
+    "fills": "misses admitted into a slot (a load)",
+    "bypasses": "misses refused by admission, streamed past the cache (a load)",
+    "forced_bypasses": "misses admitted while every resident was pinned (a load)",
+    "evictions": "residents given up for a fill",
+    "reloads": "fills of an expert that had been evicted before",
+    "accesses": "(step, layer, distinct expert) demands",
+}
+HITS, FILLS, BYPASSES, FORCED_BYPASSES, EVICTIONS, RELOADS, ACCESSES = range(len(COUNTERS))
+# decision codes of a recorded access: its outcome, the first four counter columns
+HIT, FILL, BYPASS, FORCED_BYPASS = HITS, FILLS, BYPASSES, FORCED_BYPASSES
+# per-layer seconds, declared once like the counters
+TIMES = {
+    "compute_s": "GPU FFN time of every demanded expert",
+    "transfer_s": "copy time of every load",
+    "time_s": "predicted time of the groups (copies overlapping compute if the calibration says so)",
+}
+COMPUTE_S, TRANSFER_S, TIME_S = range(len(TIMES))
 
 CHUNK_ACCESSES = 4_000_000  # accesses per kernel call between progress updates
 
@@ -44,23 +60,20 @@ CHUNK_ACCESSES = 4_000_000  # accesses per kernel call between progress updates
 @jit
 def _run(
     g0, g1, group_ptr, tokens, L, per_layer, S, M,
-    evict_tag, admit_tag, learner_tag, record_tag,
+    evict, admit, learner, future_tag, record_tag,
     counters, layer_time, t_copy, ffn_lut, overlap,
     out_outcome, out_slot, out_victim, out_group_time,
 ):
     """Serve groups g0..g1-1. Per access it counts the outcome (counters[layer, outcome]),
     evictions and reloads; per group it adds the accesses (counters[layer, ACCESSES]) and
-    the group's compute and predicted time (layer_time[layer, 0 and 1]).
+    the group's compute, transfer and predicted time (layer_time[layer, :]).
 
-    Policy codes and the record flag arrive as tuple lengths (see :func:`_tag`), so each
-    policy pair compiles to its own specialisation in which the dispatch chains and unused
-    bookkeeping fold away (+35% accesses/s on LRU).
+    The policy codes and the flags arrive as tuples whose length is the value
+    (:func:`simcache.policies._dispatch.tag`), so each policy pair compiles to its own
+    specialisation in which the dispatch and unused bookkeeping fold away.
     """
-    evict = len(evict_tag) - 1
-    admit_code = len(admit_tag) - 1
-    learner = len(learner_tag) - 1
     record = len(record_tag) == 2
-    has_future = evict == dispatch.BELADY or admit_code == dispatch.ORACLE
+    has_future = len(future_tag) == 2
     s = g0 // L
     l = g0 - s * L - 1
     for g in range(g0, g1):
@@ -96,8 +109,8 @@ def _run(
                 # pass 1 pinned it, or it is the group's only access)
                 if has_future:
                     S.nu[slot] = S.future[i]
-                dispatch.on_access(evict, S, slot, i, False)
-                counters[l, HIT] += 1
+                dispatch.on_access(evict, S, M, slot, i, False)
+                counters[l, HITS] += 1
                 if record:
                     out_outcome[i] = HIT
                     out_slot[i] = slot - S.base[pool]
@@ -107,16 +120,16 @@ def _run(
             last_miss = cost
             outcome = BYPASS
             gone = -1
-            if dispatch.admit(admit_code, S, M, pool, i, hi, stamp):
+            if dispatch.admit(admit, S, M, pool, i, hi, stamp):
                 outcome = FORCED_BYPASS
                 if S.used[pool] < S.cap[pool]:
                     slot = S.base[pool] + S.used[pool]
                     S.used[pool] += 1
                 else:
-                    slot = dispatch.victim(evict, S, M, pool, stamp)
+                    slot = dispatch.victim(evict, S, M, pool, i, stamp)
                     if slot >= 0:
                         gone = S.slot_key[slot]
-                        dispatch.on_evict(evict, S, slot)
+                        dispatch.on_evict(evict, S, M, slot, i)
                         S.where[gone] = -1
                         S.evicted[gone] = True
                         counters[l, EVICTIONS] += 1
@@ -128,7 +141,7 @@ def _run(
                     S.pin[slot] = stamp
                     if has_future:
                         S.nu[slot] = S.future[i]
-                    dispatch.on_access(evict, S, slot, i, True)
+                    dispatch.on_access(evict, S, M, slot, i, True)
                     outcome = FILL
             counters[l, outcome] += 1
             if record:
@@ -139,20 +152,15 @@ def _run(
         # expert can only compute after its copy; without overlap the two add up
         transfer = loads * t_copy
         counters[l, ACCESSES] += hi - lo
-        layer_time[l, 0] += compute
         if overlap:
             t = max(compute, transfer + last_miss)
         else:
             t = compute + transfer
-        layer_time[l, 1] += t
+        layer_time[l, COMPUTE_S] += compute
+        layer_time[l, TRANSFER_S] += transfer
+        layer_time[l, TIME_S] += t
         if record:
             out_group_time[g] = t
-
-
-def _tag(code: int) -> tuple:
-    """A compile-time constant for numba: the code as the length of a tuple. (numba's own
-    ``literally`` re-enters the compiler on every call; a tuple's length is part of its type.)"""
-    return (0,) * (code + 1)
 
 
 # ---- results -------------------------------------------------------------------------------
@@ -172,7 +180,11 @@ class Decisions:
 
 @dataclass
 class SimResult:
-    """Counters, bytes and predicted time of one simulation. See docs/metrics.md."""
+    """Counters, bytes and predicted time of one simulation. See docs/metrics.md.
+
+    Every counter of :data:`COUNTERS` is an attribute (its total over layers) and a
+    ``per_layer`` array; so is every time of :data:`TIMES` (``None`` without expert bytes).
+    """
 
     policy: str
     evict: str
@@ -193,38 +205,9 @@ class SimResult:
     calibration: str | None
     elapsed_s: float
     decisions: Decisions | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
-    def _total(self, name) -> int:
-        return int(self.per_layer[name].sum())
-
-    @property
-    def accesses(self) -> int:
-        return self._total("accesses")
-
-    @property
-    def hits(self) -> int:
-        return self._total("hits")
-
-    @property
-    def fills(self) -> int:
-        return self._total("fills")
-
-    @property
-    def bypasses(self) -> int:
-        return self._total("bypasses")
-
-    @property
-    def forced_bypasses(self) -> int:
-        return self._total("forced_bypasses")
-
-    @property
-    def evictions(self) -> int:
-        return self._total("evictions")
-
-    @property
-    def reloads(self) -> int:
-        return self._total("reloads")
+    SETTINGS = ("policy", "evict", "admit", "capacity", "scope", "batch", "prefill", "threshold",
+                "model", "num_layers", "num_experts", "top_k", "steps", "decode_tokens")
 
     @property
     def loads(self) -> int:
@@ -240,18 +223,6 @@ class SimResult:
         return self.hits / self.accesses if self.accesses else 0.0
 
     @property
-    def time_s(self) -> float | None:
-        return None if self.calibration is None else float(self.per_layer["time_s"].sum())
-
-    @property
-    def transfer_s(self) -> float | None:
-        return None if self.calibration is None else float(self.per_layer["transfer_s"].sum())
-
-    @property
-    def compute_s(self) -> float | None:
-        return None if self.calibration is None else float(self.per_layer["compute_s"].sum())
-
-    @property
     def time_per_token_s(self) -> float | None:
         if self.time_s is None or not self.decode_tokens:
             return None
@@ -263,49 +234,35 @@ class SimResult:
             return None
         return self.decode_tokens / self.time_s
 
-    @property
-    def accesses_per_s(self) -> float:
-        return self.accesses / self.elapsed_s if self.elapsed_s > 0 else float("inf")
-
     def to_dict(self, per_layer: bool = False) -> dict[str, Any]:
         """JSON-ready summary; ``per_layer=True`` adds the per-layer lists."""
-        out = {
-            "policy": self.policy,
-            "evict": self.evict,
-            "admit": self.admit,
-            "capacity": self.capacity,
-            "scope": self.scope,
-            "batch": self.batch,
-            "prefill": self.prefill,
-            "threshold": self.threshold,
-            "model": self.model,
-            "num_layers": self.num_layers,
-            "num_experts": self.num_experts,
-            "top_k": self.top_k,
-            "steps": self.steps,
-            "decode_tokens": self.decode_tokens,
-            "accesses": self.accesses,
-            "hits": self.hits,
-            "fills": self.fills,
-            "bypasses": self.bypasses,
-            "forced_bypasses": self.forced_bypasses,
-            "evictions": self.evictions,
-            "reloads": self.reloads,
-            "loads": self.loads,
-            "hit_ratio": self.hit_ratio,
-            "expert_bytes": self.expert_bytes,
-            "bytes_loaded": self.bytes_loaded,
-            "compute_s": self.compute_s,
-            "transfer_s": self.transfer_s,
-            "time_s": self.time_s,
-            "time_per_token_s": self.time_per_token_s,
-            "tokens_per_s": self.tokens_per_s,
-            "calibration": self.calibration,
-            **self.extra,
-        }
+        out = {name: getattr(self, name) for name in self.SETTINGS}
+        out.update({name: getattr(self, name) for name in COUNTERS})
+        out.update(loads=self.loads, hit_ratio=self.hit_ratio, expert_bytes=self.expert_bytes,
+                   bytes_loaded=self.bytes_loaded)
+        out.update({name: getattr(self, name) for name in TIMES})
+        out.update(time_per_token_s=self.time_per_token_s, tokens_per_s=self.tokens_per_s,
+                   calibration=self.calibration)
         if per_layer:
             out["per_layer"] = {k: v.tolist() for k, v in self.per_layer.items()}
         return out
+
+
+def _counter(name):
+    return property(lambda self: int(self.per_layer[name].sum()), doc=COUNTERS[name])
+
+
+def _seconds(name):
+    def get(self):
+        return None if self.calibration is None else float(self.per_layer[name].sum())
+
+    return property(get, doc=TIMES[name])
+
+
+for _name in COUNTERS:
+    setattr(SimResult, _name, _counter(_name))
+for _name in TIMES:
+    setattr(SimResult, _name, _seconds(_name))
 
 
 # ---- the public entry point ----------------------------------------------------------------
@@ -341,8 +298,8 @@ def simulate(
         The routing trace, or a :class:`Workload` prepared from one (then ``batch`` and
         ``prefill`` come from it).
     policy : str
-        A preset: ``lru``, ``fifo``, ``lfu``, ``lifo``, ``random``, ``belady``,
-        ``belady-bypass``, ``markov``.
+        A preset (:data:`simcache.PRESETS`): ``lru``, ``belady``, ``belady-bypass``,
+        ``markov``, ...
     capacity : int
         Slots per layer (``scope="layer"``) or in the one shared pool (``scope="global"``).
     scope : {"layer", "global"}
@@ -351,12 +308,13 @@ def simulate(
     threshold : float or str
         Markov admission threshold tau in [0, 1]; ``"2/E"`` means 2 x the uniform baseline 1/E.
     evict, admit : str, optional
-        Override the preset's eviction or admission rule.
+        Override the preset's eviction or admission rule (:data:`simcache.EVICTION`,
+        :data:`simcache.ADMISSION`).
     prefill : {"skip", "step"}
         Skip prompt tokens, or run each prompt as one step.
     prior : array (layers, E, E), optional
         Transition counts that seed the Markov learner, fitted on a *separate* trace
-        (:func:`simcache.markov.fit_prior`).
+        (:func:`simcache.fit_prior`).
     horizon : int
         Steps ahead for ``admit="markov-h"``.
     decay_every, decay : int, float
@@ -364,7 +322,7 @@ def simulate(
     seed : int
         Seed of random eviction.
     calibration : Calibration, optional
-        Transfer and compute tables; default: the H200 figures of DESIGN §5.
+        Transfer and compute tables; default: the H200 reference figures.
     overlap : bool, optional
         Copies overlap compute (a copy stream); default from the calibration.
     expert_bytes : int, optional
@@ -390,90 +348,44 @@ def simulate(
     2
     """
     eviction, admission = resolve(policy, evict, admit)
-    if isinstance(trace, Workload):
-        work = trace
-    elif isinstance(trace, Trace):
-        work = Workload(trace, batch, prefill)
-    else:
-        raise SimcacheError(f"simulate needs a Trace or Workload, got {type(trace).__name__}")
-    tr = work.trace
-    L, E = tr.num_layers, tr.num_experts
-    if scope not in SCOPES:
-        raise SimcacheError(f"scope must be 'layer' or 'global', got {scope!r}")
-    in_scope = E if scope == "layer" else L * E
-    if capacity is None:
-        raise SimcacheError("capacity is required")
-    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity <= 0:
-        raise SimcacheError(f"capacity must be a positive integer, got {capacity!r}")
-    if capacity > in_scope:
-        where = "per layer" if scope == "layer" else "in the global pool"
-        raise SimcacheError(
-            f"capacity {capacity} exceeds the {in_scope} experts {where} (num_experts={E}, layers={L})"
-        )
+    work = _workload(trace, batch, prefill)
+    L, E = work.trace.num_layers, work.trace.num_experts
+    _check_capacity(capacity, scope, L, E)
     tau = parse_threshold(threshold, E)
-    if prior is not None:
-        prior = np.asarray(prior, dtype=np.float64)
-        if prior.shape != (L, E, E):
-            raise SimcacheError(f"prior has shape {prior.shape}, the trace needs ({L}, {E}, {E})")
-        if not np.isfinite(prior).all() or (prior < 0).any():
-            raise SimcacheError("prior counts must be finite and non-negative")
+    prior = _check_prior(prior, L, E)
     if horizon < 1:
         raise SimcacheError(f"horizon must be >= 1, got {horizon}")
     if decay_every < 0 or not (0.0 < decay <= 1.0):
         raise SimcacheError("decay must be in (0, 1] and decay_every >= 0")
 
-    d = work.demand
-    n_acc = d.num_accesses
-    needs_future = eviction.needs_future or admission.needs_future
-    future = work.future if needs_future else np.zeros(0, np.int64)
-    caps = [capacity] * L if scope == "layer" else [capacity]
-    S = new_state(d.keys, future, L * E, L, caps, seed=seed)
+    future = needs_future(eviction, admission)
+    S = new_state(
+        keys=work.demand.keys, future=work.future if future else np.zeros(0, np.int64),
+        num_layers=L, num_experts=E, pool_caps=[capacity] * L if scope == "layer" else [capacity],
+        rules=(eviction, admission), seed=seed,
+    )
     learner = learner_for(eviction, admission)
-    M = _learner(work, prior, tau, horizon, decay_every, decay, learner != dispatch.NO_LEARNER)
+    M = _learner(work, prior, tau, horizon, decay_every, decay, active=learner != 0)
+    eb, cal_name, t_copy, lut, ov = _timing(work, calibration, expert_bytes, overlap)
 
-    eb = int(expert_bytes) if expert_bytes is not None else tr.expert_bytes
-    if eb is not None and eb <= 0:
-        raise SimcacheError(f"expert_bytes must be positive, got {eb}")
-    cal = calibration if calibration is not None else default_calibration()
-    if eb is None:
-        t_copy, lut, cal_name = 0.0, np.zeros(work.max_tokens + 1), None
-    else:
-        t_copy = cal.copy_seconds(eb)
-        lut = cal.ffn_seconds_for(np.arange(work.max_tokens + 1), eb)
-        cal_name = cal.device
-    ov = cal.overlap if overlap is None else bool(overlap)
-
-    gp = d.group_ptr
-    counters = np.zeros((L, len(COUNTER_NAMES)), np.int64)
-    layer_time = np.zeros((L, 2), np.float64)
-    if record:
-        rec = (np.full(n_acc, -1, np.int8), np.full(n_acc, -1, np.int32), np.full(n_acc, -1, np.int32),
-               np.zeros(gp.shape[0] - 1, np.float64))
-    else:
-        rec = (np.zeros(1, np.int8), np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1))
-
+    n_groups = work.demand.group_ptr.shape[0] - 1
+    counters = np.zeros((L, len(COUNTERS)), np.int64)
+    layer_time = np.zeros((L, len(TIMES)), np.float64)
+    rec = _records(work.demand.num_accesses if record else 0, n_groups if record else 0)
+    tags = (dispatch.tag(eviction.code), dispatch.tag(admission.code), dispatch.tag(learner),
+            dispatch.tag(int(future)), dispatch.tag(int(record)))
     start = time.perf_counter()
-    n_groups = gp.shape[0] - 1
-    g = 0
-    while g < n_groups:
-        target = gp[g] + CHUNK_ACCESSES
-        g_end = int(min(np.searchsorted(gp, target, side="right"), n_groups))
-        g_end = max(g_end, g + 1)
+    for g0, g1 in _chunks(work.demand.group_ptr):
         _run(
-            g, g_end, gp, d.tokens, L, scope == "layer", S, M,
-            _tag(eviction.code), _tag(admission.code), _tag(learner), _tag(int(record)),
+            g0, g1, work.demand.group_ptr, work.demand.tokens, L, scope == "layer", S, M, *tags,
             counters, layer_time, t_copy, lut, ov, *rec,
         )
         if progress is not None:
-            progress(int(gp[g_end] - gp[g]))
-        g = g_end
+            progress(int(work.demand.group_ptr[g1] - work.demand.group_ptr[g0]))
     elapsed = time.perf_counter() - start
 
-    per_layer = {name: counters[:, j].copy() for j, name in enumerate(COUNTER_NAMES)}
-    loads = counters[:, FILL] + counters[:, BYPASS] + counters[:, FORCED_BYPASS]
-    per_layer["compute_s"] = layer_time[:, 0].copy()
-    per_layer["transfer_s"] = loads * t_copy
-    per_layer["time_s"] = layer_time[:, 1].copy()
+    per_layer = {name: counters[:, j].copy() for j, name in enumerate(COUNTERS)}
+    per_layer.update({name: layer_time[:, j].copy() for j, name in enumerate(TIMES)})
     return SimResult(
         policy=policy_name(eviction.name, admission.name),
         evict=eviction.name,
@@ -482,11 +394,11 @@ def simulate(
         scope=scope,
         batch=work.batch,
         prefill=work.prefill,
-        threshold=tau if admission.name.startswith("markov") else None,
-        model=tr.model,
+        threshold=tau if "threshold" in eviction.knobs + admission.knobs else None,
+        model=work.trace.model,
         num_layers=L,
         num_experts=E,
-        top_k=tr.top_k,
+        top_k=work.trace.top_k,
         expert_bytes=eb,
         steps=work.steps.num_steps,
         decode_tokens=work.steps.decode_tokens,
@@ -497,20 +409,87 @@ def simulate(
     )
 
 
+# ---- the steps of simulate() -----------------------------------------------------------------
+
+
+def _workload(trace, batch, prefill) -> Workload:
+    if isinstance(trace, Workload):
+        return trace
+    if isinstance(trace, Trace):
+        return Workload(trace, batch, prefill)
+    raise SimcacheError(f"simulate needs a Trace or Workload, got {type(trace).__name__}")
+
+
+def _check_capacity(capacity, scope, L, E):
+    if scope not in SCOPES:
+        raise SimcacheError(f"scope must be 'layer' or 'global', got {scope!r}")
+    if capacity is None:
+        raise SimcacheError("capacity is required")
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity <= 0:
+        raise SimcacheError(f"capacity must be a positive integer, got {capacity!r}")
+    in_scope = E if scope == "layer" else L * E
+    if capacity > in_scope:
+        where = "per layer" if scope == "layer" else "in the global pool"
+        raise SimcacheError(
+            f"capacity {capacity} exceeds the {in_scope} experts {where} (num_experts={E}, layers={L})"
+        )
+
+
+def _check_prior(prior, L, E):
+    if prior is None:
+        return None
+    prior = np.asarray(prior, dtype=np.float64)
+    if prior.shape != (L, E, E):
+        raise SimcacheError(f"prior has shape {prior.shape}, the trace needs ({L}, {E}, {E})")
+    if not np.isfinite(prior).all() or (prior < 0).any():
+        raise SimcacheError("prior counts must be finite and non-negative")
+    return prior
+
+
+def _timing(work: Workload, calibration, expert_bytes, overlap):
+    """(expert bytes, calibration name, copy seconds, FFN seconds by token count, overlap)."""
+    eb = int(expert_bytes) if expert_bytes is not None else work.trace.expert_bytes
+    if eb is not None and eb <= 0:
+        raise SimcacheError(f"expert_bytes must be positive, got {eb}")
+    cal = calibration if calibration is not None else default_calibration()
+    ov = cal.overlap if overlap is None else bool(overlap)
+    if eb is None:
+        return None, None, 0.0, np.zeros(work.max_tokens + 1), ov
+    lut = cal.ffn_seconds_for(np.arange(work.max_tokens + 1), eb)
+    return eb, cal.device, cal.copy_seconds(eb), lut, ov
+
+
+def _records(accesses: int, groups: int):
+    """The decision log's arrays (outcome, slot, victim per access; time per group); one
+    element each when not recording."""
+    n, g = max(accesses, 1), max(groups, 1)
+    return (np.full(n, -1, np.int8), np.full(n, -1, np.int32), np.full(n, -1, np.int32),
+            np.zeros(g, np.float64))
+
+
+def _chunks(group_ptr):
+    """(g0, g1) group ranges of about CHUNK_ACCESSES accesses, for progress updates."""
+    n_groups = group_ptr.shape[0] - 1
+    g = 0
+    while g < n_groups:
+        g_end = int(min(np.searchsorted(group_ptr, group_ptr[g] + CHUNK_ACCESSES, side="right"), n_groups))
+        g_end = max(g_end, g + 1)
+        yield g, g_end
+        g = g_end
+
+
 def _learner(work: Workload, prior, tau, horizon, decay_every, decay, active) -> Learner:
     L, E = work.trace.num_layers, work.trace.num_experts
+    common = dict(E=E, decay_every=int(decay_every), decay=float(decay), horizon=int(horizon),
+                  tau=float(tau))
     if not active:
         z64 = np.zeros(1, np.int64)
-        return Learner(
-            np.zeros((1, 1, 1)), np.zeros((1, 1), np.int16), z64, z64, z64,
-            E, 0, 1.0, int(horizon), float(tau), np.zeros(1),
-        )
-    T = np.zeros((L, E, E)) if prior is None else prior.copy()
+        return Learner(T=np.zeros((1, 1, 1)), top1=np.zeros((1, 1), np.int16), pair_ptr=z64,
+                       pair_prev=z64, pair_cur=z64, work=np.zeros(1), **common)
     pair_ptr, pair_prev, pair_cur = work.pairs
-    return Learner(
-        T, work.top1, pair_ptr, pair_prev, pair_cur,
-        E, int(decay_every), float(decay), int(horizon), float(tau), np.zeros(4 * E),
-    )
+    return Learner(T=np.zeros((L, E, E)) if prior is None else prior.copy(), top1=work.top1,
+                   pair_ptr=pair_ptr, pair_prev=pair_prev, pair_cur=pair_cur,
+                   work=np.zeros(4 * E), **common)
 
 
 def parse_threshold(threshold, num_experts: int) -> float:

@@ -96,6 +96,8 @@ class NaiveCache:
                  decay_every, decay, seed, flat, group_of):
         self.L, self.E = trace.num_layers, trace.num_experts
         self.evict, self.admit_rule = evict, admit
+        self.rule = EVICTION[evict](self)
+        self.admission = ADMISSION[admit]
         self.scope = scope
         pools = self.L if scope == "layer" else 1
         self.cap = capacity
@@ -197,44 +199,13 @@ class NaiveCache:
 
     # -- rules ------------------------------------------------------------------------------
     def admit(self, key, i, pinned, later_misses):
-        rule = self.admit_rule
-        if rule == "all":
-            return True
-        if rule in ("markov", "markov-h"):
-            if self.nodata[key // self.E]:
-                return True
-            return self.p_return(key) >= self.tau
-        assert rule == "oracle"
-        p = self.pool(key)
-        me = self.future_key(key, i)
-        unpinned = [k for k in self.slots[p].values() if k not in pinned]
-        room = self.cap - self.used[p] + len(unpinned)
-        nearer = sum(1 for k in unpinned if self.future_key(k, self.last[k]) <= me)
-        nearer += sum(1 for (k, j) in later_misses if self.future_key(k, j) < me)
-        return nearer < room
+        return self.admission(self, key, i, pinned, later_misses)
 
     def victim(self, p, pinned, i):
         cands = [k for k in self.slots[p].values() if k not in pinned]
         if not cands:
             return None
-        rule = self.evict
-        if rule == "lru":
-            return next(k for k in self.recency[p] if k not in pinned)
-        if rule == "fifo":
-            return next(k for k in self.insertion[p] if k not in pinned)
-        if rule == "lifo":
-            return next(k for k in reversed(self.insertion[p]) if k not in pinned)
-        if rule == "lfu":
-            return min(cands, key=lambda k: (self.freq[k], self.last[k]))
-        if rule == "markov":
-            return min(cands, key=lambda k: (self.p_return(k), self.last[k]))
-        if rule == "belady":
-            return max(cands, key=lambda k: self.far(k, self.last[k]))
-        if rule == "random":
-            by_slot = sorted((s, k) for s, k in self.slots[p].items() if k not in pinned)
-            r = splitmix64(self.rng) % len(by_slot)
-            return by_slot[r][1]
-        raise ValueError(rule)
+        return self.rule.victim(p, pinned, cands, i)
 
     def touch(self, key, i):
         p = self.pool(key)
@@ -250,6 +221,88 @@ def sum_in_order(values):
     return total
 
 
+# ---- the rules' twins: one entry per registered policy (tests/test_contract.py checks) -----
+# An eviction twin is a class built on the cache; it answers victim(pool, pinned, candidates,
+# i) and may keep its own order in on_access(key, i, fill) / on_evict(key). The cache keeps
+# recency (LRU order), insertion (FIFO order), last access and in-cache frequency for all.
+
+
+class EvictionTwin:
+    def __init__(self, cache):
+        self.c = cache
+
+    def on_access(self, key, i, fill):
+        pass
+
+    def on_evict(self, key):
+        pass
+
+
+class LRU(EvictionTwin):
+    def victim(self, p, pinned, cands, i):
+        return next(k for k in self.c.recency[p] if k not in pinned)
+
+
+class FIFO(EvictionTwin):
+    def victim(self, p, pinned, cands, i):
+        return next(k for k in self.c.insertion[p] if k not in pinned)
+
+
+class LIFO(EvictionTwin):
+    def victim(self, p, pinned, cands, i):
+        return next(k for k in reversed(self.c.insertion[p]) if k not in pinned)
+
+
+class LFU(EvictionTwin):
+    def victim(self, p, pinned, cands, i):
+        return min(cands, key=lambda k: (self.c.freq[k], self.c.last[k]))
+
+
+class MarkovEviction(EvictionTwin):
+    def victim(self, p, pinned, cands, i):
+        return min(cands, key=lambda k: (self.c.p_return(k), self.c.last[k]))
+
+
+class Belady(EvictionTwin):
+    def victim(self, p, pinned, cands, i):
+        return max(cands, key=lambda k: self.c.far(k, self.c.last[k]))
+
+
+class Random(EvictionTwin):
+    def victim(self, p, pinned, cands, i):
+        by_slot = sorted((s, k) for s, k in self.c.slots[p].items() if k not in pinned)
+        r = splitmix64(self.c.rng) % len(by_slot)
+        return by_slot[r][1]
+
+
+EVICTION = {"lru": LRU, "fifo": FIFO, "lifo": LIFO, "lfu": LFU, "random": Random,
+            "belady": Belady, "markov": MarkovEviction}
+
+
+def admit_all(c, key, i, pinned, later_misses):
+    return True
+
+
+def admit_markov(c, key, i, pinned, later_misses):
+    if c.nodata[key // c.E]:
+        return True
+    return c.p_return(key) >= c.tau
+
+
+def admit_oracle(c, key, i, pinned, later_misses):
+    p = c.pool(key)
+    me = c.future_key(key, i)
+    unpinned = [k for k in c.slots[p].values() if k not in pinned]
+    room = c.cap - c.used[p] + len(unpinned)
+    nearer = sum(1 for k in unpinned if c.future_key(k, c.last[k]) <= me)
+    nearer += sum(1 for (k, j) in later_misses if c.future_key(k, j) < me)
+    return nearer < room
+
+
+ADMISSION = {"all": admit_all, "markov": admit_markov, "markov-h": admit_markov, "oracle": admit_oracle}
+LEARNS = {"markov", "markov-h"}  # admission rules with a learner; markov eviction uses the fork's
+
+
 def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="skip", tau=0.1,
              prior=None, horizon=4, decay_every=100, decay=0.99, seed=0):
     """Returns dict(outcome=[...], slot=[...], victim=[...], counters={name: [per layer]})."""
@@ -261,7 +314,7 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
     top1 = trace.experts.reshape(-1, L, trace.top_k)[:, :, 0].tolist()
     c = NaiveCache(trace, evict, admit, capacity, scope, tau=tau, prior=prior, horizon=horizon,
                    decay_every=decay_every, decay=decay, seed=seed, flat=flat, group_of=group_of)
-    learns = admit in ("markov", "markov-h") or evict == "markov"
+    learns = admit in LEARNS or evict == "markov"
     names = ("accesses", "hits", "fills", "bypasses", "forced_bypasses", "evictions", "reloads")
     counters = {n: [0] * L for n in names}
     outcome, slot_out, victim_out = [], [], []
@@ -279,6 +332,7 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
             if key in c.where:
                 c.touch(key, i)
                 c.freq[key] += 1
+                c.rule.on_access(key, i, False)
                 counters["hits"][l] += 1
                 outcome.append(HIT)
                 slot_out.append(c.where[key][1])
@@ -307,6 +361,7 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
                 c.recency[p].pop(v)
                 c.insertion[p].pop(v)
                 c.evicted.add(v)
+                c.rule.on_evict(v)
                 counters["evictions"][l] += 1
                 gone = v
             if key in c.evicted:
@@ -316,6 +371,7 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
             c.insertion[p][key] = True
             c.touch(key, i)
             c.freq[key] = 1
+            c.rule.on_access(key, i, True)
             pinned.add(key)
             counters["fills"][l] += 1
             outcome.append(FILL)

@@ -8,19 +8,53 @@ import pytest
 import simcache
 from simcache.policies import ADMISSION, EVICTION, PRESETS, _dispatch, resolve
 
+from . import naive
 from .conftest import random_trace
 
 
-def test_codes_are_distinct_and_dispatched():
-    assert sorted(e.code for e in EVICTION.values()) == list(range(len(EVICTION)))
-    assert {a.code for a in ADMISSION.values()} <= {_dispatch.ALL, _dispatch.MARKOV_ADMIT, _dispatch.ORACLE}
-    for e in EVICTION.values():
-        assert hasattr(e.module, "victim") and hasattr(e.module, "on_access") and hasattr(e.module, "on_evict")
-    # the loop derives "needs the future" from the codes; the registry must agree
-    for e in EVICTION.values():
-        assert e.needs_future == (e.code == _dispatch.BELADY)
-    for a in ADMISSION.values():
-        assert a.needs_future == (a.code == _dispatch.ORACLE)
+def test_registry_is_consistent_and_dispatched():
+    assert [e.code for e in EVICTION.values()] == list(range(len(EVICTION)))
+    assert [a.code for a in ADMISSION.values()] == list(range(len(ADMISSION)))
+    for rule in (*EVICTION.values(), *ADMISSION.values()):
+        assert rule.summary and rule.notes, rule.name
+    # every registered rule has a slow twin in tests/naive.py
+    assert set(naive.EVICTION) == set(EVICTION)
+    assert set(naive.ADMISSION) == set(ADMISSION)
+    # every preset names registered rules
+    assert all(e in EVICTION and a in ADMISSION for e, a in PRESETS.values())
+
+
+def test_unknown_code_is_a_compile_time_error():
+    """No fallback: a code with no registered rule fails while the loop is typed."""
+    from numba import njit
+    from numba.core.errors import TypingError
+
+    @njit
+    def call(t, S, M):
+        return _dispatch.victim(t, S, M, 0, 0, 1)
+
+    S, M = _state_for(random_trace(1))
+    with pytest.raises(TypingError, match="no eviction rule is registered under code"):
+        call(_dispatch.tag(len(EVICTION)), S, M)
+
+
+def _state_for(trace):
+    from simcache.simulator import _learner
+    from simcache.state import new_state
+
+    work = simcache.Workload(trace)
+    S = new_state(keys=work.demand.keys, future=work.future, num_layers=trace.num_layers,
+                  num_experts=trace.num_experts, pool_caps=[2] * trace.num_layers)
+    return S, _learner(work, None, 0.1, 4, 100, 0.99, active=False)
+
+
+def test_docs_policy_tables_come_from_the_registry():
+    from pathlib import Path
+
+    from simcache.policies import markdown_tables
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    assert markdown_tables() in text, "docs/metrics.md: rerun `python -m simcache.policies`"
 
 
 @pytest.mark.parametrize("name", sorted(EVICTION))

@@ -17,7 +17,7 @@ from .conftest import TRACES
 
 CASES = [
     (policy, capacity, batch)
-    for policy in ("lru", "fifo", "lfu", "lifo", "random", "belady", "belady-bypass", "markov")
+    for policy in simcache.PRESETS
     for capacity, batch in ((8, 1), (16, 1), (32, 1), (16, 8))
 ]
 

@@ -1,76 +1,36 @@
-"""Cache policies = eviction x admission.
+"""Cache policies = eviction x admission: the registry.
 
-Each rule is one module holding jitted functions; the registries below are plain dicts, and
-presets are named pairs. Adding a policy = one module, one dict entry, one line in each chain of
-``_dispatch.py`` (the loop reaches policies through it; see ``simcache._jit`` for why), and the
-shared test parametrisation picks it up from the dict.
-
-An eviction rule supplies ``victim(S, M, pool, stamp)`` (the slot to give up, or -1 when every
-resident is pinned) and keeps its own order in ``on_access(S, slot, i, fill)`` and
-``on_evict(S, slot)``. An admission rule supplies ``admit(S, M, pool, i, hi, stamp)``; a
-learning rule updates scores at the start of each (step, layer) in ``learn(S, M, s, l, lo, hi)``.
+Each rule is one module of jitted hooks ending in a declaration (see
+:mod:`simcache.policies.registry`); the lists below are the registry. Adding a policy = its
+module and one entry here. The kernel's dispatch, the cache state, the CLI help, the policy
+tables of docs/metrics.md and the tests' parametrisation all come from these tables.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from types import ModuleType
-
 from simcache.errors import SimcacheError
-from simcache.policies import _dispatch
 from simcache.policies.admission import always, markov as markov_admission, oracle
-from simcache.policies.eviction import belady, fifo, lfu, lifo, lru, markov as markov_eviction
-from simcache.policies.eviction import random as random_eviction
+from simcache.policies.eviction import belady, fifo, lfu, lifo, lru, markov, random
+from simcache.policies.registry import Admission, Eviction, declared, learners, table
 
+EVICTION: dict[str, Eviction] = table(declared(
+    lru,
+    fifo,
+    lifo,
+    lfu,
+    random,
+    belady,
+    markov,
+))
 
-@dataclass(frozen=True)
-class Eviction:
-    """An eviction rule: ``module`` holds ``victim``, ``on_access``, ``on_evict``."""
+ADMISSION: dict[str, Admission] = table(declared(
+    always,
+    markov_admission,
+    oracle,
+))
 
-    name: str
-    code: int
-    module: ModuleType
-    needs_future: bool = False
-    needs_scores: bool = False
-    summary: str = ""
-
-
-@dataclass(frozen=True)
-class Admission:
-    """An admission rule: ``module`` holds ``admit``; ``learner`` updates its scores."""
-
-    name: str
-    code: int
-    module: ModuleType
-    learner: int = _dispatch.NO_LEARNER
-    needs_future: bool = False
-    summary: str = ""
-
-
-EVICTION = {
-    "lru": Eviction("lru", _dispatch.LRU, lru, summary="least recently demanded"),
-    "fifo": Eviction("fifo", _dispatch.FIFO, fifo, summary="loaded earliest"),
-    "lifo": Eviction("lifo", _dispatch.LIFO, lifo, summary="loaded latest"),
-    "lfu": Eviction("lfu", _dispatch.LFU, lfu, summary="fewest demands since loaded, ties LRU"),
-    "random": Eviction("random", _dispatch.RANDOM, random_eviction,
-                       summary="uniform among unpinned (seeded)"),
-    "belady": Eviction("belady", _dispatch.BELADY, belady, needs_future=True,
-                       summary="next demand farthest (offline)"),
-    "markov": Eviction("markov", _dispatch.MARKOV, markov_eviction, needs_scores=True,
-                       summary="lowest P(Return), ties LRU (the fork)"),
-}
-
-ADMISSION = {
-    "all": Admission("all", _dispatch.ALL, always, summary="admit every miss"),
-    "markov": Admission("markov", _dispatch.MARKOV_ADMIT, markov_admission,
-                        learner=_dispatch.FORK_LEARNER,
-                        summary="admit iff P(Return) >= tau (the fork's rule)"),
-    "markov-h": Admission("markov-h", _dispatch.MARKOV_ADMIT, markov_admission,
-                          learner=_dispatch.HORIZON_LEARNER,
-                          summary="admit iff P(top-1 within h steps) >= tau"),
-    "oracle": Admission("oracle", _dispatch.ORACLE, oracle, needs_future=True,
-                        summary="admit iff worth keeping (offline)"),
-}
+# Learn functions by code (0 = none); a pair runs its admission's learner, else its eviction's.
+LEARNERS = learners(EVICTION, ADMISSION)
 
 PRESETS = {
     "lru": ("lru", "all"),
@@ -85,10 +45,13 @@ PRESETS = {
 
 
 def learner_for(eviction: Eviction, admission: Admission) -> int:
-    """The learner a pair needs: the admission's, else the fork's for Markov eviction."""
-    if admission.learner != _dispatch.NO_LEARNER:
-        return admission.learner
-    return _dispatch.FORK_LEARNER if eviction.needs_scores else _dispatch.NO_LEARNER
+    """The learner code a pair runs: the admission's, else the eviction's, else 0 (none)."""
+    fn = admission.learn if admission.learn is not None else eviction.learn
+    return next(code for code, f in enumerate(LEARNERS) if f is fn)
+
+
+def needs_future(eviction: Eviction, admission: Admission) -> bool:
+    return eviction.needs_future or admission.needs_future
 
 
 def resolve(policy: str | None = "lru", evict: str | None = None, admit: str | None = None):
@@ -101,15 +64,15 @@ def resolve(policy: str | None = "lru", evict: str | None = None, admit: str | N
     """
     base_evict, base_admit = "lru", "all"
     if policy is not None:
-        if policy not in PRESETS:
-            raise SimcacheError(f"unknown policy '{policy}' (choose from {', '.join(PRESETS)})")
+        if not isinstance(policy, str) or policy not in PRESETS:
+            raise SimcacheError(f"unknown policy {policy!r} (choose from {', '.join(PRESETS)})")
         base_evict, base_admit = PRESETS[policy]
     evict = evict or base_evict
     admit = admit or base_admit
-    if evict not in EVICTION:
-        raise SimcacheError(f"unknown eviction rule '{evict}' (choose from {', '.join(EVICTION)})")
-    if admit not in ADMISSION:
-        raise SimcacheError(f"unknown admission rule '{admit}' (choose from {', '.join(ADMISSION)})")
+    if not isinstance(evict, str) or evict not in EVICTION:
+        raise SimcacheError(f"unknown eviction rule {evict!r} (choose from {', '.join(EVICTION)})")
+    if not isinstance(admit, str) or admit not in ADMISSION:
+        raise SimcacheError(f"unknown admission rule {admit!r} (choose from {', '.join(ADMISSION)})")
     return EVICTION[evict], ADMISSION[admit]
 
 
@@ -119,3 +82,15 @@ def policy_name(evict: str, admit: str) -> str:
         if pair == (evict, admit):
             return name
     return f"{evict}+{admit}"
+
+
+def markdown_tables() -> str:
+    """The policy tables of docs/metrics.md, generated from the registry."""
+    lines = ["| eviction | victim among unpinned residents | source |", "|---|---|---|"]
+    lines += [f"| `{p.name}` | {p.summary} | {p.notes} |" for p in EVICTION.values()]
+    lines += ["", "| admission | a miss is admitted iff | source |", "|---|---|---|"]
+    lines += [f"| `{p.name}` | {p.summary} | {p.notes} |" for p in ADMISSION.values()]
+    lines += ["", "| preset | eviction | admission |", "|---|---|---|"]
+    lines += [f"| `{name}` | `{e}` | `{a}` |" for name, (e, a) in PRESETS.items()]
+    return "\n".join(lines) + "\n"
+

@@ -1,7 +1,32 @@
 """Order structures policies keep over their pool's slots: a doubly linked list and a
-binary max-heap, both laid out in :class:`~simcache.state.CacheState` arrays."""
+binary max-heap, both laid out in :class:`~simcache.state.CacheState` arrays, and the last
+access / frequency of each slot. Each structure declares its state fields once, here; the
+policies that use one name it in their ``state``."""
+
+import numpy as np
 
 from simcache._jit import kernel as jit
+from simcache.policies.registry import Field
+
+LIST_STATE = {
+    # circular doubly linked list per pool; the sentinel of pool p is node slots + p, and
+    # every list starts empty (the sentinel points at itself)
+    "prev": Field(lambda z: z.slots + z.pools, np.int32, doc="list: previous node",
+                  init=lambda z: np.arange(z.slots + z.pools)),
+    "next": Field(lambda z: z.slots + z.pools, np.int32, doc="list: next node",
+                  init=lambda z: np.arange(z.slots + z.pools)),
+}
+HEAP_STATE = {
+    "prio": Field(lambda z: z.slots, np.int64, doc="heap priority (largest is evicted first)"),
+    "heap": Field(lambda z: z.slots, np.int32, doc="per-pool binary heaps laid out like the slots"),
+    "hpos": Field(lambda z: z.slots, np.int32, doc="position of a slot in its heap"),
+    "hsize": Field(lambda z: z.pools, np.int64, doc="heap sizes"),
+    "scratch": Field(lambda z: z.slots + 1, np.int64, doc="work space (heap search stack)"),
+}
+RECENCY_STATE = {
+    "last": Field(lambda z: z.slots, np.int64, doc="access index of the last hit or fill"),
+    "freq": Field(lambda z: z.slots, np.int64, doc="accesses since the fill"),
+}
 
 # ---- circular doubly linked list per pool, with a sentinel node (head = oldest) -----------
 
@@ -174,7 +199,7 @@ def scan_min_unpinned(S, pool, stamp, primary):
 
 
 @jit
-def note_access(S, slot, i, fill):
+def note_access(S, M, slot, i, fill):
     """Last access and in-cache frequency, for rules that rank by them."""
     S.last[slot] = i
     if fill:
@@ -184,10 +209,10 @@ def note_access(S, slot, i, fill):
 
 
 @jit
-def noop_access(S, slot, i, fill):
+def noop_access(S, M, slot, i, fill):
     pass
 
 
 @jit
-def noop_evict(S, slot):
+def noop_evict(S, M, slot, i):
     pass

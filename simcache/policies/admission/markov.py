@@ -16,7 +16,17 @@ corrections DESIGN §4 asks for: transitions pair tokens of the same sequence (t
 consecutive rows of a batch), and decay counts steps (the fork counts calls of any layer).
 """
 
+import numpy as np
+
 from simcache._jit import kernel as jit
+from simcache.policies.registry import Admission, Field
+
+LEARNER_KNOBS = ("threshold", "prior", "decay", "decay_every")
+SCORE_STATE = {
+    "score": Field(lambda z: z.keys, np.float64, doc="learner's score s[e] of each key (unnormalised)"),
+    "total": Field(lambda z: z.layers, np.float64, doc="sum of s over the layer: P(Return) = score / total"),
+    "nodata": Field(lambda z: z.layers, np.bool_, fill=True, doc="no data at the layer's last group"),
+}
 
 
 # No array views in these kernels: numba allocates for a view such as T[l], which costs more
@@ -125,13 +135,23 @@ def learn_horizon(S, M, s, l, lo, hi):
 
 
 @jit
-def learn_none(S, M, s, l, lo, hi):
-    pass
-
-
-@jit
 def admit(S, M, pool, i, hi, stamp):
     key = S.keys[i]
     if S.nodata[key // M.E]:
         return True
     return p_return(S, M, key) >= M.tau
+
+
+POLICIES = (
+    Admission(
+        "markov", admit=admit, learn=learn, state=SCORE_STATE, knobs=LEARNER_KNOBS,
+        summary="P(Return) ≥ τ, or the learner has no data yet (the fork's rule, below)",
+        notes="Yuelinfeng/mixtral-offloading (src/markov_expert_cache.py)",
+    ),
+    Admission(
+        "markov-h", admit=admit, learn=learn_horizon, state=SCORE_STATE,
+        knobs=LEARNER_KNOBS + ("horizon",),
+        summary="P(expert is some step's top-1 within `--horizon` steps) ≥ τ",
+        notes="simcache's horizon variant of the fork's rule",
+    ),
+)

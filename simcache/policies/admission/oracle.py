@@ -15,6 +15,7 @@ tie keeps the resident. The test suite checks the result against an exhaustive s
 """
 
 from simcache._jit import kernel as jit
+from simcache.policies.registry import Admission
 
 
 @jit
@@ -34,3 +35,9 @@ def admit(S, M, pool, i, hi, stamp):
             if min(S.future[j], n) < me:
                 nearer += 1
     return nearer < room
+
+
+POLICY = Admission(
+    "oracle", admit=admit, needs_future=True, summary="it is among the experts worth keeping (offline; below)",
+    notes="with belady eviction: Belady-with-bypass, the optimum of paging with bypass",
+)

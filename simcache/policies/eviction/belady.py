@@ -13,13 +13,14 @@ the heap 1.4-2.3x faster at 256-1024).
 """
 
 from simcache._jit import kernel as jit
-from simcache.policies._order import heap_fix, heap_max_unpinned, heap_push, heap_remove
+from simcache.policies._order import HEAP_STATE, heap_fix, heap_max_unpinned, heap_push, heap_remove
+from simcache.policies.registry import Eviction
 
 SCAN_MAX = 128
 
 
 @jit
-def on_access(S, slot, i, fill):
+def on_access(S, M, slot, i, fill):
     if S.cap[S.slot_pool[slot]] <= SCAN_MAX:
         return
     S.prio[slot] = S.nu[slot]
@@ -30,13 +31,13 @@ def on_access(S, slot, i, fill):
 
 
 @jit
-def on_evict(S, slot):
+def on_evict(S, M, slot, i):
     if S.cap[S.slot_pool[slot]] > SCAN_MAX:
         heap_remove(S, slot)
 
 
 @jit
-def victim(S, M, pool, stamp):
+def victim(S, M, pool, i, stamp):
     if S.cap[pool] > SCAN_MAX:
         return heap_max_unpinned(S, pool, stamp)
     best = -1
@@ -47,3 +48,10 @@ def victim(S, M, pool, stamp):
                 best = slot
                 far = S.nu[slot]
     return best
+
+
+POLICY = Eviction(
+    "belady", victim=victim, on_access=on_access, on_evict=on_evict, state=HEAP_STATE,
+    needs_future=True, summary="next demand farthest in the future; never-again first, least recently used among those (offline)",
+    notes="Belady, IBM Systems Journal 5(2), 1966 (MIN)",
+)

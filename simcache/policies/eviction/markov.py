@@ -3,15 +3,13 @@ used — the rule of the mixtral-offloading fork that the write-up describes. Sc
 the Markov learner (:mod:`simcache.policies.admission.markov`)."""
 
 from simcache._jit import kernel as jit
-from simcache.policies._order import noop_evict, note_access
-from simcache.policies.admission.markov import p_return
-
-on_access = note_access
-on_evict = noop_evict
+from simcache.policies._order import RECENCY_STATE, noop_evict, note_access
+from simcache.policies.admission.markov import SCORE_STATE, learn, p_return
+from simcache.policies.registry import Eviction
 
 
 @jit
-def victim(S, M, pool, stamp):
+def victim(S, M, pool, i, stamp):
     best = -1
     for slot in range(S.base[pool], S.base[pool] + S.used[pool]):
         if S.pin[slot] == stamp:
@@ -27,3 +25,11 @@ def victim(S, M, pool, stamp):
             if S.last[slot] < S.last[best]:
                 best = slot
     return best
+
+
+POLICY = Eviction(
+    "markov", victim=victim, on_access=note_access, on_evict=noop_evict,
+    state={**RECENCY_STATE, **SCORE_STATE}, learn=learn, knobs=("prior", "decay", "decay_every"),
+    summary="lowest P(Return); ties → least recently used (the fork's eviction)",
+    notes="Yuelinfeng/mixtral-offloading (src/markov_expert_cache.py)",
+)

@@ -8,9 +8,7 @@ import numpy as np
 
 from simcache._jit import kernel as jit
 from simcache.policies._order import noop_access, noop_evict
-
-on_access = noop_access
-on_evict = noop_evict
+from simcache.policies.registry import Eviction, Field
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -31,7 +29,7 @@ def splitmix64(state):
 
 
 @jit
-def victim(S, M, pool, stamp):
+def victim(S, M, pool, i, stamp):
     lo = S.base[pool]
     hi = lo + S.used[pool]
     free = 0
@@ -47,3 +45,14 @@ def victim(S, M, pool, stamp):
                 return slot
             r -= 1
     return -1
+
+
+def _seeded(z):
+    return np.array([np.uint64(z.seed) ^ _GAMMA], np.uint64)
+
+
+POLICY = Eviction(
+    "random", victim=victim, on_access=noop_access, on_evict=noop_evict,
+    state={"rng": Field(lambda z: 1, np.uint64, doc="splitmix64 state", init=_seeded)},
+    summary="uniform, from a seeded splitmix64 generator (`--seed`)", notes="the classic baseline",
+)
