@@ -58,7 +58,7 @@ def main():
             t, r = best_of(work, args.repeat, prefetch=plan)
             rows.append({"batch": batch, "prefetch": predictor, "width": 2, "accesses": r.accesses,
                          "Maps": r.accesses / t / 1e6, "ratio_to_none": base / t, "plan_s": plan_s,
-                         "prefetches": r.extra["prefetches"]})
+                         "prefetches": r.prefetches})
     print(f"{'batch':>5} {'prefetch':>8} {'M acc/s':>8} {'vs none':>8} {'plan s':>7}")
     for row in rows:
         print(f"{row['batch']:>5} {row['prefetch']:>8} {row['Maps']:>8.1f} {row['ratio_to_none']:>7.2f}x "

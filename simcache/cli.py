@@ -257,6 +257,10 @@ def synth(output, num_requests, length, layers, experts, top_k, transitions, com
               help="Timing tables from 'simcache probe' (default: H200 reference figures).")
 @click.option("--no-overlap", is_flag=True, help="Model copies without a side stream (serial).")
 @click.option("--expert-bytes", type=int, help="Override the trace's bytes per expert.")
+@click.option("--prefetch", "prefetches", default="none", callback=_csv(str), show_default=True,
+              help="Prefetch predictor(s), comma-separated: none, oracle, lookahead, markov "
+                   "(docs/prefetch.md).")
+@click.option("--prefetch-width", type=int, help="Experts prefetched per predicted group (default: top-k).")
 @click.option("--per-layer", is_flag=True, help="Also print per-layer counters.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
@@ -267,8 +271,8 @@ def synth(output, num_requests, length, layers, experts, top_k, transitions, com
               help="Progress bar on stderr (default: on for long runs at a terminal).")
 @friendly
 def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evict, admit, horizon,
-             prior, split, seed, calibration, no_overlap, expert_bytes, per_layer, as_json, out,
-             decisions, progress):
+             prior, split, seed, calibration, no_overlap, expert_bytes, prefetches, prefetch_width,
+             per_layer, as_json, out, decisions, progress):
     """Simulate expert caches over TRACE (default: the bundled FLAME-MoE-290M sample).
 
     \b
@@ -277,6 +281,7 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
       simcache simulate my.parquet --policy markov --threshold 0.1 --batch 64
       simcache simulate my.parquet --policy markov --split 0.5
     """
+    from simcache.prefetch import plan as prefetch_plan
     from simcache.report import table, write_results
     from simcache.workload import Workload
     from simcache.transitions import load_prior, split_requests
@@ -305,12 +310,15 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
         prior_counts = load_prior(prior, L, E)
         notes.append(f"Markov prior from {prior}")
     cal = simcache.load_calibration(calibration) if calibration is not None else None
-    if decisions is not None and len(policies) * len(capacities) != 1:
-        raise SimcacheError("--decisions needs exactly one policy and one capacity")
+    if decisions is not None and len(policies) * len(capacities) * len(prefetches) != 1:
+        raise SimcacheError("--decisions needs exactly one policy, capacity and prefetch")
     for p in policies:
         simcache.policies.resolve(p, evict, admit)
     work = Workload(t, batch, prefill)
-    runs = [(p, c) for p in policies for c in capacities]
+    plans = {name: "none" if name == "none" else prefetch_plan(
+        work, name, t.top_k if prefetch_width is None else prefetch_width, prior=prior_counts)
+        for name in prefetches}
+    runs = [(p, c, f) for f in prefetches for p in policies for c in capacities]
     total = work.demand.num_accesses * len(runs)
     show = progress if progress is not None else (sys.stderr.isatty() and total > 20_000_000)
     results = []
@@ -318,12 +326,12 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
     try:
         if bar is not None:
             bar.__enter__()
-        for p, c in runs:
+        for p, c, f in runs:
             results.append(
                 simcache.simulate(
                     work, p, c, scope=scope, threshold=threshold, evict=evict, admit=admit,
                     prior=prior_counts, horizon=horizon, seed=seed, calibration=cal,
-                    overlap=False if no_overlap else None, expert_bytes=expert_bytes,
+                    overlap=False if no_overlap else None, expert_bytes=expert_bytes, prefetch=plans[f],
                     record=decisions is not None, progress=None if bar is None else bar.update,
                 )
             )
@@ -368,6 +376,14 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
             r.evictions, r.reloads, None if r.bytes_loaded is None else r.bytes_loaded / 1e9,
             None if r.time_per_token_s is None else r.time_per_token_s * 1e3, r.tokens_per_s,
         ])
+    if any(r.prefetch != "none" for r in results):
+        headers[1:1] = ["prefetch"]
+        headers += ["prefetches", "used", "wasted GB", "stall ms/token"]
+        for row, r in zip(rows, results):
+            row[1:1] = [r.prefetch if r.prefetch == "none" else f"{r.prefetch} w={r.prefetch_width}"]
+            row += [r.prefetches, r.prefetch_used,
+                    None if r.prefetch_wasted_bytes is None else r.prefetch_wasted_bytes / 1e9,
+                    None if r.time_per_token_s is None else r.stall_s / r.decode_tokens * 1e3]
     click.echo(table(headers, rows))
     if per_layer:
         for r in results:

@@ -6,7 +6,8 @@ start, behind g's demand copies) for the group ``g + distance``:
 
 ``oracle``
     The true demand of the next layer of the same step (distance 1; none from the last layer),
-    most tokens first: the bound a next-layer predictor can reach.
+    in expert order - the order its misses would be loaded in, so that the oracle fills exactly
+    what the demand would, only earlier: the bound a next-layer predictor can reach.
 ``lookahead``
     The trace's ``lookahead`` column: per token and layer l, the experts router l+1 picks when
     applied to layer l's MoE input, highest score first. Each token of the step votes for its
@@ -98,7 +99,7 @@ def plan(work: Workload, predictor: str, width: int, *, prior=None, decay_every:
     if predictor == "none":
         return Plan(predictor, int(width), 1, ptr, keys[:0])
     if predictor == "oracle":
-        _oracle(d.group_ptr, d.keys, d.tokens, L, E, int(width), scratch, ptr, keys)
+        _oracle(d.group_ptr, d.keys, L, E, int(width), ptr, keys)
         distance = 1
     elif predictor == "lookahead":
         la = lookahead_column(tr)
@@ -158,14 +159,14 @@ def _take(score, E, width, base, keys, n):
 
 
 @jit
-def _oracle(group_ptr, dkeys, tokens, L, E, width, scratch, ptr, keys):
+def _oracle(group_ptr, dkeys, L, E, width, ptr, keys):
     n_groups = group_ptr.shape[0] - 1
     n = 0
     for g in range(n_groups):
         if g % L != L - 1 and g + 1 < n_groups:
-            for i in range(group_ptr[g + 1], group_ptr[g + 2]):
-                scratch[dkeys[i] % E] = tokens[i]
-            n = _take(scratch, E, width, (g % L + 1) * E, keys, n)
+            for i in range(group_ptr[g + 1], min(group_ptr[g + 2], group_ptr[g + 1] + width)):
+                keys[n] = dkeys[i]  # (demand is in expert order)
+                n += 1
         ptr[g + 1] = n
 
 
@@ -215,8 +216,11 @@ def _markov(S, M, group_ptr, L, E, width, scratch, ptr, keys):
 
 # ---- inside the simulation kernel ----------------------------------------------------------
 # The prefetch part of the loop (docs/prefetch.md "Where a prefetch goes"); its state is one
-# tuple, declared here once. The loop calls: begin at a group's start, on_hit / buffered on
-# its accesses, then finish after its demand copies.
+# tuple, declared here once. The loop calls begin at a group's start, on_hit / buffered on its
+# accesses, and finish after its demand copies. A prefetch asks the admission rule as a miss
+# would: the loop's key array carries one spare access at its end, set to the prefetched key.
+# The hooks are real calls (inline="never"): inlined at numba's IR level beside the policy
+# overloads, some of their stores were lost (numba 0.62: "variable ... is not in scope").
 
 Prefetching = namedtuple(
     "Prefetching",
@@ -226,35 +230,33 @@ Prefetching = namedtuple(
         "keys",  # (requests,) int32: Plan.keys
         "distance",  # int: requested for group g + distance
         "unused",  # (keys,) bool: resident by prefetch, not demanded since
-        "buf_key",  # (buffers,) int32: the key waiting in prefetch buffer b, or -1
+        "buf_key",  # (buffers,) int32: the key in prefetch buffer b, or -1
         "buf_target",  # (buffers,) int64: the group it waits for
-        "live",  # (3,) int64: [buffers in use, key of the prefetch started last or -1, scheduled]
-        "counts",  # (layers, 3) int64: [prefetches issued, used, accesses served from a buffer]
-        "sched",  # (prefetches, 4) int64 when recording: [after group, key, slot, buffer]
+        "live",  # (3,) int64: [buffers taken, key of the prefetch started last or -1, issued]
+        "counts",  # (layers, 4) int64, see COUNTS
+        "sched",  # (requests, 4) int64 when recording: [after group, key, slot, buffer]
         "group",  # (groups, 2) float64 when recording: [start, stall]
     ],
 )
-ISSUED, USED, FROM_BUFFER = 0, 1, 2
-
+# per layer (of the prefetched expert): issued, used, accesses served from a buffer, evictions
+COUNTS = ("prefetches", "prefetch_used", "prefetched", "evictions")
+ISSUED, USED, FROM_BUFFER, EVICTED = range(len(COUNTS))
 
 
 def new_prefetching(plan_: Plan, num_keys: int, num_layers: int, t_copy: float, n_groups: int,
                     record: bool) -> Prefetching:
-    """The kernel's prefetch state for ``plan_`` (a cold start: nothing queued or buffered)."""
+    """The kernel's prefetch state for ``plan_`` (nothing queued or buffered)."""
     w, d = plan_.width, plan_.distance
-    requests = int(plan_.keys.shape[0])
+    # buffers taken wait for groups g .. g + distance, at most ``width`` each
+    n_buf = max(1, w * (d + 1))
     return Prefetching(
         T=new_timeline(num_keys, t_copy, (2 * d + 4) * w + 8),
-        ptr=plan_.ptr,
-        keys=plan_.keys,
-        distance=int(d),
+        ptr=plan_.ptr, keys=plan_.keys, distance=int(d),
         unused=np.zeros(num_keys, np.bool_),
-        # buffers in use wait for groups g .. g + distance: at most width each
-        buf_key=np.full(max(1, w * (d + 1)), -1, np.int32),
-        buf_target=np.zeros(max(1, w * (d + 1)), np.int64),
+        buf_key=np.full(n_buf, -1, np.int32), buf_target=np.zeros(n_buf, np.int64),
         live=np.array([0, -1, 0], np.int64),
-        counts=np.zeros((num_layers, 3), np.int64),
-        sched=np.zeros((requests if record else 1, 4), np.int64),
+        counts=np.zeros((num_layers, len(COUNTS)), np.int64),
+        sched=np.zeros((plan_.keys.shape[0] if record else 1, 4), np.int64),
         group=np.zeros((n_groups if record else 1, 2)),
     )
 
@@ -265,7 +267,7 @@ def no_prefetching(num_layers: int) -> Prefetching:
                            num_layers, 0.0, 1, False)
 
 
-@kernel
+@kernel(inline="never")
 def begin(P, S, stamp):
     """A group starts: the prefetch in flight (its slot is being written) is pinned."""
     tl.begin(P.T)
@@ -276,7 +278,7 @@ def begin(P, S, stamp):
             S.pin[slot] = stamp
 
 
-@kernel
+@kernel(inline="never")
 def on_hit(P, key, cost, l):
     if P.unused[key]:
         P.unused[key] = False
@@ -285,10 +287,15 @@ def on_hit(P, key, cost, l):
         tl.use(P.T, key, cost)
 
 
-@kernel
+@kernel(inline="never")
+def on_evict(P, key):
+    P.unused[key] = False
+
+
+@kernel(inline="never")
 def buffered(P, key, g, cost, l):
-    """For a miss of group g: the prefetch buffer waiting with ``key`` for g (it is used), or
-    -1 after issuing the miss's demand copy."""
+    """For a miss of group g: the prefetch buffer holding ``key`` for g (it is used), or -1
+    after issuing the miss's demand copy."""
     if P.live[0] > 0:
         for b in range(P.buf_key.shape[0]):
             if P.buf_key[b] == key and P.buf_target[b] == g:
@@ -301,7 +308,7 @@ def buffered(P, key, g, cost, l):
     return -1
 
 
-@kernel
+@kernel(inline="never")
 def _waiting(P, key, g):
     if P.live[0] > 0:
         for b in range(P.buf_key.shape[0]):
@@ -310,26 +317,19 @@ def _waiting(P, key, g):
     return False
 
 
-@kernel
-def _admit(admit_code, S, M, key):
-    if admit_code == dispatch.ALL:
-        return True
-    if S.nodata[key // M.E]:
-        return True
-    return markov_admission.p_return(S, M, key) >= M.tau
-
-
-@kernel
-def finish(P, S, M, evict, admit_code, per_layer, E, g, hi, stamp, compute, overlap, counters,
-           evictions_col, record):
+@kernel(inline="never")
+def finish(P, S, M, evict, admit, per_layer, E, g, hi, stamp, compute, overlap, record):
     """After group g's demand copies: queue its plan, end it on the timeline, then place the
     prefetches that start before its end. Returns the group's duration."""
     T = P.T
     for r in range(P.ptr[g], P.ptr[g + 1]):
         tl.request(T, P.keys[r], g + P.distance, g)
+    if record:
+        P.group[g, 0] = T.clock[0]
     t = tl.end(T, compute, overlap)
     if record:
         P.group[g, 1] = t - compute
+    spare = S.keys.shape[0] - 1
     j = tl.next_start(T)
     while j >= 0:
         key = T.q_key[j]
@@ -342,25 +342,26 @@ def finish(P, S, M, evict, admit_code, per_layer, E, g, hi, stamp, compute, over
             S.pin[S.where[P.keys[r]]] = stamp  # (an absent key pins the spare entry)
         pool = key // E if per_layer else 0
         slot = -1
-        if _admit(admit_code, S, M, key):
+        S.keys[spare] = key
+        if dispatch.admit(admit, S, M, pool, spare, spare + 1, stamp):
             if S.used[pool] < S.cap[pool]:
                 slot = S.base[pool] + S.used[pool]
                 S.used[pool] += 1
             else:
-                slot = dispatch.victim(evict, S, M, pool, stamp)
+                slot = dispatch.victim(evict, S, M, pool, hi, stamp)
                 if slot >= 0:
                     gone = S.slot_key[slot]
-                    dispatch.on_evict(evict, S, slot)
+                    dispatch.on_evict(evict, S, M, slot, hi)
                     S.where[gone] = -1
                     S.evicted[gone] = True
                     P.unused[gone] = False
-                    counters[key // E, evictions_col] += 1  # (at the layer of the newcomer)
+                    P.counts[key // E, EVICTED] += 1  # (at the layer of the newcomer)
         b = -1
         if slot >= 0:
             S.where[key] = slot
             S.slot_key[slot] = key
             S.pin[slot] = stamp
-            dispatch.on_access(evict, S, slot, hi, True)
+            dispatch.on_access(evict, S, M, slot, hi, True)
             P.unused[key] = True
         else:
             b = 0
@@ -380,8 +381,8 @@ def finish(P, S, M, evict, admit_code, per_layer, E, g, hi, stamp, compute, over
         P.live[2] += 1
         tl.start(T, j)
         j = tl.next_start(T)
-    if P.live[0] > 0:  # buffers whose group is over are freed (after the prefetches that
-        for b in range(P.buf_key.shape[0]):  # start during it: they may not overwrite them)
+    if P.live[0] > 0:  # buffers whose group is over are freed (only now: the prefetches that
+        for b in range(P.buf_key.shape[0]):  # start during it may not overwrite them)
             if P.buf_key[b] >= 0 and P.buf_target[b] <= g:
                 P.buf_key[b] = -1
                 P.live[0] -= 1

@@ -527,8 +527,8 @@ def prefetch_plan(trace, predictor, width, *, batch=1, prefill="skip", prior=Non
             if l == L - 1:
                 plan.append([])
                 continue
-            nxt = groups[g + 1][2]
-            plan.append([(l + 1) * E + e for e in top({k % E: n for k, n in nxt})])
+            nxt = groups[g + 1][2]  # (key, tokens), experts ascending: the order of demand
+            plan.append([k for k, _ in nxt][:width])
         return 1, plan
     if predictor == "lookahead":
         la = np.asarray(lookahead).reshape(trace.num_tokens, L, -1)

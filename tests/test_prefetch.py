@@ -50,7 +50,7 @@ def compare(r, ref):
     for name, values in ref["counters"].items():
         np.testing.assert_array_equal(r.per_layer[name], values, err_msg=name)
     # every copy the twin's engine made is a demand load or an issued prefetch
-    assert len(ref["copies"]) == r.loads + r.extra["prefetches"]
+    assert len(ref["copies"]) == r.loads + r.prefetches
 
 
 @pytest.mark.parametrize("predictor", PREDICTORS)
@@ -101,24 +101,29 @@ def test_invariants(trace, capacity, batch, data):
     width = data.draw(st.integers(1, E))
     predictor = data.draw(st.sampled_from(["oracle", "markov"]))
     r = simcache.simulate(trace, "lru", capacity, batch=batch, prefetch=predictor, prefetch_width=width)
-    x = r.extra
-    assert x["prefetch_used"] + x["prefetch_wasted"] == x["prefetches"]
-    assert x["bytes_copied"] == (r.loads + x["prefetches"]) * trace.expert_bytes
-    assert r.hits + r.fills + r.bypasses + r.forced_bypasses + x["prefetched"] == r.accesses
-    assert x["stall_s"] >= -1e-12 and r.time_s >= r.compute_s - 1e-12
+    assert r.prefetch_used + r.prefetch_wasted == r.prefetches and r.prefetch_wasted >= 0
+    assert r.bytes_copied == (r.loads + r.prefetches) * trace.expert_bytes
+    assert r.prefetch_wasted_bytes == r.prefetch_wasted * trace.expert_bytes
+    assert r.hits + r.fills + r.bypasses + r.forced_bypasses + r.prefetched == r.accesses
+    assert r.stall_s >= -1e-12 and r.time_s == pytest.approx(r.compute_s + r.stall_s)
 
 
-@settings(max_examples=60, deadline=None)
-@given(trace=traces(max_layers=3), capacity=st.integers(1, 4), batch=st.integers(1, 3), data=st.data())
-def test_oracle_at_width_k_never_stalls_more_than_no_prefetch(trace, capacity, batch, data):
+@settings(max_examples=80, deadline=None)
+@given(trace=traces(max_layers=3), capacity=st.integers(1, 6), batch=st.integers(1, 3), data=st.data())
+def test_oracle_at_full_width_never_stalls_more_than_no_prefetch(trace, capacity, batch, data):
+    """LRU, per-layer pools: with a width covering every group's demand (k at batch 1), the
+    oracle fills what the demand would, in the same order, only earlier."""
     E, k = trace.num_experts, trace.top_k
     capacity = min(capacity, E)
-    width = data.draw(st.integers(k, E))
-    none = simcache.simulate(trace, "lru", capacity, batch=batch)
-    ours = simcache.simulate(trace, "lru", capacity, batch=batch, prefetch="oracle", prefetch_width=width)
-    stall_none = none.time_s - none.compute_s
-    assert ours.extra["stall_s"] <= stall_none + 1e-12
+    width = data.draw(st.integers(k, E)) if batch == 1 else E
+    evict = data.draw(st.sampled_from(["lru", "fifo"]))
+    none = simcache.simulate(trace, None, capacity, evict=evict, batch=batch)
+    ours = simcache.simulate(trace, None, capacity, evict=evict, batch=batch, prefetch="oracle",
+                             prefetch_width=width)
+    assert none.stall_s == pytest.approx(none.time_s - none.compute_s)
+    assert ours.stall_s <= none.stall_s + 1e-12
     assert ours.compute_s == pytest.approx(none.compute_s)
+    assert ours.hits + ours.prefetched >= none.hits
 
 
 def test_none_leaves_results_unchanged():
@@ -127,7 +132,7 @@ def test_none_leaves_results_unchanged():
     b = simcache.simulate(trace, "lru", 2, batch=2, record=True, prefetch="none")
     assert a.to_dict(per_layer=True) == b.to_dict(per_layer=True)
     np.testing.assert_array_equal(a.decisions.group_time, b.decisions.group_time)
-    assert a.per_layer.keys() == b.per_layer.keys() and "stall_s" not in b.extra
+    assert a.per_layer.keys() == b.per_layer.keys() and b.prefetches == 0 and b.prefetch == "none"
 
 
 @pytest.mark.parametrize(
@@ -146,3 +151,39 @@ def test_none_leaves_results_unchanged():
 def test_bad_input(kwargs, message):
     with pytest.raises(simcache.SimcacheError, match=message):
         simcache.simulate(random_trace(1), "lru", 2, **kwargs)
+
+
+def test_cli_prefetch_and_decision_log(tmp_path):
+    from click.testing import CliRunner
+
+    from simcache.cli import main
+    from simcache.decisions import read_decisions
+    from simcache.replay.prefetch import Schedule
+
+    path = simcache.write_trace(random_trace(3, layers=3, experts=6), tmp_path / "t.parquet")
+    runner = CliRunner()
+    out = runner.invoke(main, ["simulate", str(path), "--capacity", "2", "--prefetch", "none,oracle,markov",
+                               "--prefetch-width", "2", "--json"])
+    assert out.exit_code == 0, out.output
+    import json
+
+    res = json.loads(out.output)["results"]
+    assert [r["prefetch"] for r in res] == ["none", "oracle", "markov"]
+    lib = simcache.simulate(simcache.read_trace(path), "lru", 2, prefetch="oracle", prefetch_width=2)
+    assert res[1]["time_s"] == lib.time_s and res[1]["prefetches"] == lib.prefetches
+    table = runner.invoke(main, ["simulate", str(path), "--capacity", "2", "--prefetch", "oracle"])
+    assert table.exit_code == 0 and "stall ms/token" in table.output
+    log = tmp_path / "d.parquet"
+    assert runner.invoke(main, ["simulate", str(path), "--capacity", "2", "--prefetch", "oracle",
+                                "--decisions", str(log)]).exit_code == 0
+    sched = Schedule.from_dict(read_decisions(log).meta["prefetch"])
+    rec = simcache.simulate(simcache.read_trace(path), "lru", 2, prefetch="oracle", record=True)
+    assert sched.key.tolist() == rec.decisions.prefetch_schedule[:, 1].tolist() and sched.key.size > 0
+    for args, message in (
+        (["--prefetch", "lookahead"], "needs a trace with the 'lookahead' column"),
+        (["--prefetch", "oracle", "--prefetch-width", "0"], "prefetch width must be an integer"),
+        (["--prefetch", "oracle", "--no-overlap"], "prefetch needs a copy stream"),
+    ):
+        bad = runner.invoke(main, ["simulate", str(path), "--capacity", "2", *args])
+        assert bad.exit_code == 1 and bad.output.startswith("Error: ") and message in bad.output, bad.output
+        assert len(bad.output.strip().splitlines()) == 1
