@@ -567,10 +567,18 @@ def analyze(path, null_samples, seed, cut, as_json, plots):
 def _preset_options(fn):
     fn = click.option("--ffn", type=int, help="Expert FFN size, for --preset custom.")(fn)
     fn = click.option("--hidden", type=int, help="Hidden size, for --preset custom.")(fn)
+    from simcache.replay import ISSUE_PATHS, QUANTISED
+    from simcache.replay.presets import PRESET_NAMES
+
+    fn = click.option("--issue", type=click.Choice(ISSUE_PATHS),
+                      help="How the replay issues each (step, layer): expert by expert (eager) or two grouped "
+                           "GEMMs (fast). Default: fast on CUDA, eager on the CPU.")(fn)
+    fn = click.option("--expert-dtype", type=click.Choice(QUANTISED),
+                      help="Store and copy experts quantised; dequantised to --dtype before the GEMMs.")(fn)
     fn = click.option("--preset", default="mixtral-8x7b", show_default=True,
-                      help="Expert shapes: mixtral-8x7b, qwen-moe, deepseek-v2-lite, olmoe, gpt-oss, custom.")(fn)
+                      help=f"Expert shapes: {', '.join(PRESET_NAMES)}, custom.")(fn)
     fn = click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
-                      show_default=True)(fn)
+                      show_default=True, help="Compute dtype (and storage, without --expert-dtype).")(fn)
     fn = click.option("--device", type=click.Choice(["cpu"]), help="Run on the CPU (tiny shapes; tests).")(fn)
     fn = click.option("--gpu", type=int, help="CUDA device index.")(fn)
     return fn
@@ -588,8 +596,9 @@ def _torch():
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the calibration JSON here.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
-def probe(gpu, device, dtype, preset, hidden, ffn, out, as_json):
-    """Measure a GPU's copy bandwidth, copy latency, expert FFN time and copy/compute overlap.
+def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, as_json):
+    """Measure a GPU's copy bandwidth, copy latency, expert FFN time and copy/compute overlap,
+    and (unless --issue eager) the grouped FFN time of the replay's fast issue path.
 
     Writes the calibration that 'simcache simulate --calibration' and 'simcache replay' read.
     """
@@ -603,7 +612,7 @@ def probe(gpu, device, dtype, preset, hidden, ffn, out, as_json):
     if dev.type != "cuda":
         raise SimcacheError("probe measures a GPU: give --gpu N")
     p = resolve(preset, hidden, ffn)
-    cal = run_probe(dev, p, DTYPES[dtype])
+    cal = run_probe(dev, p, DTYPES[dtype], expert_dtype=expert_dtype, grouped=issue != "eager")
     if out is not None:
         cal.save(out)
     if as_json:
@@ -618,6 +627,12 @@ def probe(gpu, device, dtype, preset, hidden, ffn, out, as_json):
                      [[t, s * 1e3, w * 1e3] for t, s, w in zip(cal.ffn_tokens, cal.ffn_seconds, x["ffn_wall_seconds"])]))
     click.echo(f"copy/compute overlap: {x['overlap_efficiency']:.2f} (copy {x['overlap_copy_s'] * 1e3:.2f} ms, "
                f"compute {x['overlap_compute_s'] * 1e3:.2f} ms, both {x['overlap_both_s'] * 1e3:.2f} ms)")
+    g = cal.group_ffn
+    if g:
+        click.echo(f"grouped FFN ms (device; rows: experts, columns: tokens per expert); fixed work per group "
+                   f"{g['fixed_seconds'] * 1e6:.1f} us")
+        click.echo(table(["experts"] + [str(t) for t in g["tokens"]],
+                         [[n] + [v * 1e3 for v in row] for n, row in zip(g["experts"], g["seconds"])]))
     if out is not None:
         click.echo(f"wrote {out}")
 
@@ -643,8 +658,9 @@ def probe(gpu, device, dtype, preset, hidden, ffn, out, as_json):
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results (.json/.csv/.parquet).")
 @friendly
-def replay(trace, gpu, device, dtype, preset, hidden, ffn, policies, capacities, batches, scope, threshold,
-           evict, admit, layers, steps, bypass_buffers, calibration, decisions, verify, as_json, out):
+def replay(trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, policies, capacities, batches,
+           scope, threshold, evict, admit, layers, steps, bypass_buffers, calibration, decisions, verify, as_json,
+           out):
     """Run a policy's decisions on a GPU with real-shaped expert tensors and compare the
     measured time with the simulator's prediction.
 
@@ -666,13 +682,18 @@ def replay(trace, gpu, device, dtype, preset, hidden, ffn, policies, capacities,
         raise SimcacheError("--decisions needs exactly one policy, capacity and batch")
     for p in policies:
         simcache.policies.resolve(p, evict, admit)
-    rp = Replayer(t, resolve(preset, hidden, ffn, t.num_experts), gpu=gpu, device=device, dtype=dtype, layers=layers)
+    rp = Replayer(t, resolve(preset, hidden, ffn, t.num_experts), gpu=gpu, device=device, dtype=dtype, layers=layers,
+                  expert_dtype=expert_dtype, issue=issue)
     if calibration is not None:
         cal = simcache.load_calibration(calibration)
+        if rp.issue == "fast" and cal.group_ffn and cal.group_ffn.get("expert_dtype") != expert_dtype:
+            raise SimcacheError(f"{calibration} was probed with --expert-dtype "
+                                f"{cal.group_ffn.get('expert_dtype') or 'none'}, this replay uses "
+                                f"{expert_dtype or 'none'}")
     elif rp.dev.type == "cuda":
         from simcache.replay.probe import probe as run_probe
 
-        cal = run_probe(rp.dev, rp.preset, DTYPES[dtype])
+        cal = run_probe(rp.dev, rp.preset, DTYPES[dtype], expert_dtype=expert_dtype, grouped=rp.issue == "fast")
     else:
         cal = None
     results = [rp.run(p, c, scope=scope, batch=b, threshold=threshold, evict=evict, admit=admit, steps=steps,
@@ -685,17 +706,22 @@ def replay(trace, gpu, device, dtype, preset, hidden, ffn, policies, capacities,
         click.echo(json.dumps({"trace": str(path), "results": records}, indent=2))
         return
     r0 = results[0]
-    click.echo(f"trace: {_shown(path)}; preset {rp.preset.name} ({r0.expert_bytes / 2**20:.1f} MiB experts, {dtype}); "
-               f"device {r0.device}; layers {layers or 'all'}; prediction from "
-               f"{'the built-in default' if cal is None else cal.source}")
+    click.echo(f"trace: {_shown(path)}; preset {rp.preset.name} ({r0.expert_bytes / 2**20:.1f} MiB experts, "
+               f"{expert_dtype or dtype}); device {r0.device}; layers {layers or 'all'}; issue {rp.issue}; "
+               f"prediction from {'the built-in default' if cal is None else cal.source} "
+               f"({r0.extra['timing_model']} timing)")
     rows = []
     for r in results:
         rows.append([r.policy, r.capacity, r.batch, r.steps, r.hits, r.loads, r.bytes_moved / 1e9,
                      r.measured_per_token_s * 1e3, r.predicted_per_token_s * 1e3, f"{r.error * 100:+.1f}%",
-                     r.copy_gbps_median, r.stall_s * 1e3, r.host_issue_us_per_group,
+                     r.copy_gbps_median, r.stall_s * 1e3, r.idle_s * 1e3,
+                     f"{r.extra['host_issue_us_first_groups']:.0f} / {r.host_issue_us_per_group:.0f}",
                      None if r.verified is None else ("equal" if r.verified else f"DIFF {r.max_abs_diff:.3g}")])
     click.echo(table(["policy", "cap", "batch", "steps", "hits", "loads", "GB moved", "measured ms/tok",
-                      "predicted ms/tok", "error", "copy GB/s", "stall ms", "host us/group", "outputs"], rows))
+                      "predicted ms/tok", "error", "copy GB/s", "stall ms", "GPU idle ms",
+                      "host us/group first/mean", "outputs"], rows))
+    click.echo("host us/group: the median of the first 4 groups (the host's own issue cost) and the mean "
+               "(which includes time blocked behind a full launch queue); GPU idle: waiting for the host")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from simcache.errors import SimcacheError
 from simcache.policies import _dispatch as dispatch
 from simcache.policies import learner_for, needs_future, policy_name, resolve
 from simcache.state import Learner, new_state
-from simcache.timing import Calibration, default_calibration
+from simcache.timing import Calibration, default_calibration, group_seconds, group_table_for
 from simcache.trace import Trace
 from simcache.workload import Workload
 
@@ -67,7 +67,7 @@ CHUNK_ACCESSES = 4_000_000  # accesses per kernel call between progress updates
 def _run(
     g0, g1, group_ptr, tokens, L, per_layer, S, M,
     evict, admit, learner, future_tag, record_tag,
-    counters, layer_time, t_copy, ffn_lut, overlap,
+    counters, layer_time, t_copy, ffn_lut, overlap, group_n, group_t, group_s, group_fixed,
     out_outcome, out_slot, out_victim, out_group_time, P, prefetch_tag,
 ):
     """Serve groups g0..g1-1. Per access it counts the outcome (counters[layer, outcome]),
@@ -110,10 +110,13 @@ def _run(
         loads = 0
         compute = 0.0
         last_miss = 0.0
+        group_tokens = 0
+        load_tokens = 0
         for i in range(lo, hi):
             key = S.keys[i]
             cost = ffn_lut[tokens[i]]
             compute += cost
+            group_tokens += tokens[i]
             slot = S.where[key]
             if slot >= 0:  # a hit (misses of this group are filled only at their own index;
                 # pass 1 pinned it, or it is the group's only access)
@@ -138,6 +141,7 @@ def _run(
                     continue
             loads += 1
             last_miss = cost
+            load_tokens += tokens[i]
             outcome = BYPASS
             gone = -1
             if dispatch.admit(admit, S, M, pool, i, hi, stamp):
@@ -177,6 +181,9 @@ def _run(
         if prefetching:  # the same rule on the timeline, with copies crossing groups
             t = pf.finish(P, S, M, evict, admit, per_layer, S.where.shape[0] // L, g, hi, stamp,
                           compute, overlap, record)
+        elif group_s.shape[0] > 0:  # a grouped FFN table: the replay's fast issue path
+            compute, t = group_seconds(group_n, group_t, group_s, group_fixed, hi - lo - loads,
+                                       group_tokens - load_tokens, loads, load_tokens, transfer, overlap)
         elif overlap:
             t = max(compute, transfer + last_miss)
         else:
@@ -425,6 +432,7 @@ def simulate(
     the_plan = _prefetch_plan(work, prefetch, prefetch_width, eviction, admission, expert_bytes,
                               calibration, overlap, prior, decay_every, decay)
     eb, cal_name, t_copy, lut, ov = _timing(work, calibration, expert_bytes, overlap)
+    group_table = group_table_for(calibration, eb)
 
     n_groups = work.demand.group_ptr.shape[0] - 1
     if the_plan is None:
@@ -442,7 +450,7 @@ def simulate(
     for g0, g1 in _chunks(work.demand.group_ptr):
         _run(
             g0, g1, work.demand.group_ptr, work.demand.tokens, L, scope == "layer", S, M, *tags,
-            counters, layer_time, t_copy, lut, ov, *rec, P, prefetch_tag,
+            counters, layer_time, t_copy, lut, ov, *group_table, *rec, P, prefetch_tag,
         )
         if progress is not None:
             progress(int(work.demand.group_ptr[g1] - work.demand.group_ptr[g0]))

@@ -3,6 +3,17 @@
 Tensor dimensions used in shape comments:
     H  hidden size            F  expert FFN size        W = 3 * F * H  elements per expert
     N  experts stored         S  GPU slots              T  tokens routed to one expert
+    Q  stored bytes or elements per expert (W, or W / 2 for int4)
+
+Quantised experts (``--expert-dtype``) are stored, copied and held in GPU slots in their
+quantised form and dequantised to the compute dtype just before their GEMMs (the timed FFN
+includes the dequantisation). Both formats use one scale per tensor, a constant of the
+weights' known spread, so one expert is still one contiguous buffer of exactly
+``W x bits / 8`` bytes (real checkpoints add group scales: about 3 % more bytes for int4 with
+groups of 128):
+
+* ``fp8``: float8_e4m3fn, one byte per weight;
+* ``int4``: two weights per byte (low nibble first), values -8..7 stored with an offset of 8.
 """
 
 from __future__ import annotations
@@ -12,10 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from simcache.replay.presets import Preset
 from simcache.errors import SimcacheError
+from simcache.replay import QUANTISED
+from simcache.replay.presets import Preset
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_FP8 = getattr(torch, "float8_e4m3fn", None)
 
 
 def pick_device(gpu: int | None, device: str | None) -> torch.device:
@@ -53,31 +66,75 @@ def gpu_free_bytes(device: torch.device) -> int:
     return int(free)
 
 
+def stored_format(expert_dtype: str | None, dtype: torch.dtype) -> tuple[torch.dtype, int]:
+    """(dtype of a stored row, weights per stored element) of an expert format: ``None`` ->
+    (the compute dtype, 1), ``fp8`` -> (float8_e4m3fn, 1), ``int4`` -> (uint8, 2)."""
+    if expert_dtype is None:
+        return dtype, 1
+    if expert_dtype == "fp8":
+        if _FP8 is None:
+            raise SimcacheError(f"--expert-dtype fp8: this torch {torch.__version__} has no float8_e4m3fn")
+        return _FP8, 1
+    if expert_dtype == "int4":
+        return torch.uint8, 2
+    raise SimcacheError(f"--expert-dtype must be one of {', '.join(QUANTISED)}, got {expert_dtype!r}")
+
+
+def quantise(w: torch.Tensor, expert_dtype: str | None, dtype: torch.dtype, hidden: int) -> torch.Tensor:
+    """Weights w (..., W) float32 of spread hidden**-0.5 -> the stored form (..., Q)."""
+    if expert_dtype is None:
+        return w.to(dtype)
+    unit = w * hidden ** 0.5  # (..., W), spread 1
+    if expert_dtype == "fp8":
+        return unit.to(_FP8)
+    q = (unit * 2).round().clamp(-8, 7).to(torch.int16) + 8  # (..., W) in 0..15
+    pairs = q.unflatten(-1, (-1, 2))  # (..., W/2, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)  # (..., W/2)
+
+
+def dequantise(q: torch.Tensor, expert_dtype: str | None, dtype: torch.dtype, hidden: int) -> torch.Tensor:
+    """Stored rows (..., Q) -> weights (..., W) in the compute dtype (a view where unquantised)."""
+    if expert_dtype is None:
+        return q
+    if expert_dtype == "fp8":
+        return q.to(dtype) * hidden ** -0.5  # (..., W)
+    nibbles = torch.stack((q & 15, q >> 4), dim=-1).flatten(-2)  # (..., W) in 0..15
+    return (nibbles.to(dtype) - 8) * (0.5 * hidden ** -0.5)  # (..., W)
+
+
 class ExpertStore:
     """Every (layer, expert) of the replayed layers as one row of one host buffer.
 
     On a GPU the buffer is pinned, so one load is one asynchronous copy of one contiguous
-    row. Weights are deterministic random values (seeded per expert), generated on the device
-    and copied down once.
+    row. Weights are deterministic random values (seeded per expert), generated on the device,
+    quantised there if ``expert_dtype`` asks, and copied down once.
     """
 
-    def __init__(self, preset: Preset, num_keys: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    def __init__(self, preset: Preset, num_keys: int, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                 expert_dtype: str | None = None):
         self.preset = preset
         self.W = preset.expert_elements()
-        self.dtype = dtype
+        self.dtype = dtype  # the compute dtype
+        self.expert_dtype = expert_dtype
+        stored, per = stored_format(expert_dtype, dtype)
+        self.Q = self.W // per
         pin = device.type == "cuda"
-        self.host = torch.empty((num_keys, self.W), dtype=dtype, pin_memory=pin)  # (N, W)
+        self.host = torch.empty((num_keys, self.Q), dtype=stored, pin_memory=pin)  # (N, Q)
         scale = preset.hidden ** -0.5
         for key in range(num_keys):
             gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + key)
             row = torch.randn(self.W, generator=gen, device=device, dtype=torch.float32)  # (W,)
-            self.host[key].copy_((row * scale).to(dtype))
+            self.host[key].copy_(quantise(row * scale, expert_dtype, dtype, preset.hidden))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     @property
     def expert_bytes(self) -> int:
-        return self.W * self.host.element_size()
+        return self.Q * self.host.element_size()
+
+    def weights(self, rows: torch.Tensor) -> torch.Tensor:
+        """Stored rows (..., Q) on the device -> weights (..., W) in the compute dtype."""
+        return dequantise(rows, self.expert_dtype, self.dtype, self.preset.hidden)
 
 
 def ffn(x: torch.Tensor, w: torch.Tensor, hidden: int, ffn_size: int) -> torch.Tensor:

@@ -1,24 +1,28 @@
-"""Replay a policy's decisions on a real GPU with real-shaped expert tensors (DESIGN §6).
+"""Replay a policy's decisions on a real GPU with real-shaped expert tensors (DESIGN §6, §15).
 
-The simulator decides (hit / fill into slot s evicting v / bypass, for every access); this
-harness carries the decisions out and measures them:
+The simulator decides (hit / fill into slot s evicting v / bypass, for every access); the
+replay carries the decisions out and measures them, in three steps:
 
-* every (layer, expert) of the replayed layers is one row of one pinned host buffer, so a
-  load is one copy (:class:`replay.experts.ExpertStore`);
-* a GPU slot pool the size of the simulated cache, plus a ring of bypass buffers;
-* loads go on a copy stream, each followed by an event; the compute stream computes each
-  demanded expert's SwiGLU FFN on the tokens routed to it, hits first, then loaded experts in
-  load order, waiting on each one's event — so copies overlap compute inside a (step, layer),
-  as the timing model assumes; a (step, layer)'s loads start once the previous one's compute
-  is done, since they may overwrite slots and buffers it reads.
+1. **schedule** (:mod:`simcache.replay.schedule`): the decisions of the replayed steps and
+   layers as named arrays: per (step, layer) group its computes (hits, then loads in load
+   order), the GPU buffer and host row of each, and the tokens routed to each;
+2. **issue** (:mod:`simcache.replay.issue`): every (layer, expert) is one row of one pinned
+   host buffer (:class:`~simcache.replay.experts.ExpertStore`), the GPU holds one weights
+   tensor of the simulated cache's slots and a ring of bypass buffers; loads are one copy each
+   on a copy stream; the compute runs eagerly expert by expert (``eager``) or as two grouped
+   GEMM calls per group (``fast``, the default on CUDA);
+3. **measure** (:mod:`simcache.replay.measure`): events per group and per copy, host clocks
+   per group.
 
 It reports measured time per token, bytes moved, achieved GB/s per copy, the time compute
-waited for copies, and the host time spent issuing each (step, layer), beside the
-simulator's prediction for exactly the replayed steps and layers.
+waited for copies, the host time spent issuing each (step, layer) and the GPU's idle time
+between groups, beside the simulator's prediction for exactly the replayed steps and layers.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gc
 import time
 from dataclasses import dataclass, field
@@ -28,11 +32,15 @@ import numpy as np
 import torch
 
 import simcache
-from simcache.replay.experts import (DTYPES, ExpertStore, apply_expert, gpu_free_bytes, host_available_bytes,
-                            pick_device)
-from simcache.replay.presets import Preset
 from simcache.errors import SimcacheError
-from simcache.simulator import BYPASS, FILL, FORCED_BYPASS, HIT
+from simcache.replay import ISSUE_PATHS, QUANTISED
+from simcache.replay.experts import (DTYPES, ExpertStore, gpu_free_bytes, host_available_bytes,
+                                     pick_device, stored_format)
+from simcache.replay.issue import ISSUERS, check_fast
+from simcache.replay.measure import Meter, Timings
+from simcache.replay.presets import Preset
+from simcache.replay.schedule import Schedule, build_schedule, check_ring, most_bypasses
+from simcache.simulator import BYPASS, FORCED_BYPASS, HIT
 from simcache.workload import Workload
 
 
@@ -60,9 +68,13 @@ class ReplayResult:
     copy_gbps_median: float
     copy_gbps_all: float
     host_issue_us_per_group: float
+    issue: str = "eager"
+    expert_dtype: str | None = None
+    idle_s: float = 0.0
     verified: bool | None = None
     max_abs_diff: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    outputs: list | None = field(default=None, repr=False)  # per timed group (n, H), if asked
 
     @property
     def bytes_moved(self) -> int:
@@ -82,7 +94,7 @@ class ReplayResult:
         return (self.predicted_s - self.measured_s) / self.measured_s if self.measured_s else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("extra", "outputs")}
         out.update(bytes_moved=self.bytes_moved, measured_per_token_s=self.measured_per_token_s,
                    predicted_per_token_s=self.predicted_per_token_s, prediction_error=self.error)
         out.update(self.extra)
@@ -115,11 +127,19 @@ class Replayer:
 
     def __init__(self, trace: simcache.Trace, preset: Preset, *, gpu: int | None = None,
                  device: str | None = None, dtype: str = "bfloat16", layers: str | None = None,
-                 seed: int = 0):
+                 seed: int = 0, expert_dtype: str | None = None, issue: str | None = None):
         self.dev = pick_device(gpu, device)
         if dtype not in DTYPES:
             raise SimcacheError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.dtype_name, self.dtype = dtype, DTYPES[dtype]
+        if expert_dtype is not None and expert_dtype not in QUANTISED:
+            raise SimcacheError(f"--expert-dtype must be one of {', '.join(QUANTISED)}, got {expert_dtype!r}")
+        self.expert_dtype = expert_dtype
+        self.issue = issue if issue is not None else ("fast" if self.dev.type == "cuda" else "eager")
+        if self.issue not in ISSUE_PATHS:
+            raise SimcacheError(f"--issue must be one of {', '.join(ISSUE_PATHS)}, got {self.issue!r}")
+        if self.issue == "fast":
+            check_fast(self.dev, self.dtype)
         L, E = trace.num_layers, trace.num_experts
         if preset.name != "custom" and preset.num_experts != E:
             raise SimcacheError(f"preset {preset.name} has {preset.num_experts} experts per layer but the "
@@ -128,7 +148,8 @@ class Replayer:
             raise SimcacheError(f"the trace has {L} MoE layers, more than {preset.name}'s {preset.num_layers}")
         self.trace, self.preset = trace, preset
         self.layers = parse_layers(layers, L)
-        self.expert_bytes = preset.expert_elements() * torch.tensor([], dtype=self.dtype).element_size()
+        stored, per = stored_format(expert_dtype, self.dtype)
+        self.expert_bytes = preset.expert_elements() // per * torch.tensor([], dtype=stored).element_size()
         host_need = len(self.layers) * E * self.expert_bytes
         available = host_available_bytes()
         if host_need > 0.9 * available:
@@ -138,7 +159,7 @@ class Replayer:
                 f"memory, {available / 2**30:.1f} GiB is available: replay a subset with --layers "
                 f"(about {fit} layers fit)")
         t0 = time.perf_counter()
-        self.store = ExpertStore(preset, len(self.layers) * E, self.dtype, self.dev, seed)
+        self.store = ExpertStore(preset, len(self.layers) * E, self.dtype, self.dev, seed, expert_dtype)
         self.setup_s = time.perf_counter() - t0
         self.key_row = {l * E + e: i * E + e for i, l in enumerate(self.layers) for e in range(E)}
 
@@ -146,275 +167,178 @@ class Replayer:
             threshold: float | str = 0.1, evict: str | None = None, admit: str | None = None,
             steps: int | None = None, bypass_buffers: int = 4,
             calibration: simcache.Calibration | None = None, decisions_file=None, verify: bool = False,
-            warmup_steps: int = 2) -> ReplayResult:
+            warmup_steps: int = 2, keep_outputs: bool = False) -> ReplayResult:
         """Simulate ``policy`` with the preset's expert size, then carry its decisions out and
         measure them. See the module docstring."""
-        return _run(self, policy, capacity, scope, batch, threshold, evict, admit, steps, bypass_buffers,
-                    calibration, decisions_file, verify, warmup_steps)
+        check_ring(bypass_buffers)
+        sim, work, model = _decide(self, policy, capacity, scope, batch, threshold, evict, admit, calibration,
+                                   decisions_file)
+        n_steps = work.steps.num_steps if steps is None else min(int(steps), work.steps.num_steps)
+        if n_steps <= warmup_steps:
+            raise SimcacheError(f"replay needs more than {warmup_steps} steps (warm-up), got {n_steps}")
+        groups = _groups(work, self.layers, n_steps, self.trace.num_layers)
+        warm = [g for g in groups if g[0] < warmup_steps]
+        timed = [g for g in groups if g[0] >= warmup_steps]
+        # the fast path computes a group's loads in one call, so it needs a bypass buffer for
+        # every bypass of a group; the eager path reuses a small ring inside a group
+        ring = bypass_buffers
+        if self.issue == "fast":
+            ring = max(bypass_buffers, most_bypasses(sim.decisions, groups))
+        L = self.trace.num_layers
+        n_slots = capacity * L if scope == "layer" else capacity
+        _check_gpu_memory(self, n_slots, ring)
+        weights = torch.empty((n_slots + ring, self.store.Q), dtype=self.store.host.dtype, device=self.dev)  # (B, Q)
+        x = _activations(work, self.preset.hidden, self.dtype, self.dev)  # (n, H)
+
+        def schedule(gs):
+            return build_schedule(work, sim.decisions, gs, self.key_row, num_experts=self.trace.num_experts,
+                                  capacity=capacity, scope=scope, n_slots=n_slots, ring=ring,
+                                  experts=self._experts, weights=self._weights)
+
+        issuer = ISSUERS[self.issue]
+        _issue(issuer(schedule(warm), weights, self.store.host, self.store, x, self.dev), self.dev)  # untimed
+        sched = schedule(timed)
+        outputs, timings = _issue(issuer(sched, weights, self.store.host, self.store, x, self.dev), self.dev,
+                                  keep=verify or keep_outputs)
+        verified = max_diff = None
+        if verify:
+            del weights
+            resident = self.store.host.to(self.dev)  # (N, Q): every expert, no copies
+            reference, _ = _issue(issuer(sched.resident(), resident, None, self.store, x, self.dev), self.dev,
+                                  keep=True)
+            diffs = [float((a.float() - b.float()).abs().max()) for a, b in zip(outputs, reference)]
+            max_diff = max(diffs) if diffs else 0.0
+            verified = all(torch.equal(a, b) for a, b in zip(outputs, reference))
+            del resident
+        result = _result(self, sim, work, sched, timed, timings, capacity, scope, n_steps, warmup_steps,
+                         verified, max_diff, model)
+        if keep_outputs:
+            result.outputs = [o.cpu() for o in outputs]
+        return result
+
+    @functools.cached_property
+    def _experts(self) -> np.ndarray:
+        return self.trace.token_experts()  # (tokens, L, k)
+
+    @functools.cached_property
+    def _weights(self) -> np.ndarray:
+        t = self.trace
+        L, k = t.num_layers, t.top_k
+        if t.weights is not None:
+            return t.weights.reshape(t.num_tokens, L, k)  # (tokens, L, k)
+        return np.full((t.num_tokens, L, k), 1.0 / k, np.float32)
 
 
 def replay(trace, preset, policy="lru", capacity=2, *, gpu=None, device=None, dtype="bfloat16",
-           layers=None, seed=0, **run_options) -> ReplayResult:
+           layers=None, seed=0, expert_dtype=None, issue=None, **run_options) -> ReplayResult:
     """One replay: :class:`Replayer` then :meth:`Replayer.run`."""
-    return Replayer(trace, preset, gpu=gpu, device=device, dtype=dtype, layers=layers, seed=seed).run(
-        policy, capacity, **run_options)
+    return Replayer(trace, preset, gpu=gpu, device=device, dtype=dtype, layers=layers, seed=seed,
+                    expert_dtype=expert_dtype, issue=issue).run(policy, capacity, **run_options)
 
 
-def _run(rp: Replayer, policy, capacity, scope, batch, threshold, evict, admit, steps, bypass_buffers,
-         calibration, decisions_file, verify, warmup_steps) -> ReplayResult:
-    trace, preset, dev = rp.trace, rp.preset, rp.dev
-    torch_dtype, dtype, replayed, eb = rp.dtype, rp.dtype_name, rp.layers, rp.expert_bytes
-    L, E = trace.num_layers, trace.num_experts
-    if bypass_buffers < 1:
-        raise SimcacheError("--bypass-buffers must be at least 1")
-
-    # 1. the decisions and the prediction, from the simulator
-    work = Workload(trace, batch)
-    sim = simcache.simulate(work, policy, capacity, scope=scope, threshold=threshold, evict=evict,
-                            admit=admit, expert_bytes=eb, calibration=calibration, record=True)
+def _decide(rp: Replayer, policy, capacity, scope, batch, threshold, evict, admit, calibration, decisions_file):
+    """The decisions and the prediction, from the simulator, priced for the issue path: the
+    fast path's groups by the calibration's grouped FFN table (where it has one), the eager
+    path's expert by expert."""
+    work = Workload(rp.trace, batch)
+    cal = calibration
+    if cal is not None and rp.issue == "eager" and cal.group_ffn:
+        cal = dataclasses.replace(cal, group_ffn={})
+    sim = simcache.simulate(work, policy, capacity, scope=scope, threshold=threshold, evict=evict, admit=admit,
+                            expert_bytes=rp.expert_bytes, calibration=cal, record=True)
     if decisions_file is not None:
         from simcache.decisions import read_decisions
 
         log = read_decisions(decisions_file)
-        log.check_trace(trace)
+        log.check_trace(rp.trace)
         same = (log.keys.shape == work.demand.keys.shape and np.array_equal(log.outcome, sim.decisions.outcome)
                 and np.array_equal(log.slot, sim.decisions.slot) and np.array_equal(log.victim, sim.decisions.victim))
         if not same:
             raise SimcacheError("the decision log does not match this trace, policy, capacity and batch")
-    d = work.demand
-    n_steps = work.steps.num_steps if steps is None else min(int(steps), work.steps.num_steps)
-    if n_steps <= warmup_steps:
-        raise SimcacheError(f"replay needs more than {warmup_steps} steps (warm-up), got {n_steps}")
+    return sim, work, "grouped" if cal is not None and cal.group_ffn else "per-expert"
 
-    # 2. GPU memory, checked before anything is allocated
-    pools = L if scope == "layer" else 1
-    n_slots = capacity * pools if scope == "layer" else capacity
-    gpu_need = (n_slots + bypass_buffers) * eb + (64 << 20)
-    if gpu_need > gpu_free_bytes(dev):
-        raise SimcacheError(
-            f"{n_slots} slots + {bypass_buffers} bypass buffers of {eb / 2**20:.0f} MiB need "
-            f"{gpu_need / 2**30:.1f} GiB of GPU memory, {gpu_free_bytes(dev) / 2**30:.1f} GiB is free")
 
-    # 3. what to run: groups of the replayed steps and layers, with their tokens and weights
-    key_row, store = rp.key_row, rp.store
-    slots = torch.empty((n_slots, store.W), dtype=torch_dtype, device=dev)  # (S, W)
-    ring = torch.empty((bypass_buffers, store.W), dtype=torch_dtype, device=dev)
-    plan = _Plan(trace, work, replayed, n_steps, dev).bind(preset.hidden, torch_dtype)
-    cuda = dev.type == "cuda"
-    copy_stream = torch.cuda.Stream(dev) if cuda else None
-    dec = sim.decisions
+def _groups(work, layers, n_steps, L) -> list[tuple[int, int, int, int]]:
+    """(step, layer, first access, one past the last) of every replayed group, in issue order."""
+    gp = work.demand.group_ptr
+    return [(s, l, int(gp[s * L + l]), int(gp[s * L + l + 1])) for s in range(n_steps) for l in layers]
 
-    # the issue sequence of every group, built before any timing: computes of hits first, then
-    # each load, and the computes of loaded experts in load order; a bypass buffer reused inside
-    # a group gets the compute that reads it issued before the copy that overwrites it
-    def build(groups):
-        seq_all, n_loads, ring_next = [], 0, 0
-        for s, l, lo, hi in groups:
-            pool_base = (l * capacity) if scope == "layer" else 0
-            seq = []
-            for i in range(lo, hi):
-                if dec.outcome[i] == HIT:
-                    idx, w = plan.routing(i)
-                    seq.append(("C", idx, w, slots[pool_base + int(dec.slot[i])], -1, -1, key_row[int(d.keys[i])]))
-            pending = []
-            for i in range(lo, hi):
-                if dec.outcome[i] == HIT:
-                    continue
-                row = key_row[int(d.keys[i])]
-                if dec.outcome[i] == FILL:
-                    buf, r = slots[pool_base + int(dec.slot[i])], -1
-                else:
-                    r = ring_next
-                    ring_next = (ring_next + 1) % bypass_buffers
-                    buf = ring[r]
-                    while any(p[5] == r for p in pending):
-                        seq.append(pending.pop(0))
-                seq.append(("L", n_loads, buf, store.host[row], r))
-                idx, w = plan.routing(i)
-                pending.append(("C", idx, w, buf, n_loads, r, row))
-                n_loads += 1
-            seq.extend(pending)
-            seq_all.append((s, seq))
-        return seq_all, n_loads
 
-    def run(schedule, n_loads, measure):
-        """Issue every group; returns host seconds per group and the events to read."""
-        def events(n, timing=measure):
-            return [torch.cuda.Event(enable_timing=timing) for _ in range(n)] if cuda else [None] * n
+def _check_gpu_memory(rp: Replayer, n_slots: int, ring: int) -> None:
+    eb = rp.expert_bytes
+    need = (n_slots + ring) * eb + (64 << 20)
+    free = gpu_free_bytes(rp.dev)
+    if need > free:
+        raise SimcacheError(f"{n_slots} slots + {ring} bypass buffers of {eb / 2**20:.0f} MiB need "
+                            f"{need / 2**30:.1f} GiB of GPU memory, {free / 2**30:.1f} GiB is free")
 
-        n_groups = len(schedule)
-        l_start, l_done, st_before, st_after = events(n_loads), events(n_loads), events(n_loads), events(n_loads)
-        g_start, g_done = events(n_groups), events(n_groups)
-        frees = events(sum(1 for _, seq in schedule for op in seq if op[0] == "C" and op[5] >= 0), False)
-        outputs, group_host = [], []
-        prev_done, ring_free, used_free = None, [None] * bypass_buffers, 0
-        current = torch.cuda.current_stream(dev) if cuda else None
-        gc_was = gc.isenabled()
-        gc.disable()
-        try:
-            for g, (s, seq) in enumerate(schedule):
-                t0 = time.perf_counter()
-                if cuda:
-                    g_start[g].record()
-                x = plan.x(s)  # (n, H)
-                out = torch.zeros_like(x)  # (n, H)
-                waited = False
-                for op in seq:
-                    if op[0] == "L":
-                        _, lid, buf, src, r = op
-                        if cuda:
-                            if not waited and prev_done is not None:
-                                copy_stream.wait_event(prev_done)  # earlier computes may read what we overwrite
-                            if r >= 0 and ring_free[r] is not None:
-                                copy_stream.wait_event(ring_free[r])
-                            with torch.cuda.stream(copy_stream):
-                                l_start[lid].record()
-                                buf.copy_(src, non_blocking=True)
-                                l_done[lid].record()
-                        else:
-                            buf.copy_(src)
-                        waited = True
-                    else:
-                        _, idx, w, buf, lid, r, _row = op
-                        if cuda and lid >= 0:
-                            st_before[lid].record()
-                            current.wait_event(l_done[lid])
-                            st_after[lid].record()
-                        apply_expert(out, x, idx, w, buf, preset.hidden, preset.ffn)
-                        if cuda and r >= 0:
-                            frees[used_free].record()
-                            ring_free[r] = frees[used_free]
-                            used_free += 1
-                if cuda:
-                    g_done[g].record()
-                    prev_done = g_done[g]
-                if verify:
-                    outputs.append(out)
-                group_host.append(time.perf_counter() - t0)
-        finally:
-            if gc_was:
-                gc.enable()
-        return group_host, (l_start, l_done, st_before, st_after, g_start, g_done), outputs
 
-    groups = plan.groups
-    warm = [g for g in groups if g[0] < warmup_steps]
-    timed = [g for g in groups if g[0] >= warmup_steps]
-    warm_schedule, warm_loads = build(warm)
-    schedule, n_loads = build(timed)
-    run(warm_schedule, warm_loads, measure=False)  # untimed: kernels, copies, allocator
-    if cuda:
-        torch.cuda.synchronize(dev)
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-    wall0 = time.perf_counter()
-    group_host, ev, outputs = run(schedule, n_loads, measure=True)
-    if cuda:
-        end.record()
-        torch.cuda.synchronize(dev)
-        measured = begin.elapsed_time(end) / 1e3
-        l_start, l_done, st_before, st_after, g_start, g_done = ev
-        copy_times = np.array([a.elapsed_time(b) / 1e3 for a, b in zip(l_start, l_done)])
-        stall = float(sum(a.elapsed_time(b) for a, b in zip(st_before, st_after)) / 1e3)
-        group_gpu = [a.elapsed_time(b) / 1e3 for a, b in zip(g_start, g_done)]
-    else:
-        measured = time.perf_counter() - wall0
-        copy_times = np.zeros(0)
-        stall = 0.0
-        group_gpu = []
-    host = float(sum(group_host))
+def _activations(work, hidden, dtype, dev) -> torch.Tensor:
+    """One deterministic random row per token slot of the largest step: (n, H)."""
+    biggest = int(np.diff(work.steps.step_ptr).max())
+    gen = torch.Generator(device=dev).manual_seed(12345)
+    return torch.randn((biggest, hidden), generator=gen, device=dev).to(dtype)  # (n, H)
 
-    verified = max_diff = None
-    if verify:
-        resident = store.host.to(dev)
-        # the reference: the same computes in the same order, every expert resident, no copies
-        ref_schedule = [(s_, [("C", op[1], op[2], resident[op[6]], -1, -1, op[6]) for op in seq if op[0] == "C"])
-                        for s_, seq in schedule]
-        _, _, reference = run(ref_schedule, 0, measure=False)
-        diffs = [float((a.float() - b.float()).abs().max()) for a, b in zip(outputs, reference)]
-        max_diff = max(diffs) if diffs else 0.0
-        verified = all(torch.equal(a, b) for a, b in zip(outputs, reference))
-        del resident
 
+def _issue(issuer, dev, keep: bool = False) -> tuple[list[torch.Tensor], Timings]:
+    """Issue every group of the issuer's schedule with the garbage collector off; the outputs
+    (kept only if asked) and what the meter read."""
+    sched: Schedule = issuer.sched
+    meter = Meter(dev, sched.num_groups, int(sched.is_load().sum()))
+    outputs = []
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        meter.begin()
+        for g in range(sched.num_groups):
+            out = issuer.group(g, meter)
+            if keep:
+                outputs.append(out)
+        meter.end()
+    finally:
+        if gc_was:
+            gc.enable()
+    return outputs, meter.read()
+
+
+def _result(rp, sim, work, sched: Schedule, timed, t: Timings, capacity, scope, n_steps, warmup_steps,
+            verified, max_diff, model) -> ReplayResult:
+    dev, eb, L = rp.dev, rp.expert_bytes, rp.trace.num_layers
+    dec, d = sim.decisions, work.demand
     timed_groups = np.array([s * L + l for s, l, _, _ in timed], np.int64)
-    predicted = float(dec.group_time[timed_groups].sum())
-    acc = np.concatenate([np.arange(lo, hi) for _, _, lo, hi in timed]) if timed else np.zeros(0, int)
+    group_pred = dec.group_time[timed_groups]
+    acc = sched.access
     outcomes = dec.outcome[acc]
-    decode = int(plan.decode_tokens(warmup_steps, n_steps))
     loads = int((outcomes != HIT).sum())
-    gbps = eb / copy_times / 1e9 if copy_times.size else np.zeros(0)
+    gbps = eb / t.copy_s / 1e9 if t.copy_s.size else np.zeros(0)
+    decode = int(work.steps.step_ptr[n_steps] - work.steps.step_ptr[warmup_steps])
+    cuda = dev.type == "cuda"
     return ReplayResult(
         device=(torch.cuda.get_device_name(dev) if cuda else "cpu"),
-        preset=preset.name, dtype=dtype, policy=sim.policy, capacity=capacity, scope=scope, batch=work.batch,
-        layers=replayed, steps=n_steps - warmup_steps, decode_tokens=decode, groups=len(timed),
-        hits=int((outcomes == HIT).sum()), loads=loads,
+        preset=rp.preset.name, dtype=rp.dtype_name, policy=sim.policy, capacity=capacity, scope=scope,
+        batch=work.batch, layers=rp.layers, steps=n_steps - warmup_steps, decode_tokens=decode,
+        groups=len(timed), hits=int((outcomes == HIT).sum()), loads=loads,
         bypasses=int(((outcomes == BYPASS) | (outcomes == FORCED_BYPASS)).sum()),
-        expert_bytes=eb, measured_s=measured, predicted_s=predicted,
-        copy_s=float(copy_times.sum()), stall_s=stall,
+        expert_bytes=eb, measured_s=t.total_s, predicted_s=float(group_pred.sum()),
+        copy_s=float(t.copy_s.sum()), stall_s=float(t.stall_s.sum()),
         copy_gbps_median=float(np.median(gbps)) if gbps.size else float("nan"),
-        copy_gbps_all=float(loads * eb / copy_times.sum() / 1e9) if copy_times.size else float("nan"),
-        host_issue_us_per_group=host / max(len(timed), 1) * 1e6,
+        copy_gbps_all=float(loads * eb / t.copy_s.sum() / 1e9) if t.copy_s.size else float("nan"),
+        host_issue_us_per_group=float(t.host_s.mean() * 1e6) if t.host_s.size else 0.0,
+        issue=rp.issue, expert_dtype=rp.expert_dtype, idle_s=float(t.idle_s.sum()),
         verified=verified, max_abs_diff=max_diff,
         extra={"threshold": sim.threshold, "calibration": sim.calibration,
+               "timing_model": model,
                "simulated_hit_ratio_whole_trace": sim.hit_ratio, "setup_s": rp.setup_s,
+               "ring_buffers": sched.ring,
+               "host_issue_us_median": float(np.median(t.host_s) * 1e6) if t.host_s.size else 0.0,
+               # the first groups after the synchronise, before the launch queue can fill: the
+               # host's own issue cost (later groups can include time blocked behind the queue)
+               "host_issue_us_first_groups": float(np.median(t.host_s[:4]) * 1e6) if t.host_s.size else 0.0,
                # per timed (step, layer): for checking the timing model group by group
-               "group_measured_s": group_gpu, "group_host_s": group_host,
-               "group_predicted_s": dec.group_time[timed_groups].tolist(),
+               "group_measured_s": t.gpu_s.tolist(), "group_host_s": t.host_s.tolist(),
+               "group_idle_s": t.idle_s.tolist(), "group_stall_s": t.stall_s.tolist(),
+               "group_predicted_s": group_pred.tolist(),
                "group_loads": [int((dec.outcome[lo:hi] != HIT).sum()) for _, _, lo, hi in timed],
                "group_experts": [hi - lo for _, _, lo, hi in timed],
                "group_tokens": [int(d.tokens[lo:hi].sum()) for _, _, lo, hi in timed]},
     )
-
-
-class _Plan:
-    """The replayed (step, layer) groups and, per access, the routed tokens and weights,
-    uploaded once so the issue loop does no host-to-device transfers of its own."""
-
-    def __init__(self, trace, work, replayed, n_steps, dev):
-        d, steps = work.demand, work.steps
-        L, E, k = trace.num_layers, trace.num_experts, trace.top_k
-        experts = trace.token_experts()
-        weights = (trace.weights.reshape(trace.num_tokens, L, k) if trace.weights is not None
-                   else np.full((trace.num_tokens, L, k), 1.0 / k, np.float32))
-        self.groups = []
-        idx_all, w_all, ptr = [], [], np.zeros(d.keys.shape[0] + 1, np.int64)
-        self._ptr = ptr
-        lengths = np.zeros(d.keys.shape[0], np.int64)
-        for s in range(n_steps):
-            toks = steps.step_tokens[steps.step_ptr[s]: steps.step_ptr[s + 1]]
-            for l in replayed:
-                g = s * L + l
-                lo, hi = int(d.group_ptr[g]), int(d.group_ptr[g + 1])
-                self.groups.append((s, l, lo, hi))
-                ex = experts[toks, l, :]  # (n, k)
-                for i in range(lo, hi):
-                    rows, cols = np.nonzero(ex == d.keys[i] - l * E)
-                    idx_all.append(rows)
-                    w_all.append(weights[toks[rows], l, cols])
-                    lengths[i] = rows.size
-        np.cumsum(lengths, out=ptr[1:])
-        self._idx = torch.from_numpy(np.concatenate(idx_all) if idx_all else np.zeros(0, np.int64)).to(dev)
-        self._w = torch.from_numpy(np.concatenate(w_all).astype(np.float32) if w_all else np.zeros(0, np.float32)).to(dev)
-        self._dev = dev
-        self._steps = steps
-        self._seed = 12345
-
-    def bind(self, hidden, dtype):
-        """Activations (one random row per token slot of a step) and weights in ``dtype``."""
-        self._w = self._w.to(dtype).unsqueeze(1)  # (routed, 1)
-        sizes = np.diff(self._steps.step_ptr)
-        gen = torch.Generator(device=self._dev).manual_seed(self._seed)
-        biggest = int(sizes.max())
-        self._xbuf = torch.randn((biggest, hidden), generator=gen, device=self._dev).to(dtype)  # (n, H)
-        return self
-
-    def x(self, s):
-        n = int(self._steps.step_ptr[s + 1] - self._steps.step_ptr[s])
-        return self._xbuf[:n]
-
-    def routing(self, i):
-        """Token rows (T,) and gate weights (T, 1) of access i."""
-        lo, hi = int(self._ptr[i]), int(self._ptr[i + 1])
-        return self._idx[lo:hi], self._w[lo:hi]
-
-    def decode_tokens(self, first, last):
-        return self._steps.step_ptr[last] - self._steps.step_ptr[first]

@@ -37,8 +37,14 @@ PRESETS = {
         Preset("deepseek-v2-lite", 2048, 1408, 26, 64, 6, "deepseek-ai/DeepSeek-V2-Lite (routed experts)"),
         Preset("olmoe", 2048, 1024, 16, 64, 8, "allenai/OLMoE-1B-7B-0924"),
         Preset("gpt-oss", 2880, 2880, 24, 32, 4, "openai/gpt-oss-20b (as SwiGLU, unquantised)"),
+        Preset("qwen3-30b-a3b", 2048, 768, 48, 128, 8, "Qwen/Qwen3-30B-A3B"),
+        Preset("deepseek-v3", 7168, 2048, 58, 256, 8, "deepseek-ai/DeepSeek-V3 (routed experts, 58 MoE layers)"),
+        Preset("gpt-oss-120b", 2880, 2880, 36, 128, 4, "openai/gpt-oss-120b (as SwiGLU)"),
+        Preset("mixtral-8x22b", 6144, 16384, 56, 8, 2, "mistralai/Mixtral-8x22B-v0.1"),
     )
 }
+
+PRESET_NAMES = tuple(PRESETS)
 
 
 def resolve(name: str | None, hidden: int | None = None, ffn: int | None = None,
