@@ -38,7 +38,7 @@ from simcache.errors import SimcacheError
 from simcache.policies import _dispatch as dispatch
 from simcache.policies.admission import markov as markov_admission
 from simcache.state import Learner
-from simcache.timeline import new_timeline
+from simcache.timeline import begin, demand, end, new_timeline, next_start, request, use  # noqa: F401
 from simcache.workload import Workload
 
 
@@ -268,43 +268,15 @@ def no_prefetching(num_layers: int) -> Prefetching:
 
 
 @kernel(inline="never")
-def begin(P, S, stamp):
-    """A group starts: the prefetch in flight (its slot is being written) is pinned."""
-    tl.begin(P.T)
-    k = P.live[1]
-    if k >= 0:
-        slot = S.where[k]
-        if slot >= 0 and tl.waits(P.T, k):
-            S.pin[slot] = stamp
-
-
-@kernel(inline="never")
-def on_hit(P, key, cost, l):
-    if P.unused[key]:
-        P.unused[key] = False
-        P.counts[l, USED] += 1
-    if tl.waits(P.T, key):
-        tl.use(P.T, key, cost)
-
-
-@kernel(inline="never")
-def on_evict(P, key):
-    P.unused[key] = False
-
-
-@kernel(inline="never")
 def buffered(P, key, g, cost, l):
-    """For a miss of group g: the prefetch buffer holding ``key`` for g (it is used), or -1
-    after issuing the miss's demand copy."""
-    if P.live[0] > 0:
-        for b in range(P.buf_key.shape[0]):
-            if P.buf_key[b] == key and P.buf_target[b] == g:
-                P.counts[l, USED] += 1
-                P.counts[l, FROM_BUFFER] += 1
-                if tl.waits(P.T, key):
-                    tl.use(P.T, key, cost)
-                return b
-    tl.demand(P.T, key, cost)
+    """For a miss of group g: the prefetch buffer holding ``key`` for g (it is used), or -1."""
+    for b in range(P.buf_key.shape[0]):
+        if P.buf_key[b] == key and P.buf_target[b] == g:
+            P.counts[l, USED] += 1
+            P.counts[l, FROM_BUFFER] += 1
+            if tl.waits(P.T, key):
+                tl.use(P.T, key, cost)
+            return b
     return -1
 
 
@@ -317,18 +289,11 @@ def _waiting(P, key, g):
     return False
 
 
-@kernel(inline="never")
-def finish(P, S, M, evict, admit, per_layer, E, g, hi, stamp, compute, overlap, record):
-    """After group g's demand copies: queue its plan, end it on the timeline, then place the
-    prefetches that start before its end. Returns the group's duration."""
+@kernel
+def advance(P, S, M, evict, admit, per_layer, E, g, hi, stamp, record):
+    """Group g has ended on the timeline: place the prefetches that start before its end (or
+    drop them), then free the buffers whose group is over."""
     T = P.T
-    for r in range(P.ptr[g], P.ptr[g + 1]):
-        tl.request(T, P.keys[r], g + P.distance, g)
-    if record:
-        P.group[g, 0] = T.clock[0]
-    t = tl.end(T, compute, overlap)
-    if record:
-        P.group[g, 1] = t - compute
     spare = S.keys.shape[0] - 1
     j = tl.next_start(T)
     while j >= 0:
@@ -386,4 +351,3 @@ def finish(P, S, M, evict, admit, per_layer, E, g, hi, stamp, compute, overlap, 
             if P.buf_key[b] >= 0 and P.buf_target[b] <= g:
                 P.buf_key[b] = -1
                 P.live[0] -= 1
-    return t

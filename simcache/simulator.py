@@ -95,8 +95,10 @@ def _run(
         pool = l if per_layer else 0
         stamp = g + 1
         dispatch.learn(learner, S, M, s, l, lo, hi)
-        if prefetching:
-            pf.begin(P, S, stamp)
+        if prefetching:  # the prefetch in flight (its slot is being written) is pinned
+            pf.begin(P.T)
+            if P.live[1] >= 0 and S.where[P.live[1]] >= 0 and P.T.arrival[P.live[1]] > P.T.clock[0]:
+                S.pin[S.where[P.live[1]]] = stamp
         # 1. demanded residents are hits, pinned for this group: no miss may evict them.
         # Branch-free: an absent key's slot -1 pins the spare last entry of S.pin (a branch
         # here mispredicts on every other access: -20% accesses/s).
@@ -124,21 +126,26 @@ def _run(
                     S.nu[slot] = S.future[i]
                 dispatch.on_access(evict, S, M, slot, i, False)
                 counters[l, HITS] += 1
-                if prefetching:
-                    pf.on_hit(P, key, cost, l)
+                if prefetching:  # (inline: a call per hit passing P costs 4x accesses/s)
+                    if P.unused[key]:
+                        P.unused[key] = False
+                        P.counts[l, pf.USED] += 1
+                    if P.T.arrival[key] > P.T.clock[0]:
+                        pf.use(P.T, key, cost)
                 if record:
                     out_outcome[i] = HIT
                     out_slot[i] = slot - S.base[pool]
                     out_victim[i] = -1
                 continue
             if prefetching:
-                b = pf.buffered(P, key, g, cost, l)
+                b = pf.buffered(P, key, g, cost, l) if P.live[0] > 0 else -1
                 if b >= 0:
                     if record:
                         out_outcome[i] = PREFETCHED
                         out_slot[i] = b
                         out_victim[i] = -1
                     continue
+                pf.demand(P.T, key, cost)
             loads += 1
             last_miss = cost
             load_tokens += tokens[i]
@@ -158,7 +165,7 @@ def _run(
                         S.evicted[gone] = True
                         counters[l, EVICTIONS] += 1
                         if prefetching:
-                            pf.on_evict(P, gone)
+                            P.unused[gone] = False
                 if slot >= 0:
                     if S.evicted[key]:
                         counters[l, RELOADS] += 1
@@ -179,8 +186,15 @@ def _run(
         transfer = loads * t_copy
         counters[l, ACCESSES] += hi - lo
         if prefetching:  # the same rule on the timeline, with copies crossing groups
-            t = pf.finish(P, S, M, evict, admit, per_layer, S.where.shape[0] // L, g, hi, stamp,
-                          compute, overlap, record)
+            for r in range(P.ptr[g], P.ptr[g + 1]):
+                pf.request(P.T, P.keys[r], g + P.distance, g)
+            if record:
+                P.group[g, 0] = P.T.clock[0]
+            t = pf.end(P.T, compute, overlap)
+            if record:
+                P.group[g, 1] = t - compute
+            if P.live[0] > 0 or pf.next_start(P.T) >= 0:
+                pf.advance(P, S, M, evict, admit, per_layer, S.where.shape[0] // L, g, hi, stamp, record)
         elif group_s.shape[0] > 0:  # a grouped FFN table: the replay's fast issue path
             compute, t = group_seconds(group_n, group_t, group_s, group_fixed, hi - lo - loads,
                                        group_tokens - load_tokens, loads, load_tokens, transfer, overlap)
