@@ -216,11 +216,12 @@ def _markov(S, M, group_ptr, L, E, width, scratch, ptr, keys):
 
 # ---- inside the simulation kernel ----------------------------------------------------------
 # The prefetch part of the loop (docs/prefetch.md "Where a prefetch goes"); its state is one
-# tuple, declared here once. The loop calls begin at a group's start, on_hit / buffered on its
-# accesses, and finish after its demand copies. A prefetch asks the admission rule as a miss
-# would: the loop's key array carries one spare access at its end, set to the prefetched key.
-# The hooks are real calls (inline="never"): inlined at numba's IR level beside the policy
-# overloads, some of their stores were lost (numba 0.62: "variable ... is not in scope").
+# tuple, declared here once. The loop itself does the per-access part (a hit on a prefetched
+# expert, a late arrival, a demand copy) and calls buffered (only while buffers are taken) and
+# advance (after a group ends). A prefetch asks the admission rule as a miss would: the loop's
+# key array carries one spare access at its end, set to the prefetched key. (Hooks taking P
+# written as inlined functions lost some of their stores under numba 0.62 - "variable ... is
+# not in scope" - so the per-access lines sit in the loop and buffered is a real call.)
 
 Prefetching = namedtuple(
     "Prefetching",
