@@ -5,7 +5,8 @@
 # layers; all four replayed, 11 GiB of pinned host memory), 24 steps each; JSON to $OUT.
 # <third> is lookahead when the trace carries the 'lookahead' column (re-captured with
 # capture --lookahead), else markov (its prior fitted on the other half of the requests is not
-# used here: replay scores all requests, so markov learns online only). Budget: ~6 minutes.
+# used here: replay scores all requests, so markov learns online only). The eager issue path
+# and its calibration (--issue eager): the timeline prices experts one by one. Budget: ~6 minutes.
 #   OUT=/tmp/out bash recipes/gpu_prefetch.sh
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -14,7 +15,7 @@ S="python3 -m simcache"
 T=traces/trained-mixtral-8e.parquet
 THIRD=$(python3 -c "import simcache; t = simcache.read_trace('$T'); print('lookahead' if getattr(t, 'lookahead', None) is not None else 'markov')")
 echo "third predictor: $THIRD" | tee "$OUT/prefetch-log.txt"
-$S probe --gpu 0 --preset mixtral-8x7b --out "$OUT/calib-h200-mixtral-8x7b.json" | tail -3
+$S probe --gpu 0 --preset mixtral-8x7b --issue eager --out "$OUT/calib-h200-mixtral-8x7b.json" | tail -3
 CAL="--calibration $OUT/calib-h200-mixtral-8x7b.json"
 EB=$(python3 -c "from simcache.replay.presets import PRESETS; print(PRESETS['mixtral-8x7b'].expert_bytes())")
 # the simulator's prediction for the same cells (whole trace), always
@@ -25,12 +26,12 @@ done
 if $S replay --help | grep -q -- "--prefetch"; then
   for P in none oracle $THIRD; do
     timeout 100 $S replay $T --gpu 0 --preset mixtral-8x7b $CAL --policy lru --capacity 2,4 --batch 1,16 \
-       --steps 24 --prefetch $P --prefetch-width 2 --out "$OUT/replay-prefetch-$P.json" 2>&1 | tail -12 \
+       --issue eager --steps 24 --prefetch $P --prefetch-width 2 --out "$OUT/replay-prefetch-$P.json" 2>&1 | tail -12 \
        | tee -a "$OUT/prefetch-log.txt"
   done
 else
   echo "replay has no --prefetch yet (simcache/replay/prefetch.py is not hooked into the harness):" \
        "replaying none only" | tee -a "$OUT/prefetch-log.txt"
   timeout 150 $S replay $T --gpu 0 --preset mixtral-8x7b $CAL --policy lru --capacity 2,4 --batch 1,16 \
-     --steps 24 --out "$OUT/replay-prefetch-none.json" 2>&1 | tail -12 | tee -a "$OUT/prefetch-log.txt"
+     --issue eager --steps 24 --out "$OUT/replay-prefetch-none.json" 2>&1 | tail -12 | tee -a "$OUT/prefetch-log.txt"
 fi

@@ -185,7 +185,8 @@ def _run(
         # expert can only compute after its copy; without overlap the two add up
         transfer = loads * t_copy
         counters[l, ACCESSES] += hi - lo
-        if prefetching:  # the same rule on the timeline, with copies crossing groups
+        if prefetching:  # the same rule on the timeline, with copies crossing groups (never with
+            # a grouped FFN table: refused in _prefetch_plan)
             for r in range(P.ptr[g], P.ptr[g + 1]):
                 pf.request(P.T, P.keys[r], g + P.distance, g)
             if record:
@@ -571,6 +572,9 @@ def _prefetch_plan(work, prefetch, width, eviction, admission, expert_bytes, cal
         raise SimcacheError(f"prefetch needs copy figures, and the calibration ({cal.device}) has none")
     if not overlap:
         raise SimcacheError("prefetch needs a copy stream: it cannot run with overlap off")
+    if cal.group_ffn:  # the timeline prices experts one by one, as the eager issue path runs them
+        raise SimcacheError("prefetch prices experts one by one: use a calibration probed with "
+                            "--issue eager (this one holds the fast path's grouped FFN table)")
     if needs_future(eviction, admission):
         raise SimcacheError(f"prefetch does not run with {eviction.name} eviction / {admission.name} "
                             "admission (a prefetched expert has no next-use rank)")

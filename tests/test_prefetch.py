@@ -146,6 +146,10 @@ def test_none_leaves_results_unchanged():
         (dict(prefetch="oracle", evict="belady"), "does not run with belady eviction"),
         (dict(prefetch="oracle", calibration=simcache.Calibration("bare GPU", ffn_tokens=[1], ffn_seconds=[1e-4])),
          r"prefetch needs copy figures, and the calibration \(bare GPU\) has none"),
+        (dict(prefetch="oracle", calibration=simcache.Calibration(
+            "fast GPU", copy_bytes=[1 << 20], copy_gbps=[50.0], ffn_tokens=[1], ffn_seconds=[1e-4],
+            group_ffn={"experts": [1], "tokens": [1], "seconds": [[1e-4]], "expert_bytes": 1 << 20})),
+         "use a calibration probed with --issue eager"),
     ],
 )
 def test_bad_input(kwargs, message):
