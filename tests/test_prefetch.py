@@ -171,7 +171,7 @@ def test_cli_prefetch_and_decision_log(tmp_path):
     assert out.exit_code == 0, out.output
     import json
 
-    res = json.loads(out.output)["results"]
+    res = json.loads(out.stdout)["results"]  # (a first compile may warn on stderr)
     assert [r["prefetch"] for r in res] == ["none", "oracle", "markov"]
     lib = simcache.simulate(simcache.read_trace(path), "lru", 2, prefetch="oracle", prefetch_width=2)
     assert res[1]["time_s"] == lib.time_s and res[1]["prefetches"] == lib.prefetches
