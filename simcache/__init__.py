@@ -14,6 +14,7 @@ from simcache.policies import ADMISSION, EVICTION, PRESETS
 from simcache.simulator import SimResult, simulate
 from simcache.workload import Workload
 from simcache.synthetic import synth
+from simcache.sweeps import sweep
 from simcache.timing import Calibration, default_calibration, load_calibration
 from simcache.trace import Trace, TraceWriter, read_trace, write_trace
 from simcache.transitions import fit_prior, split_requests, transition_counts
@@ -34,6 +35,7 @@ __all__ = [
     "read_trace",
     "simulate",
     "split_requests",
+    "sweep",
     "synth",
     "transition_counts",
     "write_trace",

@@ -281,63 +281,35 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
       simcache simulate my.parquet --policy markov --threshold 0.1 --batch 64
       simcache simulate my.parquet --policy markov --split 0.5
     """
-    from simcache.prefetch import plan as prefetch_plan
     from simcache.report import table, write_results
-    from simcache.workload import Workload
-    from simcache.transitions import load_prior, split_requests
+    from simcache.sweeps import simulate_grid
 
     path = trace or DEFAULT_TRACE
     if trace is None and not path.exists():
         raise SimcacheError(f"no TRACE given and the bundled sample is missing: {path}")
-    t = simcache.read_trace(path)
-    L, E = t.num_layers, t.num_experts
-    if capacities is None:
-        capacities = [max(1, E // 4) if scope == "layer" else max(1, L * E // 4)]
-    prior_counts = None
-    notes = []
-    if split is not None:
-        if prior is not None:
-            raise SimcacheError("use either --split or --prior, not both")
-        train, t = split_requests(t, split, seed)
-        prior_counts = simcache.fit_prior(train)
-        notes.append(
-            f"scored on {t.num_requests:,} test requests; Markov prior fitted on "
-            f"{train.num_requests:,} train requests (split by request, seed {seed})"
-        )
-    elif prior is not None:
-        if prior.resolve() == Path(path).resolve():
-            raise SimcacheError("the prior is the trace being scored: fit it on a separate trace")
-        prior_counts = load_prior(prior, L, E)
-        notes.append(f"Markov prior from {prior}")
     cal = simcache.load_calibration(calibration) if calibration is not None else None
-    if decisions is not None and len(policies) * len(capacities) * len(prefetches) != 1:
-        raise SimcacheError("--decisions needs exactly one policy, capacity and prefetch")
-    for p in policies:
-        simcache.policies.resolve(p, evict, admit)
-    work = Workload(t, batch, prefill)
-    plans = {name: "none" if name == "none" else prefetch_plan(
-        work, name, t.top_k if prefetch_width is None else prefetch_width, prior=prior_counts)
-        for name in prefetches}
-    runs = [(p, c, f) for f in prefetches for p in policies for c in capacities]
-    total = work.demand.num_accesses * len(runs)
-    show = progress if progress is not None else (sys.stderr.isatty() and total > 20_000_000)
-    results = []
-    bar = click.progressbar(length=total, label="simulating", file=sys.stderr) if show else None
-    try:
-        if bar is not None:
+    bar = None
+
+    def total(n):  # a progress bar for long runs at a terminal
+        nonlocal bar
+        if progress or (progress is None and sys.stderr.isatty() and n > 20_000_000):
+            bar = click.progressbar(length=n, label="simulating", file=sys.stderr)
             bar.__enter__()
-        for p, c, f in runs:
-            results.append(
-                simcache.simulate(
-                    work, p, c, scope=scope, threshold=threshold, evict=evict, admit=admit,
-                    prior=prior_counts, horizon=horizon, seed=seed, calibration=cal,
-                    overlap=False if no_overlap else None, expert_bytes=expert_bytes, prefetch=plans[f],
-                    record=decisions is not None, progress=None if bar is None else bar.update,
-                )
-            )
+
+    try:
+        run = simulate_grid(
+            path, policies, capacities, batch=batch, prefill=prefill, split=split, seed=seed,
+            prior=prior, calibration=cal, record=decisions is not None, total=total,
+            progress=lambda n: bar.update(n) if bar is not None else None,
+            scope=scope, threshold=threshold, evict=evict, admit=admit, horizon=horizon,
+            overlap=False if no_overlap else None, expert_bytes=expert_bytes,
+            prefetch=prefetches, prefetch_width=prefetch_width,
+        )
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
+    t, work, results, notes = run.trace, run.work, run.results, run.notes
+    L, E = t.num_layers, t.num_experts
     if decisions is not None:
         from simcache.decisions import write_decisions
 
@@ -396,6 +368,145 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
                   int(pl["fills"][l]), int(pl["bypasses"][l]), int(pl["forced_bypasses"][l]),
                   int(pl["evictions"][l]), int(pl["reloads"][l])] for l in range(L)],
             ))
+
+
+# ---- sweep, mrc, report -----------------------------------------------------------------------
+
+
+def _knob_options(fn):
+    """One comma-list option per grid knob, from the declaration in simcache.sweeps."""
+    from simcache.sweeps import KNOBS
+
+    for knob in reversed(KNOBS):
+        default = "" if knob.default is None else f" [default: {knob.default}]"
+        fn = click.option(f"--{knob.name.replace('_', '-')}", knob.name, default=None,
+                          help=f"{knob.help[:1].upper()}{knob.help[1:]}; comma-separated.{default}")(fn)
+    return fn
+
+
+@main.command()
+@click.argument("traces", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path),
+              help="A TOML file of knobs (lists) and settings (traces, out, workers, scheduler, calibration); "
+                   "options given here override it.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Results Parquet (one row per cell). Cells already in it are skipped.")
+@click.option("--workers", type=int, help="Local Dask workers (default: one per core); 0 = in this process.")
+@click.option("--scheduler", help="Run on an existing Dask cluster: tcp://HOST:8786.")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
+              help="Timing tables from 'simcache probe' (default: H200 reference figures).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar over cells (default: at a terminal).")
+@_knob_options
+@friendly
+def sweep(traces, config, out, workers, scheduler, calibration, progress, **knobs):
+    """Run a grid of cells (traces x workloads x policies x capacities x knobs) and write one
+    Parquet row per cell.
+
+    \b
+    Examples:
+      simcache sweep traces/*.parquet --policy lru,belady,belady-bypass --capacity 2,4,8 \\
+          --batch 1,16 --out results.parquet
+      simcache sweep --config grid.toml --scheduler tcp://10.0.0.5:8786
+    """
+    from simcache.report import table
+    from simcache.sweeps import SETTINGS, load_config
+    from simcache.sweeps import sweep as run_sweep
+
+    conf = load_config(config) if config is not None else {}
+    grid = {k: v for k, v in conf.items() if k not in SETTINGS}
+    grid.update({k: v for k, v in knobs.items() if v is not None})
+    traces = list(traces) or [Path(p) for p in conf.get("traces", [])]
+    out = out or (Path(conf["out"]) if "out" in conf else None)
+    workers = workers if workers is not None else conf.get("workers")
+    scheduler = scheduler or conf.get("scheduler")
+    calibration = calibration or conf.get("calibration")
+    cal = simcache.load_calibration(calibration) if calibration is not None else None
+    bar = None
+
+    def total(n):
+        nonlocal bar
+        if progress or (progress is None and sys.stderr.isatty()):
+            bar = click.progressbar(length=n, label="cells", file=sys.stderr, show_pos=True)
+            bar.__enter__()
+
+    start = time.perf_counter()
+    try:
+        frame = run_sweep(traces, out=out, workers=workers, scheduler=scheduler, calibration=cal,
+                          progress=lambda n: bar.update(n) if bar is not None else None, total=total, **grid)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    elapsed = time.perf_counter() - start
+    click.echo(f"{len(frame):,} cells over {frame['trace_hash'].nunique() if len(frame) else 0} trace(s) "
+               f"in {elapsed:.1f} s" + (f"; wrote {_shown(out)}" if out is not None else ""))
+    if len(frame) and len(frame) <= 60:
+        import pandas as pd
+
+        rows = [[r.trace if len(r.trace) < 40 else "..." + r.trace[-37:], r.policy, r.capacity, r.scope, r.batch,
+                 r.hit_ratio, None if pd.isna(r.time_per_token_s) else r.time_per_token_s * 1e3, r.method]
+                for r in frame.itertuples()]
+        click.echo(table(["trace", "policy", "capacity", "scope", "batch", "hit ratio", "ms/token", "method"], rows))
+
+
+@main.command()
+@click.argument("trace", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--prefill", type=click.Choice(["skip", "step"]), default="skip", show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write the curve as a PNG.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the curve (.csv/.parquet/.json).")
+@click.option("--json", "as_json", is_flag=True)
+@friendly
+def mrc(trace, scope, batch, prefill, plot, out, as_json):
+    """LRU's exact miss-ratio curve at every capacity, in one pass (stack distances; capacities
+    below the largest (step, layer) group run directly). LRU only: FIFO, LFU, Belady and the
+    bypassing rules are not stack algorithms."""
+    from simcache.mrc import lru_curve
+    from simcache.report import table, write_results
+
+    path = trace or DEFAULT_TRACE
+    t = simcache.read_trace(path)
+    curve = lru_curve(t, scope=scope, batch=batch, prefill=prefill)
+    frame = curve.to_frame()
+    written = []
+    if out is not None:
+        write_results(frame.to_dict("records"), out)
+        written.append(out)
+    if plot is not None:
+        from simcache.htmlreport import plot_curve
+
+        plot_curve(curve, plot, title=f"{_shown(path)}: LRU, scope {scope}, batch {batch}")
+        written.append(plot)
+    if as_json:
+        click.echo(json.dumps({"trace": str(path), "scope": scope, "batch": batch, "prefill": prefill,
+                               "smallest_stack_capacity": curve.smallest_stack,
+                               "curve": frame[["capacity", "hits", "accesses", "hit_ratio", "method"]].to_dict("records")},
+                              indent=2, default=int))
+        return
+    click.echo(f"trace: {_shown(path)}: {t.num_layers} layers x {t.num_experts} experts, top-{t.top_k}; "
+               f"batch {batch}, prefill {prefill}, scope {scope}")
+    click.echo(f"one stack pass for capacities >= {curve.smallest_stack} (the largest group); "
+               f"{curve.elapsed_s:.2f} s in all")
+    click.echo(table(["capacity", "hit ratio", "miss ratio", "hits", "method"],
+                     [[int(r.capacity), r.hit_ratio, r.miss_ratio, int(r.hits), r.method] for r in frame.itertuples()]))
+    for p in written:
+        click.echo(f"wrote {_shown(p)}")
+
+
+@main.command()
+@click.argument("results", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for index.html (self-contained) and the PNGs.")
+@friendly
+def report(results, out):
+    """An HTML report of a sweep: hit ratio and ms/token against capacity and GPU memory, the
+    gap LRU -> Belady -> Belady-with-bypass, and the winner per memory budget."""
+    from simcache.htmlreport import write_report
+    from simcache.sweeps import read_results
+
+    paths = write_report(read_results(results), out, source=_shown(results))
+    for p in paths:
+        click.echo(f"wrote {_shown(p)}")
 
 
 # ---- capture --------------------------------------------------------------------------------
@@ -657,10 +768,14 @@ def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, as_
 @click.option("--verify", is_flag=True, help="Also check outputs against an all-experts-resident run.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results (.json/.csv/.parquet).")
+@click.option("--from", "from_results", type=click.Path(dir_okay=False, path_type=Path),
+              help="Replay the winning cell of a sweep's results (its exact settings) for TRACE.")
+@click.option("--budget", help="With --from: GPU memory the resident experts may take (24GiB, 80GB, ...).")
+@click.pass_context
 @friendly
-def replay(trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, policies, capacities, batches,
+def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, policies, capacities, batches,
            scope, threshold, evict, admit, layers, steps, bypass_buffers, calibration, decisions, verify, as_json,
-           out):
+           out, from_results, budget):
     """Run a policy's decisions on a GPU with real-shaped expert tensors and compare the
     measured time with the simulator's prediction.
 
@@ -668,15 +783,47 @@ def replay(trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, 
     Example:
       simcache replay traces/trained-mixtral-8e.parquet --gpu 0 --preset mixtral-8x7b \
           --policy lru,markov --capacity 2,4 --batch 1,16 --steps 200
+      simcache replay my.parquet --from results.parquet --budget 24GiB --gpu 0
     """
+    from simcache.sweeps import trace_hash, winning_settings
+
+    path = trace or DEFAULT_TRACE
+    t = simcache.read_trace(path)
+    extra = {}
+    if from_results is not None:
+        import inspect
+
+        option = {"policies": "--policy", "capacities": "--capacity", "scope": "--scope",
+                  "threshold": "--threshold", "evict": "--evict", "admit": "--admit"}
+        given = [o for name, o in option.items()
+                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise SimcacheError(f"--from sets the cell's settings: drop {given[0]}")
+        where = {}
+        if ctx.get_parameter_source("batches") == click.core.ParameterSource.COMMANDLINE:
+            if len(batches) != 1:
+                raise SimcacheError("with --from, --batch picks one batch size")
+            where["batch"] = batches[0]
+        _torch()
+        from simcache.replay.harness import Replayer
+
+        accepts = set(inspect.signature(Replayer.run).parameters) - {"self"}
+        row, settings = winning_settings(from_results, t, budget, accepts=accepts, **where)
+        policies, capacities, batches = [settings.pop("policy")], [settings.pop("capacity")], [settings.pop("batch")]
+        scope, evict, admit = settings.pop("scope"), settings.pop("evict"), settings.pop("admit")
+        threshold = settings.pop("threshold", threshold)
+        extra = settings
+        click.echo(f"winner from {_shown(from_results)}"
+                   + (f" within {budget}" if budget else "") + f": {row['policy']}, capacity {row['capacity']}, "
+                   f"scope {row['scope']}, batch {row['batch']} (cell {row['cell']}, trace {trace_hash(t)})", err=True)
+    elif budget is not None:
+        raise SimcacheError("--budget needs --from RESULTS")
     _torch()
     from simcache.replay.experts import DTYPES
     from simcache.replay.harness import Replayer
     from simcache.replay.presets import resolve
     from simcache.report import table, write_results
 
-    path = trace or DEFAULT_TRACE
-    t = simcache.read_trace(path)
     runs = [(p, c, b) for b in batches for p in policies for c in capacities]
     if decisions is not None and len(runs) != 1:
         raise SimcacheError("--decisions needs exactly one policy, capacity and batch")
@@ -697,7 +844,8 @@ def replay(trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, 
     else:
         cal = None
     results = [rp.run(p, c, scope=scope, batch=b, threshold=threshold, evict=evict, admit=admit, steps=steps,
-                      bypass_buffers=bypass_buffers, calibration=cal, decisions_file=decisions, verify=verify)
+                      bypass_buffers=bypass_buffers, calibration=cal, decisions_file=decisions, verify=verify,
+                      **extra)
                for p, c, b in runs]
     records = [dict(r.to_dict(), trace=str(path)) for r in results]
     if out is not None:

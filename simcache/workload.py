@@ -33,20 +33,32 @@ class Steps:
         Step s holds ``step_tokens[step_ptr[s]:step_ptr[s+1]]``.
     step_tokens : int64 (processed tokens,)
         Token indices (rows of ``Trace.token_experts()``).
-    token_prev : int64 (tokens,)
-        The previous processed token of the same request, or -1 (used by Markov learning).
     decode_tokens : int
         Tokens processed in decode steps (the denominator of time per token).
+    request_ptr : int64 (requests + 1,)
+        Request r owns tokens ``request_ptr[r]:request_ptr[r+1]``.
+    request_first : int64 (requests,)
+        Its first processed token (its first token, or its first decode token when prefill
+        is skipped).
     """
 
     step_ptr: np.ndarray
     step_tokens: np.ndarray
-    token_prev: np.ndarray
     decode_tokens: int
+    request_ptr: np.ndarray
+    request_first: np.ndarray
 
     @property
     def num_steps(self) -> int:
         return self.step_ptr.shape[0] - 1
+
+    @functools.cached_property
+    def token_prev(self) -> np.ndarray:
+        """int64 (tokens,): the previous processed token of the same request, or -1 (the
+        Markov learner's input; computed on first use)."""
+        t = np.arange(self.request_ptr[-1], dtype=np.int64)
+        first = np.repeat(self.request_first, np.diff(self.request_ptr))
+        return np.where(t > first, t - 1, -1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,12 +113,37 @@ def schedule(trace: Trace, batch: int = 1, prefill: str = "skip") -> Steps:
     n = req.shape[0]
     starts = np.flatnonzero(np.r_[True, req[1:] != req[:-1]])
     ends = np.r_[starts[1:], n]
-    prompt = np.add.reduceat((phase == 0).astype(np.int64), starts)
-    step_ptr, step_tokens, token_prev, decode = _schedule(
-        starts.astype(np.int64), (starts + prompt).astype(np.int64), ends.astype(np.int64),
-        int(batch), prefill == "step", n,
-    )
-    return Steps(step_ptr, step_tokens, token_prev, int(decode))
+    decoding = phase == 1
+    if decoding.all():
+        prompt_ends = starts
+    else:
+        prompt_ends = starts + np.add.reduceat(~decoding, starts, dtype=np.int64)
+    request_ptr = np.r_[starts, n].astype(np.int64)
+    first = starts if prefill == "step" else prompt_ends
+    if batch == 1:
+        step_ptr, step_tokens = _schedule_one(starts, prompt_ends, decoding, prefill == "step")
+        decode = int(np.count_nonzero(decoding))
+    else:
+        step_ptr, step_tokens, decode = _schedule(
+            starts.astype(np.int64), prompt_ends.astype(np.int64), ends.astype(np.int64),
+            int(batch), prefill == "step", n,
+        )
+    return Steps(step_ptr, step_tokens, int(decode), request_ptr, first.astype(np.int64))
+
+
+def _schedule_one(starts, prompt_ends, decoding, include_prefill):
+    """Batch 1 without a loop: requests run one after another, so the processed tokens are
+    the trace's tokens in order (all of them, or the decode ones), one step per decode token
+    plus one per prompt (``prefill="step"``). Prompt tokens precede decode tokens inside a
+    request (the trace's invariant), so ``decoding`` is the phase column."""
+    n = decoding.shape[0]
+    if include_prefill:
+        # a step starts at every decode token and at the first token of every prompt
+        step_start = decoding.copy()
+        step_start[starts[prompt_ends > starts]] = True
+        return np.r_[np.flatnonzero(step_start), n].astype(np.int64), np.arange(n, dtype=np.int64)
+    step_tokens = np.arange(n, dtype=np.int64) if decoding.all() else np.flatnonzero(decoding)
+    return np.arange(step_tokens.shape[0] + 1, dtype=np.int64), step_tokens.astype(np.int64, copy=False)
 
 
 @jit
@@ -114,7 +151,6 @@ def _schedule(starts, prompt_ends, ends, batch, include_prefill, n_tokens):
     n_req = starts.shape[0]
     step_ptr = np.empty(n_tokens + n_req + 1, np.int64)
     step_tokens = np.empty(n_tokens, np.int64)
-    token_prev = np.full(n_tokens, -1, np.int64)
     slot_req = np.full(batch, -1, np.int64)
     slot_next = np.zeros(batch, np.int64)
     nxt = 0
@@ -128,12 +164,9 @@ def _schedule(starts, prompt_ends, ends, batch, include_prefill, n_tokens):
             while slot_req[b] < 0 and nxt < n_req:
                 r = nxt
                 nxt += 1
-                first = starts[r] if include_prefill else prompt_ends[r]
                 if include_prefill and prompt_ends[r] > starts[r]:
                     for t in range(starts[r], prompt_ends[r]):
                         step_tokens[n_out] = t
-                        if t > first:
-                            token_prev[t] = t - 1
                         n_out += 1
                     n_steps += 1
                     step_ptr[n_steps] = n_out
@@ -149,9 +182,6 @@ def _schedule(starts, prompt_ends, ends, batch, include_prefill, n_tokens):
             step_tokens[n_out] = t
             n_out += 1
             active += 1
-            first = starts[r] if include_prefill else prompt_ends[r]
-            if t > first:
-                token_prev[t] = t - 1
             slot_next[b] = t + 1
             if t + 1 >= ends[r]:
                 slot_req[b] = -1
@@ -160,62 +190,106 @@ def _schedule(starts, prompt_ends, ends, batch, include_prefill, n_tokens):
         decode += active
         n_steps += 1
         step_ptr[n_steps] = n_out
-    return step_ptr[: n_steps + 1].copy(), step_tokens[:n_out].copy(), token_prev, decode
+    return step_ptr[: n_steps + 1].copy(), step_tokens[:n_out].copy(), decode
 
 
 def demand(trace: Trace, steps: Steps) -> Demand:
-    """The access stream of ``steps`` over ``trace`` (see module docstring)."""
+    """The access stream of ``steps`` over ``trace`` (see module docstring).
+
+    Expert ids below 0 are not accesses: -1 marks a row with no record and pads a row after
+    its real ids. When every step holds one token (batch 1) a group is that token's row, so
+    the stream is a sort of the rows; otherwise one pass over the steps builds it.
+    """
     L, E = trace.num_layers, trace.num_experts
     experts = trace.token_experts()
-    group_ptr = np.zeros(steps.num_steps * L + 1, np.int64)
-    _group_sizes(steps.step_ptr, steps.step_tokens, experts, E, group_ptr[1:])
-    np.cumsum(group_ptr, out=group_ptr)
     # the narrowest types that hold every key and token count: half the memory of int32 on
     # typical models (layers x experts < 32768, steps under 32768 tokens)
     int16_max = np.iinfo(np.int16).max
-    biggest_step = int(np.diff(steps.step_ptr).max()) if steps.num_steps else 0
-    keys = np.empty(group_ptr[-1], np.int16 if L * E <= int16_max else np.int32)
-    tokens = np.empty(group_ptr[-1], np.int16 if biggest_step <= int16_max else np.int32)
-    _fill_groups(steps.step_ptr, steps.step_tokens, experts, E, group_ptr, keys, tokens)
-    return Demand(group_ptr, keys, tokens, L, E)
+    key_type = np.int16 if L * E <= int16_max else np.int32
+    if steps.step_tokens.shape[0] == steps.num_steps:
+        return _demand_one_token(experts, steps.step_tokens, L, E, key_type)
+    biggest_step = int(np.diff(steps.step_ptr).max())
+    token_type = np.int16 if biggest_step <= int16_max else np.int32
+    sizes = np.diff(steps.step_ptr)
+    bound = int(np.minimum(sizes * experts.shape[2], E).sum()) * L
+    group_ptr = np.empty(steps.num_steps * L + 1, np.int64)
+    keys = np.empty(bound, key_type)
+    tokens = np.empty(bound, token_type)
+    n = _fill_groups(steps.step_ptr, steps.step_tokens, experts, E, group_ptr, keys, tokens)
+    return Demand(group_ptr, keys[:n].copy(), tokens[:n].copy(), L, E)
+
+
+def _demand_one_token(experts, step_tokens, L, E, key_type) -> Demand:
+    """One token per step: a group is that token's row at that layer, ascending, ids < 0
+    dropped. Top-1 without gaps is the expert column itself plus layer offsets; otherwise
+    one numba pass sorts each row (insertion sort of k entries)."""
+    n_steps = step_tokens.shape[0]
+    k = experts.shape[2]
+    all_tokens = n_steps == experts.shape[0]
+    if k == 1 and int(experts.min(initial=0)) >= 0:
+        rows = experts if all_tokens else experts[step_tokens]
+        if L == 1 and rows.dtype == key_type:
+            keys = np.ascontiguousarray(rows.reshape(-1))
+        else:
+            offset = (np.arange(L, dtype=key_type) * E)[:, None]
+            keys = (rows.astype(key_type, copy=False) + offset).reshape(-1)
+        group_ptr = np.arange(keys.shape[0] + 1, dtype=np.int64)
+    else:
+        keys = np.empty(n_steps * L * k, key_type)
+        group_ptr = np.empty(n_steps * L + 1, np.int64)
+        n = _sort_rows(experts, step_tokens, all_tokens, E, keys, group_ptr)
+        keys = keys[:n] if n < keys.shape[0] else keys
+    return Demand(group_ptr, keys, np.ones(keys.shape[0], np.int16), L, E)
 
 
 @jit
-def _group_sizes(step_ptr, step_tokens, experts, E, sizes):
-    n_steps = step_ptr.shape[0] - 1
+def _sort_rows(experts, step_tokens, all_tokens, E, keys, group_ptr):
     L = experts.shape[1]
     k = experts.shape[2]
-    seen = np.full(E, -1, np.int64)
-    for s in range(n_steps):
+    n = 0
+    group_ptr[0] = 0
+    g = 0
+    for s in range(step_tokens.shape[0]):
+        t = s if all_tokens else step_tokens[s]
         for l in range(L):
-            g = s * L + l
-            c = 0
-            for j in range(step_ptr[s], step_ptr[s + 1]):
-                t = step_tokens[j]
-                for r in range(k):
-                    e = experts[t, l, r]
-                    if seen[e] != g:
-                        seen[e] = g
-                        c += 1
-            sizes[g] = c
+            lo = n
+            for r in range(k):
+                e = experts[t, l, r]
+                if e < 0:
+                    continue
+                v = l * E + e
+                b = n - 1
+                while b >= lo and keys[b] > v:
+                    keys[b + 1] = keys[b]
+                    b -= 1
+                keys[b + 1] = v
+                n += 1
+            g += 1
+            group_ptr[g] = n
+    return n
 
 
 @jit
 def _fill_groups(step_ptr, step_tokens, experts, E, group_ptr, keys, tokens):
+    """One pass over the steps: each group's distinct experts (ids >= 0), ascending, with
+    their token counts. Returns the number of accesses written."""
     n_steps = step_ptr.shape[0] - 1
     L = experts.shape[1]
     k = experts.shape[2]
     count = np.zeros(E, np.int32)
     seen = np.full(E, -1, np.int64)
+    lo = 0
+    group_ptr[0] = 0
     for s in range(n_steps):
         for l in range(L):
             g = s * L + l
-            lo = group_ptr[g]
             c = 0
             for j in range(step_ptr[s], step_ptr[s + 1]):
                 t = step_tokens[j]
                 for r in range(k):
                     e = experts[t, l, r]
+                    if e < 0:
+                        continue
                     if seen[e] != g:
                         seen[e] = g
                         count[e] = 0
@@ -242,6 +316,9 @@ def _fill_groups(step_ptr, step_tokens, experts, E, group_ptr, keys, tokens):
                 e = keys[a]
                 tokens[a] = count[e]
                 keys[a] = l * E + e
+            lo += c
+            group_ptr[g + 1] = lo
+    return lo
 
 
 def next_use(keys: np.ndarray, num_keys: int) -> np.ndarray:

@@ -1,0 +1,226 @@
+"""End-to-end speed: simulate() from an in-memory Trace, the one-pass LRU curve, a sweep.
+
+Three measurements, printed in one run (figures and machine in docs/performance.md):
+
+1. ``simcache.simulate(trace, "lru", ...)`` end to end from an in-memory Trace (workload
+   build included) against libCacheSim's LRU on the same key sequence, in the same process:
+   the 10 M-access, 256-expert, top-1 Zipf(1) trace (one layer, capacity 64; the two
+   simulators' semantics coincide, hit counts must agree) and bench_simulate.py's moe
+   workload (32 layers x 8 experts, top-2, 4 slots per layer; libCacheSim runs one cache
+   per layer, so only speed is compared).
+2. The one-pass LRU curve for every capacity 1..E on a 100 M-access, 64-expert, top-6
+   trace, against separate ``simulate`` runs (timed at a spread of capacities, the mean
+   scaled to all E: 64 full runs would take minutes here).
+3. A 1,000-cell sweep on 1 and 2 local Dask workers: cells/s once the cluster is up, and
+   each worker's peak RSS.
+
+    python bench/bench_sweep.py            # a few minutes on the 2-core dev machine
+    python bench/bench_sweep.py --quick    # small sizes, for a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import simcache  # noqa: E402
+from simcache.mrc import lru_curve  # noqa: E402
+from simcache.workload import Workload, demand, next_use, schedule  # noqa: E402
+
+
+def zipf_trace(accesses, experts=256, seed=0):
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, experts + 1)
+    p /= p.sum()
+    ex = rng.choice(experts, size=accesses, p=p).astype(np.int16)[:, None]
+    n = accesses
+    return simcache.Trace.from_arrays(ex, request=np.zeros(n, np.int32), position=np.arange(n, dtype=np.int32),
+                                      layer=np.zeros(n, np.int16), num_experts=experts, expert_bytes=1 << 20)
+
+
+def best(fn, repeat):
+    out, t = None, float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        value = fn()
+        took = time.perf_counter() - t0
+        if took < t:  # the result of the best run (its kernel time goes with its total)
+            out, t = value, took
+    return t, out
+
+
+def lcs_lru(keys, capacity, repeat, tmp, name):
+    """libCacheSim LRU over one key sequence (oracleGeneral file, as bench_simulate.py)."""
+    import libcachesim as lcs
+    from bench_simulate import oracle_general
+
+    path = Path(tmp) / f"{name}.oracleGeneral"
+    oracle_general(keys, next_use(keys, int(keys.max()) + 1), path)
+    t, hits = float("inf"), None
+    for _ in range(repeat):
+        reader = lcs.TraceReader(str(path), lcs.TraceType.ORACLE_GENERAL_TRACE)
+        cache = lcs.LRU(cache_size=capacity)
+        t0 = time.perf_counter()
+        miss_ratio, _ = cache.process_trace(reader)
+        t = min(t, time.perf_counter() - t0)
+        hits = int(round((1 - miss_ratio) * reader.n_total_req))
+    return t, hits
+
+
+def end_to_end(trace, capacity, scope, repeat, tmp, name, per_layer_keys):
+    simcache.simulate(trace, "lru", capacity, scope=scope)  # compile / warm
+    t_e2e, r = best(lambda: simcache.simulate(trace, "lru", capacity, scope=scope), repeat)
+    t_sched, steps = best(lambda: schedule(trace), repeat)
+    t_dem, d = best(lambda: demand(trace, steps), repeat)
+    work = Workload(trace)
+    t_fut, _ = best(lambda: simcache.workload.future_order(work.demand), 1)
+    n = r.accesses
+    keys = d.keys
+    if per_layer_keys:  # one libCacheSim cache per layer, as bench_simulate.py
+        E = trace.num_experts
+        lc_t, lc_hits = 0.0, 0
+        for l in range(trace.num_layers):
+            t_, h_ = lcs_lru(keys[keys // E == l], capacity, repeat, tmp, f"{name}{l}")
+            lc_t += t_
+            lc_hits += h_
+    else:
+        lc_t, lc_hits = lcs_lru(keys, capacity, repeat, tmp, name)
+    return {"workload": name, "accesses": n, "simulate_s": t_e2e, "kernel_s": r.elapsed_s,
+            "schedule_s": t_sched, "demand_s": t_dem, "future_order_s": t_fut,
+            "simcache_Maps": n / t_e2e / 1e6, "libcachesim_Maps": n / lc_t / 1e6, "ratio": lc_t / t_e2e,
+            "simcache_hits": r.hits, "libcachesim_hits": lc_hits}
+
+
+def curve_bench(accesses, spread, layers=4):
+    E, k = 64, 6
+    tokens = accesses // (layers * k)
+    t0 = time.perf_counter()
+    trace = simcache.synth(max(1, tokens // 1000), 1000, num_layers=layers, num_experts=E, top_k=k,
+                           weights=False, seed=3)
+    gen = time.perf_counter() - t0
+    work = Workload(trace)
+    n = work.demand.num_accesses
+    simcache.simulate(work, "lru", 8)  # warm
+    t0 = time.perf_counter()
+    curve = lru_curve(work)
+    one_pass = time.perf_counter() - t0
+    caps = sorted(set(np.linspace(1, E, spread).round().astype(int).tolist()))
+    runs = []
+    for c in caps:
+        t0 = time.perf_counter()
+        r = simcache.simulate(work, "lru", int(c))
+        runs.append(time.perf_counter() - t0)
+        assert r.hits == int(curve.hits[c - 1].sum()), c
+    separate = float(np.mean(runs)) * E
+    stack_caps = E - curve.smallest_stack + 1
+    return {"accesses": n, "layers": layers, "experts": E, "top_k": k, "trace_gen_s": gen,
+            "one_pass_s": one_pass, "smallest_stack_capacity": curve.smallest_stack,
+            "direct_capacities": curve.smallest_stack - 1, "separate_capacities_timed": caps,
+            "separate_mean_s": float(np.mean(runs)), "separate_all_s_est": separate,
+            "speedup": separate / one_pass, "capacity_accesses_per_s": E * n / one_pass,
+            "stack_only_speedup": float(np.mean(runs)) * stack_caps / max(one_pass - float(np.mean(runs)) * (curve.smallest_stack - 1), 1e-9)}
+
+
+def sweep_bench(trace_path, cells_target):
+    """1,000 cells: batch 1..20 (20 groups) x 5 policies (none of them LRU, which the one-pass
+    curve would make nearly free) x capacities 1..5 x 2 scopes."""
+    from distributed import Client, LocalCluster
+
+    def peak_rss_kib():  # VmHWM: this process's own peak (ru_maxrss survives exec from a big parent)
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+
+    grid = dict(policy="fifo,lfu,belady,belady-bypass,markov", capacity="1,2,3,4,5", scope="layer,global",
+                batch=",".join(str(b) for b in range(1, 21)))
+    n_cells = 5 * 5 * 2 * 20
+    if cells_target < n_cells:
+        grid["batch"] = "1,2"
+        n_cells = 5 * 5 * 2 * 2
+    out = {}
+    for workers in (1, 2):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+        try:
+            with Client(cluster) as client:
+                client.run(lambda: __import__("simcache").simulate)  # import on every worker
+                t0 = time.perf_counter()
+                frame = simcache.sweep([trace_path], scheduler=cluster.scheduler_address, **grid)
+                wall = time.perf_counter() - t0
+                rss = client.run(peak_rss_kib)
+        finally:
+            cluster.close()
+        out[workers] = {"cells": len(frame), "wall_s": wall, "cells_per_s": len(frame) / wall,
+                        "worker_peak_rss_mib": sorted(v / 1024 for v in rss.values())}
+    out["speedup_2_over_1"] = out[2]["cells_per_s"] / out[1]["cells_per_s"]
+    return out, n_cells
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--only", choices=["simulate", "curve", "sweep"], help="Run one of the three parts.")
+    args = ap.parse_args()
+    zipf_n = 1_000_000 if args.quick else 10_000_000
+    moe_n = 1_000_000 if args.quick else 10_000_000
+    curve_n = 2_000_000 if args.quick else 100_000_000
+    import bench_simulate
+    from bench_simulate import make_trace
+
+    shared = Path(os.environ.get("SIMCACHE_SHARED", ROOT.parent / "shared"))
+    bench_simulate.SEED_MATRIX = shared / "traces" / "raw" / "seed-transition-matrices" / bench_simulate.SEED_MATRIX.name
+
+    results = {}
+    if args.only in (None, "simulate"):
+        with tempfile.TemporaryDirectory() as tmp:
+            results["zipf"] = end_to_end(zipf_trace(zipf_n), 64, "layer", args.repeat, tmp, "zipf", False)
+            results["moe"] = end_to_end(make_trace(moe_n, top_k=2, seed=1), 4, "layer", args.repeat, tmp, "moe", True)
+    if args.only in (None, "curve"):
+        results["curve"] = curve_bench(curve_n, 4 if args.quick else 8)
+    if args.only in (None, "sweep"):
+        results["sweep"], _ = sweep_bench(ROOT / "traces" / "trained-mixtral-8e.parquet", 100 if args.quick else 1000)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    print(f"machine: {machine}")
+    if "zipf" in results:
+        print("simulate(trace, 'lru', ...) end to end from an in-memory Trace (best of %d):" % args.repeat)
+    for name in [n for n in ("zipf", "moe") if n in results]:
+        r = results[name]
+        print(f"  {name:5} {r['accesses']:>11,} accesses: {r['simcache_Maps']:6.1f} M/s end to end "
+              f"({r['simulate_s']:.3f} s: kernel {r['kernel_s']:.3f}, schedule {r['schedule_s']:.3f}, "
+              f"demand {r['demand_s']:.3f}); libCacheSim LRU {r['libcachesim_Maps']:.1f} M/s; "
+              f"ratio {r['ratio']:.2f}x; hits {r['simcache_hits']:,} vs {r['libcachesim_hits']:,}; "
+              f"future order (Belady only) {r['future_order_s']:.3f} s")
+    c = results.get("curve")
+    if c:
+        print(f"one-pass LRU curve, capacities 1..{c['experts']}, {c['accesses']:,} accesses "
+          f"({c['layers']} layers x {c['experts']} experts, top-{c['top_k']}): {c['one_pass_s']:.2f} s "
+          f"(stack pass for c >= {c['smallest_stack_capacity']}, {c['direct_capacities']} direct runs below); "
+          f"separate runs {c['separate_mean_s']:.2f} s each -> {c['separate_all_s_est']:.1f} s for all; "
+          f"speedup {c['speedup']:.1f}x; {c['capacity_accesses_per_s'] / 1e9:.2f} G capacity-accesses/s; "
+          f"stack part alone {c['stack_only_speedup']:.1f}x")
+    s = results.get("sweep")
+    for w in (1, 2) if s else ():
+        print(f"sweep of {s[w]['cells']:,} cells on {w} local worker(s): {s[w]['wall_s']:.1f} s, "
+              f"{s[w]['cells_per_s']:.1f} cells/s; worker peak RSS {', '.join(f'{m:.0f}' for m in s[w]['worker_peak_rss_mib'])} MiB")
+    if s:
+        print(f"2 workers / 1 worker: {s['speedup_2_over_1']:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, **{k: v for k, v in results.items()}}, indent=2,
+                                        default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The one-pass LRU curve equals separate LRU runs at every capacity, per layer and global."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import simcache
+from simcache.mrc import lru_curve, lru_results, stack_distances
+from simcache.workload import Workload
+
+from .conftest import TRACES
+from .strategies import traces
+
+FIELDS = ("policy", "evict", "admit", "capacity", "scope", "batch", "prefill", "threshold", "model",
+          "num_layers", "num_experts", "top_k", "expert_bytes", "steps", "decode_tokens", "calibration")
+
+
+def assert_same(got, want):
+    for name in FIELDS:
+        assert getattr(got, name) == getattr(want, name), name
+    assert got.per_layer.keys() == want.per_layer.keys()
+    for name, values in want.per_layer.items():
+        # exact, times included: the curve repeats the simulator's arithmetic in its order
+        assert np.array_equal(got.per_layer[name], values), (name, got.per_layer[name], values)
+
+
+@settings(max_examples=40, deadline=None)
+@given(traces(max_layers=3, max_experts=7), st.sampled_from([1, 16]), st.sampled_from(["layer", "global"]),
+       st.booleans())
+def test_curve_equals_separate_runs_at_every_capacity(trace, batch, scope, overlap):
+    work = Workload(trace, batch)
+    L, E = trace.num_layers, trace.num_experts
+    caps = list(range(1, (E if scope == "layer" else L * E) + 1))
+    for got, c in zip(lru_results(work, caps, scope=scope, overlap=overlap), caps):
+        assert_same(got, simcache.simulate(work, "lru", c, scope=scope, overlap=overlap))
+    curve = lru_curve(work, scope=scope)
+    for j, c in enumerate(caps):
+        assert curve.hits[j].tolist() == simcache.simulate(work, "lru", c, scope=scope).per_layer["hits"].tolist()
+
+
+@pytest.mark.parametrize("name", ["flame-moe-290m", "trained-olmoe-32e"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_curve_on_bundled_traces(name, scope):
+    t = simcache.read_trace(TRACES / f"{name}.parquet")
+    work = Workload(t, 4)
+    stack = stack_distances(work, scope)
+    L, E = t.num_layers, t.num_experts
+    top = E if scope == "layer" else L * E
+    caps = sorted({stack.smallest, stack.smallest + 1, top // 2, top} - {0})
+    caps = [c for c in caps if c <= top] + [max(1, stack.smallest - 1)]
+    for got, c in zip(lru_results(work, caps, scope=scope, stack=stack), caps):
+        assert_same(got, simcache.simulate(work, "lru", c, scope=scope))
+
+
+def test_stack_distance_example():
+    # one layer, 3 experts, top-1: 0 1 2 0 1
+    t = simcache.Trace.from_arrays(np.array([[0], [1], [2], [0], [1]]), request=[0] * 5,
+                                   position=range(5), layer=[0] * 5, num_experts=3)
+    s = stack_distances(Workload(t))
+    # stacks before each access: [], [0], [1,0], [2,1,0], [0,2,1]
+    assert s.distance.tolist() == [-1, -1, -1, 2, 2]
+    assert s.histogram.tolist() == [[0, 0, 2]] and s.cold.tolist() == [3]
+
+
+def test_bad_capacity_is_one_line():
+    t = simcache.synth(2, 8, num_layers=1, num_experts=4, top_k=1)
+    with pytest.raises(simcache.SimcacheError, match="exceeds the 4 experts"):
+        lru_results(t, [5])
+    with pytest.raises(simcache.SimcacheError, match="capacities must lie in 1..4"):
+        lru_curve(t, capacities=[0, 2])
