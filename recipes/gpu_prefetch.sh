@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # On one H200, from the repository root: prefetch on the copy-engine timeline, measured.
 # Probe the Mixtral-8x7B preset, then replay lru at capacities 2 and 4 (of 8 experts), batch 1
-# and 16, with --prefetch none,oracle,<third> on traces/trained-mixtral-8e.parquet (4 MoE
+# and 16, with --prefetch none,oracle,<third> on the Mixtral-shaped sample trace (4 MoE
 # layers; all four replayed, 11 GiB of pinned host memory), 24 steps each; JSON to $OUT.
-# <third> is lookahead when the trace carries the 'lookahead' column (re-captured with
-# capture --lookahead), else markov (its prior fitted on the other half of the requests is not
+# <third> is lookahead on traces/trained-mixtral-8e-lookahead.parquet (re-captured with
+# capture --lookahead by recipes/gpu_capture_lookahead.sh) when present, else markov on the
+# shipped trace (its prior fitted on the other half of the requests is not
 # used here: replay scores all requests, so markov learns online only). The eager issue path
 # and its calibration (--issue eager): the timeline prices experts one by one. Budget: ~6 minutes.
 #   OUT=/tmp/out bash recipes/gpu_prefetch.sh
@@ -12,7 +13,8 @@ set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT}
 S="python3 -m simcache"
-T=traces/trained-mixtral-8e.parquet
+T=traces/trained-mixtral-8e-lookahead.parquet  # from recipes/gpu_capture_lookahead.sh, if it has run
+[ -f "$T" ] || T=traces/trained-mixtral-8e.parquet
 THIRD=$(python3 -c "import simcache; t = simcache.read_trace('$T'); print('lookahead' if getattr(t, 'lookahead', None) is not None else 'markov')")
 echo "third predictor: $THIRD" | tee "$OUT/prefetch-log.txt"
 $S probe --gpu 0 --preset mixtral-8x7b --issue eager --out "$OUT/calib-h200-mixtral-8x7b.json" | tail -3

@@ -21,6 +21,10 @@ within each sequence (destroying order, keeping each sequence's experts); for a 
 row redrawn as a multinomial with the same row sum from the column marginals (destroying the
 dependence of the next expert on the current one) — and reported as the null's mean and 95%
 interval, so a reader can tell structure from sampling noise.
+
+Missing records (trace schema 1.1) are skipped: a pair of consecutive tokens counts at layer l
+only when both have a record there (a transition across a gap is not a transition), -1 padding
+never overlaps, and each layer reports the pairs it skipped (``skipped_gap_pairs``).
 """
 
 from __future__ import annotations
@@ -180,7 +184,8 @@ def _analyze_trace(trace: Trace, source, null_samples, seed, cut, max_communitie
     overlap_random = 1.0 - comb(E - k, k) / comb(E, k) if E - k >= k else 1.0
     use = np.zeros((L, E), np.int64)
     for l in range(L):
-        use[l] = np.bincount(experts[:, l, :].ravel(), minlength=E)
+        ids = experts[:, l, :].ravel()
+        use[l] = np.bincount(ids[ids >= 0], minlength=E)
     layers = []
     for l in range(L):
         rec = {"layer": l, **observed[l]}
@@ -213,19 +218,23 @@ def _trace_layer_stats(experts, pair, E, cut, max_communities, rng):
     idx = np.flatnonzero(pair)
     a = experts[idx]  # (pairs, L, k): the earlier token of each consecutive pair
     b = experts[idx + 1]
-    n = idx.size
-    repeat = (a[:, :, 0] == b[:, :, 0]).mean(axis=0)
-    overlap = np.zeros((n, L), np.bool_)
+    valid = (a[:, :, 0] >= 0) & (b[:, :, 0] >= 0)  # (pairs, L): both tokens have a record
+    n = valid.sum(axis=0)
+    per = np.maximum(n, 1)
+    repeat = ((a[:, :, 0] == b[:, :, 0]) & valid).sum(axis=0) / per
+    overlap = np.zeros(valid.shape, np.bool_)
     for i in range(k):
         for j in range(k):
-            overlap |= a[:, :, i] == b[:, :, j]
-    overlap_rate = overlap.mean(axis=0)
-    flat = (np.arange(L, dtype=np.int64)[None, :] * E + a[:, :, 0]) * E + b[:, :, 0]
-    counts = np.bincount(flat.ravel(), minlength=L * E * E).reshape(L, E, E).astype(np.float64)
+            overlap |= (a[:, :, i] == b[:, :, j]) & (a[:, :, i] >= 0)
+    overlap_rate = (overlap & valid).sum(axis=0) / per
+    layer_of = np.broadcast_to(np.arange(L, dtype=np.int64)[None, :], valid.shape)
+    flat = (layer_of[valid] * E + a[:, :, 0][valid]) * E + b[:, :, 0][valid]
+    counts = np.bincount(flat, minlength=L * E * E).reshape(L, E, E).astype(np.float64)
     out = []
     for l in range(L):
-        rec = {"transitions": int(n), "repeat_top1": float(repeat[l]),
-               "overlap_any": float(overlap_rate[l]), "counts": counts[l]}
+        rec = {"transitions": int(n[l]), "skipped_gap_pairs": int(idx.size - n[l]),
+               "repeat_top1": float(repeat[l]), "overlap_any": float(overlap_rate[l]),
+               "counts": counts[l]}
         rec.update(_graph_stats(counts[l], cut, max_communities, rng))
         out.append(rec)
     return out
@@ -352,7 +361,8 @@ def domain_use(trace: Trace) -> dict[str, Any]:
             continue
         shares = []
         for l in range(L):
-            use = np.bincount(experts[sel, l, :].ravel(), minlength=E) / n
+            ids = experts[sel, l, :].ravel()
+            use = np.bincount(ids[ids >= 0], minlength=E) / n
             shares.append(use.tolist())
         shares_arr = np.array(shares)
         out["by_domain"][name] = {

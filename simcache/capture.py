@@ -9,12 +9,22 @@ each picks its top-k.
 Two modes: teacher-forced over text (routing of token t depends only on tokens <= t, so this
 equals what decoding that text would route, and it is fast) and generation from prompts. Rows
 stream to the file in row groups through :class:`~simcache.trace.TraceWriter`, so memory stays
-bounded and an interrupted capture leaves no file behind.
+bounded and an interrupted capture leaves no file behind. With ``resume=True`` every completed
+row group is kept as its own small trace in ``OUT.partial/``; a capture killed at any point
+(SIGINT, SIGKILL) continues, when run again with ``resume=True``, after its last complete row
+group, and the joined result equals an uninterrupted capture.
+
+``lookahead=True`` records, per token and MoE layer l < L-1, the top-2k experts and scores that
+router l+1 gives when applied to layer l's MoE input (the tensor router l was given), the
+input a prefetcher has in hand one layer early (DESIGN §12).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +33,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from simcache.errors import SimcacheError
-from simcache.trace import TraceWriter
+from simcache.trace import NO_EXPERT, ROW_GROUP_ROWS, TraceWriter, read_trace
 
 
 @dataclass(frozen=True)
@@ -79,9 +89,13 @@ def architecture_of(model_type: str) -> Architecture:
 # ---- loading ------------------------------------------------------------------------------
 
 
-def load_model(name: str, device: str = "cpu", dtype: str | None = None):
+def load_model(name: str, device: str = "cpu", dtype: str | None = None, device_map: str | None = None):
     """(model, tokenizer, architecture) for a local path, an alias or a hub name that is in
-    the local cache. Nothing is downloaded."""
+    the local cache. Nothing is downloaded.
+
+    ``device_map="auto"`` lets accelerate spread a model too large for one GPU over every
+    visible GPU (then CPU memory); ``device`` is then ignored.
+    """
     import torch
     import transformers
 
@@ -102,17 +116,27 @@ def load_model(name: str, device: str = "cpu", dtype: str | None = None):
             f"cache that holds it"
         ) from None
     arch = architecture_of(getattr(config, "model_type", "?"))
+    extra = {}
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise SimcacheError("--device-map needs accelerate: pip install 'simcache[capture]'") from None
+        extra["device_map"] = device_map
+        gpus = torch.cuda.device_count()
+        device = "cuda" if gpus else "cpu"
     torch_dtype = _dtype(dtype, device)
     auto = transformers.AutoModelForSeq2SeqLM if arch.seq2seq else transformers.AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(source, local_files_only=local_only, dtype=torch_dtype)
+        model = auto.from_pretrained(source, local_files_only=local_only, dtype=torch_dtype, **extra)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise SimcacheError(f"cannot load {source}: {str(exc).splitlines()[0]}") from None
-    try:
-        model.to(torch.device(device))
-    except (RuntimeError, AssertionError) as exc:
-        raise SimcacheError(f"cannot use device '{device}': {str(exc).splitlines()[0]}") from None
+    if device_map is None:
+        try:
+            model.to(torch.device(device))
+        except (RuntimeError, AssertionError) as exc:
+            raise SimcacheError(f"cannot use device '{device}': {str(exc).splitlines()[0]}") from None
     model.eval()
     return model, tokenizer, arch
 
@@ -137,10 +161,12 @@ class RouterTap:
     Switch, encoder layers then decoder layers).
 
     After a forward pass, :meth:`take` returns experts and weights per MoE layer, each of
-    shape (tokens, k), highest gate first, tokens in batch-major order.
+    shape (tokens, k), highest gate first, tokens in batch-major order. With ``lookahead``
+    (a width w), :meth:`take_lookahead` returns per layer l < L-1 the top-w experts and scores
+    of router l+1 applied to router l's input (see :func:`lookahead_scores`).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, lookahead: int = 0):
         self.names = []
         self.routers = []
         for name, module in model.named_modules():
@@ -153,12 +179,45 @@ class RouterTap:
             )
         self._out: list = [None] * len(self.routers)
         self._handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
+        self.lookahead = int(lookahead)
+        self._inputs: list = [None] * len(self.routers)
+        self._busy = False  # while router l+1 runs on layer l's input: record nothing
+        if self.lookahead:
+            self._handles += [r.register_forward_pre_hook(self._pre_hook(i)) for i, r in enumerate(self.routers)]
 
     def _hook(self, i):
         def hook(module, args, output):
-            self._out[i] = _router_choice(output)
+            if not self._busy:
+                self._out[i] = _router_choice(output)
 
         return hook
+
+    def _pre_hook(self, i):
+        def hook(module, args):
+            if not self._busy:
+                self._inputs[i] = args[0].detach()
+
+        return hook
+
+    def take_lookahead(self):
+        """(experts int16 (tokens, w), scores float32 (tokens, w)) per layer l < L-1."""
+        import torch
+
+        out = []
+        self._busy = True
+        try:
+            with torch.inference_mode():
+                for l in range(len(self.routers) - 1):
+                    x = self._inputs[l]
+                    nxt = self.routers[l + 1]
+                    x = x.to(next(iter(nxt.parameters())).device)
+                    scores = lookahead_scores(nxt, nxt(x))
+                    top = torch.topk(scores, self.lookahead, dim=-1)
+                    out.append((top.indices.to("cpu", torch.int16).numpy(), top.values.float().cpu().numpy()))
+        finally:
+            self._busy = False
+            self._inputs = [None] * len(self.routers)
+        return out
 
     @property
     def num_layers(self) -> int:
@@ -175,6 +234,28 @@ class RouterTap:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def lookahead_scores(router, output):
+    """The score a router ranks every expert by, from its own output: softmax of its logits
+    (all supported routers but two), ``sigmoid(logits) + e_score_correction_bias`` for
+    DeepSeek-V3's, and for Switch the softmax of the logits it returns last. Group limits
+    (DeepSeek) are not applied: these are scores over all experts, (tokens, E)."""
+    import torch
+
+    logits = output[2] if type(router).__name__.startswith("SwitchTransformers") else output[0]
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    bias = getattr(router, "e_score_correction_bias", None)
+    if bias is not None:
+        return logits.sigmoid() + bias.float()
+    return torch.softmax(logits, dim=-1)
+
+
+LOOKAHEAD_NOTE = ("per token and MoE layer l < L-1: top-2k experts by the score router l+1 gives "
+                  "when applied to the input of router l (layer l's MoE input, the hidden states "
+                  "after its post-attention norm); scores = softmax of router l+1's logits "
+                  "(DeepSeek-V3: sigmoid + correction bias), over all experts, no group limit; "
+                  "-1 at the last layer")
 
 
 def _router_choice(output):
@@ -285,6 +366,134 @@ class CaptureStats:
         return self.tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
+class _Sink:
+    """Where a capture's rows go: straight into the trace (a :class:`TraceWriter`), or, when
+    resumable, into ``OUT.partial/part-NNNNN.parquet``, one small trace per completed row
+    group of at least ``group_rows`` rows, each written atomically and stamped with how many
+    *units* (teacher-forced batches, or prompts) it completes. :meth:`close` joins the parts
+    into ``OUT`` and removes the folder.
+    """
+
+    def __init__(self, out, meta, *, overwrite, resume, group_rows, key):
+        self.out = Path(out)
+        self.meta = meta
+        self.resume = resume
+        self.group_rows = int(group_rows)
+        self.units_done = self.requests = self.tokens = 0
+        self.parts = 0
+        self._pending: list[dict] = []
+        self._rows = 0
+        if not resume:
+            partial = Path(str(self.out) + ".partial")
+            if partial.exists():
+                raise SimcacheError(f"an interrupted capture is kept in {partial}: continue it with "
+                                    f"--resume, or remove that folder")
+            self.writer = TraceWriter(out, overwrite=overwrite, **meta)
+            self.writer.__enter__()
+            return
+        from simcache._files import check_output
+
+        check_output(self.out, overwrite)
+        self.dir = Path(str(self.out) + ".partial")
+        state = {"key": key}
+        if self.dir.exists():
+            try:
+                found = json.loads((self.dir / "state.json").read_text())
+            except (OSError, ValueError):
+                raise SimcacheError(f"{self.dir} is not a capture in progress (no readable state.json); "
+                                    f"remove it") from None
+            if found.get("key") != key:
+                raise SimcacheError(f"{self.dir} holds a capture with other settings (model, text, "
+                                    f"lengths, batch size or lookahead differ); remove it to start over")
+            for tmp in self.dir.glob(".*.tmp"):  # a part cut off mid-write
+                tmp.unlink()
+            parts = sorted(self.dir.glob("part-*.parquet"))
+            self.parts = len(parts)
+            if parts:
+                progress = read_trace(parts[-1]).metadata["capture_progress"]
+                self.units_done = int(progress["units"])
+                self.requests = int(progress["requests"])
+                self.tokens = int(progress["tokens"])
+        else:
+            self.dir.mkdir()
+            from simcache._files import atomic_write_text
+
+            atomic_write_text(self.dir / "state.json", json.dumps(state))
+
+    def write(self, **columns):
+        if not self.resume:
+            self.writer.write(**columns)
+            return
+        self._pending.append(columns)
+        self._rows += len(columns["request"])
+
+    def unit_done(self, requests: int, tokens: int):
+        """One unit finished, bringing the totals to ``requests`` and ``tokens``."""
+        self.units_done += 1
+        self.requests, self.tokens = requests, tokens
+        if self.resume and self._rows >= self.group_rows:
+            self._flush()
+
+    def _flush(self):
+        if not self._pending:
+            return
+        path = self.dir / f"part-{self.parts:05d}.parquet"
+        progress = {"units": self.units_done, "requests": self.requests, "tokens": self.tokens}
+        with TraceWriter(path, **self.meta, capture_progress=progress) as w:
+            for cols in self._pending:
+                w.write(**cols)
+        self.parts += 1
+        self._pending, self._rows = [], 0
+
+    def close(self):
+        if not self.resume:
+            self.writer.__exit__(None, None, None)
+            return
+        self._flush()
+        parts = sorted(self.dir.glob("part-*.parquet"))
+        if not parts:
+            raise SimcacheError("nothing was written: the trace would be empty")
+        with TraceWriter(self.out, overwrite=True, **self.meta) as w:
+            for part in parts:
+                t = read_trace(part)
+                names = np.array(list(t.domains) + [None], dtype=object)
+                w.write(request=t.request, position=t.position, phase=t.phase, layer=t.layer,
+                        experts=t.experts, weights=t.weights, token_id=t.token_id,
+                        domain=None if t.domain is None else names[np.where(t.domain < 0, len(t.domains), t.domain)],
+                        lookahead=t.lookahead, lookahead_scores=t.lookahead_scores)
+        shutil.rmtree(self.dir)
+
+    def abort(self):
+        """An error or interrupt: a plain capture leaves nothing; a resumable one keeps its
+        completed parts (rows after the last part are dropped, and captured again)."""
+        if not self.resume:
+            self.writer.__exit__(KeyboardInterrupt, None, None)
+        else:
+            self._pending = []
+            if self.parts == 0 and self.dir.exists():
+                shutil.rmtree(self.dir)
+
+
+def _key(meta, inputs, settings) -> str:
+    """What must match for a capture to resume: model, inputs and settings."""
+    h = hashlib.sha256()
+    stable = {k: v for k, v in meta.items() if k not in ("torch_version", "tool_version")}
+    h.update(json.dumps([stable, settings], sort_keys=True, default=str).encode())
+    for item in inputs:
+        h.update(hashlib.sha256(str(item).encode()).digest())
+    return h.hexdigest()
+
+
+def _lookahead_rows(tap, n_tokens, L, width):
+    """(experts int16 (n*L, w), scores float32 (n*L, w)) in token-major, layer-minor order."""
+    la = np.full((n_tokens, L, width), NO_EXPERT, np.int16)
+    ls = np.zeros((n_tokens, L, width), np.float32)
+    for l, (ids, scores) in enumerate(tap.take_lookahead()):
+        la[:, l] = ids
+        ls[:, l] = scores
+    return la.reshape(-1, width), ls.reshape(-1, width)
+
+
 def _chunks(docs, tokenizer, max_length) -> Iterator[tuple[str, list[int]]]:
     for label, _, text in docs:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -317,12 +526,15 @@ def _metadata(model, tap, arch, name, mode, corpus):
 
 def capture_text(model, tokenizer, arch, docs, out, *, name="model", max_length=512, batch_size=8,
                  prompt_tokens=0, overwrite=False, progress: Callable[[int], None] | None = None,
-                 ) -> CaptureStats:
+                 resume=False, lookahead=False, group_rows=None) -> CaptureStats:
     """Teacher-forced capture over ``docs`` (from :func:`read_texts`) into ``out``.
 
     Every document is tokenized and cut into sequences of ``max_length`` tokens (each one a
     request); sequences of equal length run ``batch_size`` at a time. The first
     ``prompt_tokens`` of each sequence are marked prefill (phase 0), the rest decode.
+    ``resume`` keeps completed row groups of ``group_rows`` rows (default: the trace's row
+    group) in ``out.partial/`` and continues from them (see the module docstring);
+    ``lookahead`` adds the lookahead column. ``CaptureStats`` counts the whole trace.
     """
     import torch
 
@@ -333,20 +545,37 @@ def capture_text(model, tokenizer, arch, docs, out, *, name="model", max_length=
         raise SimcacheError(f"max-length {max_length} exceeds the model's context of {ctx} tokens")
     if batch_size < 1:
         raise SimcacheError(f"batch-size must be positive, got {batch_size}")
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device
     tap = RouterTap(model)
     corpus = sorted({f"{label}: {path}" for label, path, _ in docs})
     meta = _metadata(model, tap, arch, name, f"teacher-forced, sequences of {max_length} tokens", corpus)
     k = meta["top_k"]
     L = tap.num_layers
-    requests = tokens = 0
+    width = min(2 * k, meta["num_experts"]) if lookahead else 0
+    if lookahead:
+        tap.close()
+        tap = RouterTap(model, lookahead=width)
+        meta["lookahead"] = LOOKAHEAD_NOTE
+    settings = dict(max_length=max_length, batch_size=batch_size, prompt_tokens=prompt_tokens, lookahead=width)
+    key = _key(meta, [(label, text) for label, _, text in docs], settings)
     start = time.perf_counter()
     try:
-        with TraceWriter(out, overwrite=overwrite, **meta) as writer:
+        writer = _Sink(out, meta, overwrite=overwrite, resume=resume,
+                       group_rows=group_rows or ROW_GROUP_ROWS, key=key)
+    except BaseException:
+        tap.close()
+        raise
+    requests, tokens = writer.requests, writer.tokens
+    skip = writer.units_done
+    try:
+        try:
             pending: dict[int, list] = {}
 
             def run(batch):
-                nonlocal requests, tokens
+                nonlocal requests, tokens, skip
+                if skip:  # completed before an interruption: in the parts already
+                    skip -= 1
+                    return
                 n, s = len(batch), len(batch[0][1])
                 ids = torch.tensor([b[1] for b in batch], device=device)
                 with torch.inference_mode():
@@ -357,6 +586,9 @@ def capture_text(model, tokenizer, arch, docs, out, *, name="model", max_length=
                 choices = tap.take()
                 experts = np.stack([c[0] for c in choices], axis=1)  # (n*s, L, k)
                 weights = np.stack([c[1] for c in choices], axis=1)
+                la = ls = None
+                if width:
+                    la, ls = _lookahead_rows(tap, n * s, L, width)
                 req = np.repeat(np.arange(requests, requests + n, dtype=np.int32), s * L)
                 pos = np.tile(np.repeat(np.arange(s, dtype=np.int32), L), n)
                 writer.write(
@@ -366,9 +598,11 @@ def capture_text(model, tokenizer, arch, docs, out, *, name="model", max_length=
                     experts=experts.reshape(-1, k), weights=weights.reshape(-1, k),
                     token_id=np.repeat(ids.cpu().numpy().reshape(-1), L),
                     domain=np.repeat(np.array([b[0] for b in batch], dtype=object), s * L),
+                    lookahead=la, lookahead_scores=ls,
                 )
                 requests += n
                 tokens += n * s
+                writer.unit_done(requests, tokens)
                 if progress is not None:
                     progress(n * s)
 
@@ -383,15 +617,21 @@ def capture_text(model, tokenizer, arch, docs, out, *, name="model", max_length=
                     run(group)
             if requests == 0:
                 raise SimcacheError("the text holds no sequence of two or more tokens")
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
     finally:
         tap.close()
     return CaptureStats(tokens, requests, time.perf_counter() - start)
 
 
 def capture_generate(model, tokenizer, arch, prompts: list[str], out, *, name="model", new_tokens=64,
-                     overwrite=False, progress=None, domain: str | None = None) -> CaptureStats:
+                     overwrite=False, progress=None, domain: str | None = None, resume=False,
+                     lookahead=False, group_rows=None) -> CaptureStats:
     """Greedy generation of ``new_tokens`` tokens from each prompt, one sequence at a time:
-    prompt tokens are recorded as prefill (phase 0), generated tokens fed back as decode."""
+    prompt tokens are recorded as prefill (phase 0), generated tokens fed back as decode.
+    ``resume`` and ``lookahead`` as in :func:`capture_text` (a unit is one prompt)."""
     import torch
 
     if arch.seq2seq:
@@ -399,18 +639,32 @@ def capture_generate(model, tokenizer, arch, prompts: list[str], out, *, name="m
     if new_tokens < 1:
         raise SimcacheError(f"--generate must be positive, got {new_tokens}")
     ctx = context_length(model)
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device
     tap = RouterTap(model)
     meta = _metadata(model, tap, arch, name, f"greedy generation of {new_tokens} tokens",
                      [f"{len(prompts)} prompts"])
     L, k = tap.num_layers, meta["top_k"]
+    width = min(2 * k, meta["num_experts"]) if lookahead else 0
+    if lookahead:
+        tap.close()
+        tap = RouterTap(model, lookahead=width)
+        meta["lookahead"] = LOOKAHEAD_NOTE
+    key = _key(meta, prompts, dict(new_tokens=new_tokens, domain=domain, lookahead=width))
     # transformers renamed the key-value cache argument (past_key_values -> cache) in 5.x
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    tokens = 0
     start = time.perf_counter()
     try:
-        with TraceWriter(out, overwrite=overwrite, **meta) as writer:
+        writer = _Sink(out, meta, overwrite=overwrite, resume=resume,
+                       group_rows=group_rows or ROW_GROUP_ROWS, key=key)
+    except BaseException:
+        tap.close()
+        raise
+    tokens = writer.tokens
+    try:
+        try:
             for r, prompt in enumerate(prompts):
+                if r < writer.units_done:
+                    continue
                 ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
                 if ids.shape[1] == 0:
                     raise SimcacheError(f"prompt {r} is empty")
@@ -430,10 +684,11 @@ def capture_generate(model, tokenizer, arch, prompts: list[str], out, *, name="m
                         n = cur.shape[1]
                         experts = np.stack([c[0] for c in choices], axis=1)
                         weights = np.stack([c[1] for c in choices], axis=1)
-                        rows.append((position, n, step > 0, cur[0].cpu().numpy(), experts, weights))
+                        la = _lookahead_rows(tap, n, L, width) if width else (None, None)
+                        rows.append((position, n, step > 0, cur[0].cpu().numpy(), experts, weights, la))
                         position += n
-                        cur = out_.logits[:, -1:].argmax(dim=-1)
-                for position, n, decode, tok, experts, weights in rows:
+                        cur = out_.logits[:, -1:].to(device).argmax(dim=-1)
+                for position, n, decode, tok, experts, weights, (la, ls) in rows:
                     pos = np.repeat(np.arange(position, position + n, dtype=np.int32), L)
                     writer.write(
                         request=np.full(n * L, r, np.int32), position=pos,
@@ -442,10 +697,16 @@ def capture_generate(model, tokenizer, arch, prompts: list[str], out, *, name="m
                         experts=experts.reshape(-1, k), weights=weights.reshape(-1, k),
                         token_id=np.repeat(tok, L),
                         domain=None if domain is None else [domain] * (n * L),
+                        lookahead=la, lookahead_scores=ls,
                     )
                     tokens += n
+                writer.unit_done(r + 1, tokens)
                 if progress is not None:
                     progress(1)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
     finally:
         tap.close()
     return CaptureStats(tokens, len(prompts), time.perf_counter() - start)

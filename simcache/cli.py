@@ -64,6 +64,17 @@ def _csv(kind):
     return convert
 
 
+def _batch(ctx, param, value):
+    from simcache.workload import RECORDED
+
+    if value == RECORDED:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a positive integer or '{RECORDED}', got {value!r}") from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="simcache", message="%(prog)s %(version)s")
 def main():
@@ -100,6 +111,15 @@ def info(trace, as_json):
         f"({summary['prefill_tokens']:,} prefill, {summary['decode_tokens']:,} decode), "
         f"{summary['rows']:,} rows"
     )
+    if summary["gap_rows"] or summary["padded_rows"]:
+        rows = summary["rows"]
+        click.echo(
+            f"missing        {summary['gap_rows']:,} gap rows ({summary['gap_rows'] / rows:.2%}: no record "
+            f"for that token and layer), {summary['padded_rows']:,} padded rows (fewer than "
+            f"top-{summary['top_k']} experts)"
+        )
+    else:
+        click.echo("missing        none (every token has top-k experts at every layer)")
     eb = summary["expert_bytes"]
     click.echo(f"expert size    {'unknown' if eb is None else f'{eb:,} bytes ({eb / 2**20:.1f} MiB)'}")
     click.echo(
@@ -119,57 +139,59 @@ def info(trace, as_json):
 
 
 @main.command("import")
-@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
-    "--format", "fmt", type=click.Choice(["auto", "jsonl", "parquet", "flame"]), default="auto",
-    show_default=True, help="Input format; auto = by suffix, recognising the FLAME sample.",
+    "--format", "fmt", type=click.Choice(["auto", "jsonl", "parquet", "sglang", "routed-experts", "llama-cpp",
+                                          "flame", "flame-traces"]),
+    default="auto", show_default=True, help="Input format; auto = from the name and first bytes.",
 )
-@click.option("--request", help="Column holding the sequence id.")
+@click.option("--request", help="Column(s) holding the sequence id: a,b for a composite key.")
 @click.option("--position", help="Column holding the token index.")
 @click.option("--layer", help="Column holding the MoE layer.")
 @click.option("--experts", help="Column holding the chosen experts.")
 @click.option("--weights", help="Column holding the gate weights.")
 @click.option("--token-id", help="Column holding the token id.")
 @click.option("--domain", help="Column holding a domain label.")
+@click.option("--on-gap", type=click.Choice(["keep", "drop-token", "error"]), default="keep", show_default=True,
+              help="A token without a record at some layer: keep it as a gap row (no demand), drop "
+                   "the token, or refuse.")
 @click.option("--num-experts", type=int, help="Experts per layer (default: largest id + 1).")
+@click.option("--first-layer", type=int, help="The source's number for MoE layer 0 (default: the smallest seen).")
+@click.option("--top-k", type=int, help="routed-experts: top-k of a flat base64 payload.")
+@click.option("--hidden-layers", type=int, help="routed-experts: layers of a flat base64 payload.")
 @click.option("--model", help="Model name for the metadata.")
 @click.option("--expert-bytes", type=int, help="Bytes of one expert as served (for timing).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @friendly
-def import_(source, output, fmt, request, position, layer, experts, weights, token_id, domain,
-            num_experts, model, expert_bytes, force):
-    """Convert a foreign trace (JSONL, another tool's Parquet, the FLAME sample) to OUTPUT."""
-    from simcache.importers import import_file, import_flame
+def import_(sources, output, fmt, request, position, layer, experts, weights, token_id, domain, on_gap,
+            num_experts, first_layer, top_k, hidden_layers, model, expert_bytes, force):
+    """Convert foreign traces (SOURCES, one format) into one simcache trace OUTPUT.
+
+    \b
+    Formats: JSONL / Parquet tables (MoE-PolicyLang's recognised), SGLang per_token dumps
+    (.pt), routed_experts responses (vLLM / SGLang), llama.cpp moe-trace CSV, FLAME-MoE.
+    Example:
+      simcache import a.jsonl b.jsonl out.parquet --request dataset,problem_id \\
+          --position token_idx --layer layer --experts experts --weights gating_probs
+    """
+    from simcache.importers import import_sources
 
     if output.exists() and not force:
         raise SimcacheError(f"output file exists: {output} (use --force to replace it)")
-    if fmt == "auto":
-        fmt = "parquet" if source.suffix == ".parquet" else "jsonl"
-        if fmt == "parquet" and source.exists():
-            import pyarrow.parquet as pq
-
-            try:
-                names = set(pq.read_schema(source).names)
-            except Exception:
-                names = set()
-            if {"stream_idx", "contiguous_prefix", "scores"} <= names:
-                fmt = "flame"
-    if fmt == "flame":
-        trace = import_flame(source)
-    else:
-        options = {
-            k: v for k, v in dict(
-                request=request, position=position, layer=layer, experts=experts, weights=weights,
-                token_id=token_id, domain=domain, num_experts=num_experts, model=model,
-                expert_bytes=expert_bytes,
-            ).items() if v is not None
-        }
-        trace = import_file(source, fmt=fmt, **options)
+    options = {k: v for k, v in dict(
+        request=request, position=position, layer=layer, experts=experts, weights=weights,
+        token_id=token_id, domain=domain, top_k=top_k, layers=hidden_layers,
+    ).items() if v is not None}
+    trace, report = import_sources(list(sources), fmt=fmt, on_gap=on_gap, num_experts=num_experts,
+                                   first_layer=first_layer, model=model, expert_bytes=expert_bytes, **options)
     simcache.write_trace(trace, output, overwrite=True)
+    for line in report.lines():
+        click.echo(f"note: {line}")
     click.echo(
-        f"wrote {output}: {trace.num_requests:,} requests, {trace.num_tokens:,} tokens, "
+        f"wrote {_shown(output)}: {trace.num_requests:,} requests, {trace.num_tokens:,} tokens, "
         f"{trace.num_layers} layers x {trace.num_experts} experts, top-{trace.top_k}"
+        + (f" (schema 1.1: {int(trace.gap_rows.sum()):,} gap rows)" if trace.has_missing else "")
     )
 
 
@@ -241,7 +263,9 @@ def synth(output, num_requests, length, layers, experts, top_k, transitions, com
               help="Slots per layer (or in the global pool), comma-separated. Default: E/4 "
                    "per layer.")
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True)
-@click.option("--batch", type=int, default=1, show_default=True, help="Sequences decoding together.")
+@click.option("--batch", default="1", show_default=True, callback=_batch,
+              help="Sequences decoding together, or 'recorded': the engine's recorded forward passes "
+                   "(SGLang dumps) are the steps.")
 @click.option("--prefill", type=click.Choice(["skip", "step"]), default="skip", show_default=True)
 @click.option("--threshold", default="0.1", show_default=True,
               help="Markov admission tau: a number in [0, 1], or X/E for X times 1/E.")
@@ -531,10 +555,18 @@ def report(results, out):
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Default: bfloat16 on a GPU, float32 on the CPU.")
+@click.option("--device-map", type=click.Choice(["auto"]),
+              help="Spread a model too large for one GPU over all GPUs (accelerate); overrides --device.")
+@click.option("--lookahead", is_flag=True,
+              help="Also record the top-2k experts router l+1 picks for layer l's MoE input (prefetch).")
+@click.option("--resume", is_flag=True,
+              help="Keep completed row groups in OUT.partial/ and continue an interrupted capture from them.")
+@click.option("--row-group-rows", type=int, default=None,
+              help="Rows per row group (the unit --resume keeps); default 1,048,576.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @friendly
 def capture(model_name, out, texts, new_tokens, prompts, prompts_file, max_length, batch_size,
-            prompt_tokens, device, dtype, force):
+            prompt_tokens, device, dtype, device_map, lookahead, resume, row_group_rows, force):
     """Capture the routing of a Hugging Face MoE model into a trace.
 
     \b
@@ -559,7 +591,9 @@ def capture(model_name, out, texts, new_tokens, prompts, prompts_file, max_lengt
             prompt_list += [l for l in prompts_file.read_text().splitlines() if l.strip()]
         if not prompt_list:
             raise SimcacheError("--generate needs --prompt or --prompts-file")
-    model, tokenizer, arch = cap.load_model(model_name, device, dtype)
+    model, tokenizer, arch = cap.load_model(model_name, device, dtype, device_map=device_map)
+    if device_map is not None:
+        device = f"device map {device_map}: " + ", ".join(sorted({str(p.device) for p in model.parameters()}))
     show = sys.stderr.isatty()
     state = {"n": 0, "start": time.perf_counter(), "shown": 0.0}
     unit = "tokens" if docs else "prompts"
@@ -575,10 +609,12 @@ def capture(model_name, out, texts, new_tokens, prompts, prompts_file, max_lengt
     if docs:
         stats = cap.capture_text(model, tokenizer, arch, docs, out, name=model_name, max_length=max_length,
                                  batch_size=batch_size, prompt_tokens=prompt_tokens, overwrite=force,
-                                 progress=progress)
+                                 progress=progress, resume=resume, lookahead=lookahead,
+                                 group_rows=row_group_rows)
     else:
         stats = cap.capture_generate(model, tokenizer, arch, prompt_list, out, name=model_name,
-                                     new_tokens=new_tokens, overwrite=force, progress=progress)
+                                     new_tokens=new_tokens, overwrite=force, progress=progress,
+                                     resume=resume, lookahead=lookahead, group_rows=row_group_rows)
     if show:
         click.echo("", err=True)
     t = simcache.read_trace(out)
@@ -642,6 +678,10 @@ def analyze(path, null_samples, seed, cut, as_json, plots):
     null = ("positions shuffled within each sequence" if a.kind == "trace"
             else "rows redrawn from the column marginals (multinomial, same row sums)")
     click.echo(f"null model: {null}, {null_samples} samples, seed {seed}; SCC cut P >= {cut}")
+    skipped = sum(rec.get("skipped_gap_pairs", 0) for rec in a.layers)
+    if skipped:
+        click.echo(f"gaps: {skipped:,} (token pair, layer) transitions skipped because a token has "
+                   f"no record at that layer")
     click.echo("")
     rows = []
     for rec in a.layers:

@@ -1,10 +1,15 @@
-"""Routing traces: the Parquet format (schema version 1) and its in-memory form.
+"""Routing traces: the Parquet format (schema version 1 and 1.1) and its in-memory form.
 
 A trace holds one row per (request, position, MoE layer): the experts the router chose for
 that token at that layer, highest gate first, and the gate weights the model applied. File
 metadata (JSON under the key ``simcache``) names the model and its shape. Reading yields a
 :class:`Trace`, a frozen dataclass of contiguous numpy columns; the simulator, analysis and
 replay all start from it.
+
+Version 1.1 (DESIGN §14) adds *missing records*: an expert id of -1 is "no expert here". A row
+whose experts are all -1 is a **gap** (the profiler lost this token at this layer); -1 after
+the real ids is **padding** (this token chose fewer than ``top_k`` experts). A file is written
+as 1.1 only when it holds a -1; version 1 files read as before.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from simcache._files import check_output, commit, temp_beside
 from simcache.errors import SimcacheError
 
 SCHEMA_VERSION = 1
+SCHEMA_VERSION_GAPS = 1.1  # -1 = no record (gaps, padding); written only when a -1 is present
+READABLE_VERSIONS = (SCHEMA_VERSION, SCHEMA_VERSION_GAPS)
+NO_EXPERT = -1
 METADATA_KEY = b"simcache"
 ROW_GROUP_ROWS = 1 << 20
 
@@ -52,8 +60,17 @@ class Trace:
     domain : int16 array, shape (rows,), or None
         Codes into ``domains`` (-1 = no label).
     domains : tuple of str
+    step : int32 array, shape (rows,), or None
+        The engine forward pass that computed the token (SGLang dumps), same for all its
+        layers; ``Workload(trace, batch="recorded")`` replays these passes as the steps.
+    lookahead : int16 array, shape (rows, 2 * top_k), or None
+        Experts that router l+1 picks for layer l's MoE input, highest score first (-1 at
+        the last layer); ``lookahead_scores`` holds their scores (DESIGN §12).
     metadata : dict
         At least ``num_layers``, ``num_experts``, ``top_k``; see DESIGN §2.
+
+    An expert id of -1 means no expert (schema 1.1): a row of all -1 is a gap, -1 after real
+    ids is padding; see :attr:`gap_rows` and :attr:`padded_rows`.
     """
 
     request: np.ndarray
@@ -66,6 +83,9 @@ class Trace:
     domain: np.ndarray | None = None
     domains: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
+    step: np.ndarray | None = None
+    lookahead: np.ndarray | None = None
+    lookahead_scores: np.ndarray | None = None
 
     # ---- construction -------------------------------------------------------------------
 
@@ -82,6 +102,7 @@ class Trace:
         weights=None,
         token_id=None,
         domain=None,
+        step=None,
         **metadata,
     ) -> "Trace":
         """Build and validate a trace from plain arrays.
@@ -98,6 +119,8 @@ class Trace:
         weights : float array, shape (rows, k), optional
         token_id : int array, optional
         domain : sequence of str (one label per row), optional
+        step : int array, optional
+            The recorded forward pass of each row (see :class:`Trace`).
         **metadata
             Stored in the file metadata (``model``, ``expert_bytes``, ``num_layers``, ...).
             ``num_layers`` defaults to ``max(layer) + 1``.
@@ -130,6 +153,8 @@ class Trace:
                 )
         if token_id is not None:
             token_id = _int_column(token_id, "token_id", rows, np.int32)
+        if step is not None:
+            step = _int_column(step, "step", rows, np.int32)
         domains: tuple[str, ...] = ()
         if domain is not None:
             labels = np.asarray(domain, dtype=object)
@@ -154,6 +179,7 @@ class Trace:
             domain=domain,
             domains=domains,
             metadata=dict(metadata),
+            step=step,
         )
         return _sorted(trace).validated()
 
@@ -177,14 +203,24 @@ class Trace:
         if k > E:
             raise SimcacheError(f"top_k={k} exceeds num_experts={E}")
         lo, hi = int(self.experts.min()), int(self.experts.max())
-        if lo < 0 or hi >= E:
+        if lo < NO_EXPERT or hi >= E:
             bad = hi if hi >= E else lo
             raise SimcacheError(f"expert id {bad} is outside [0, {E}) (num_experts={E})")
+        if lo == NO_EXPERT and k > 1:
+            missing = self.experts == NO_EXPERT
+            after = np.flatnonzero((missing[:, :-1] & ~missing[:, 1:]).any(axis=1))
+            if after.size:
+                r = int(after[0])
+                raise SimcacheError(
+                    f"row {r} (request {self.request[r]}, position {self.position[r]}, layer "
+                    f"{self.layer[r]}) has an expert after a -1: {self.experts[r].tolist()} "
+                    f"(-1 may only pad the end of a row)"
+                )
         if k > 1:
             repeats = np.zeros(rows, np.bool_)
             for a in range(k):
                 for b in range(a + 1, k):
-                    repeats |= self.experts[:, a] == self.experts[:, b]
+                    repeats |= (self.experts[:, a] == self.experts[:, b]) & (self.experts[:, a] >= 0)
             dup = np.flatnonzero(repeats)
             if dup.size:
                 r = int(dup[0])
@@ -225,6 +261,12 @@ class Trace:
             raise SimcacheError(f"request {tr[i]} has a prefill token after a decode token")
         if self.domain is not None and self.domain.size and int(self.domain.max()) >= len(self.domains):
             raise SimcacheError("domain code outside the domain table")
+        if self.step is not None:
+            st = self.step.reshape(-1, L)
+            if not (st == st[:, :1]).all():
+                raise SimcacheError("step differs between layers of one token")
+        if self.lookahead is not None and self.lookahead.shape[0] != rows:
+            raise SimcacheError("lookahead must have one row per trace row")
         return self
 
     # ---- shape --------------------------------------------------------------------------
@@ -303,14 +345,34 @@ class Trace:
             domain=take(self.domain),
             domains=self.domains,
             metadata=dict(self.metadata),
+            step=take(self.step),
+            lookahead=take(self.lookahead),
+            lookahead_scores=take(self.lookahead_scores),
         )
         return sub.validated()
 
+    @property
+    def has_missing(self) -> bool:
+        """True when some expert id is -1 (a gap or padding: schema 1.1)."""
+        return bool(self.experts.size) and int(self.experts.min()) == NO_EXPERT
+
+    @property
+    def gap_rows(self) -> np.ndarray:
+        """Rows with no record at all (every expert -1), a boolean mask (rows,)."""
+        return self.experts[:, 0] == NO_EXPERT
+
+    @property
+    def padded_rows(self) -> np.ndarray:
+        """Rows with some but not all experts -1 (fewer than top_k chosen), mask (rows,)."""
+        return (self.experts[:, -1] == NO_EXPERT) & (self.experts[:, 0] != NO_EXPERT)
+
     def summary(self) -> dict[str, Any]:
-        """Shape, size and expert load balance (max / mean expert use per layer)."""
+        """Shape, size, gaps and expert load balance (max / mean expert use per layer)."""
         L, E = self.num_layers, self.num_experts
         counts = np.zeros((L, E), np.int64)
-        np.add.at(counts, (np.repeat(self.layer, self.top_k), self.experts.ravel()), 1)
+        ids = self.experts.ravel()
+        real = ids >= 0
+        np.add.at(counts, (np.repeat(self.layer, self.top_k)[real], ids[real]), 1)
         mean = counts.mean(axis=1)
         balance = counts.max(axis=1) / np.where(mean > 0, mean, 1)
         phase = self.token_phase()
@@ -325,6 +387,8 @@ class Trace:
             "prefill_tokens": int((phase == 0).sum()),
             "decode_tokens": int((phase == 1).sum()),
             "rows": self.num_rows,
+            "gap_rows": int(self.gap_rows.sum()),
+            "padded_rows": int(self.padded_rows.sum()),
             "expert_bytes": self.expert_bytes,
             "load_max_over_mean_min": float(balance.min()),
             "load_max_over_mean_mean": float(balance.mean()),
@@ -339,7 +403,7 @@ class Trace:
 
 
 def read_trace(path) -> Trace:
-    """Read a simcache trace (Parquet, schema version 1) and validate it.
+    """Read a simcache trace (Parquet, schema version 1 or 1.1) and validate it.
 
     Raises :class:`SimcacheError` with a one-line message when the file is missing, not
     Parquet, lacks simcache metadata, has the wrong columns or types, or breaks an invariant.
@@ -366,9 +430,10 @@ def read_trace(path) -> Trace:
     except ValueError:
         raise SimcacheError(f"{path}: simcache metadata is not valid JSON") from None
     version = meta.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise SimcacheError(
-            f"{path}: trace schema version {version!r} is not supported (expected {SCHEMA_VERSION})"
+            f"{path}: trace schema version {version!r} is not supported (expected "
+            f"{' or '.join(map(str, READABLE_VERSIONS))})"
         )
     schema = pf.schema_arrow
     for name in ("request", "position", "phase", "layer", "experts"):
@@ -389,7 +454,7 @@ def read_trace(path) -> Trace:
             raise SimcacheError(
                 f"{path}: column '{name}' has {ftype.list_size} entries per row but top_k={k}"
             )
-    for name in ("request", "position", "phase", "layer", "token_id"):
+    for name in ("request", "position", "phase", "layer", "token_id", "step"):
         i = schema.get_field_index(name)
         if i >= 0 and not pa.types.is_integer(schema.field(i).type):
             raise SimcacheError(f"{path}: column '{name}' must be an integer, got {schema.field(i).type}")
@@ -411,16 +476,22 @@ def read_trace(path) -> Trace:
             return None
         return np.ascontiguousarray(read(name).to_numpy(zero_copy_only=False), dtype=dtype)
 
-    def fixed_list(name, dtype):
+    def fixed_list(name, dtype, width=k):
         if name not in names:
             return None
         col = read(name)
         if col.null_count:
             raise SimcacheError(f"{path}: column '{name}' has null rows")
         values = col.flatten().to_numpy(zero_copy_only=False)
-        if values.shape[0] != len(col) * k:
+        if values.shape[0] != len(col) * width:
             raise SimcacheError(f"{path}: column '{name}' has null entries")
-        return np.ascontiguousarray(values, dtype=dtype).reshape(-1, k)
+        return np.ascontiguousarray(values, dtype=dtype).reshape(-1, width)
+
+    lookahead = lookahead_scores = None
+    if "lookahead" in names:
+        width = schema.field("lookahead").type.list_size
+        lookahead = fixed_list("lookahead", np.int16, width)
+        lookahead_scores = fixed_list("lookahead_scores", np.float32, width)
 
     domain, domains = None, ()
     if "domain" in names:
@@ -430,7 +501,8 @@ def read_trace(path) -> Trace:
         domains = tuple(str(x) for x in col.dictionary.to_pylist())
         domain = np.asarray(col.indices.fill_null(-1).to_numpy(zero_copy_only=False), np.int16)
     try:  # native width: range-checked before narrowing to int16
-        experts = _expert_ids(fixed_list("experts", None), int(meta["num_experts"]))
+        experts = _expert_ids(fixed_list("experts", None), int(meta["num_experts"]),
+                              missing_ok=version == SCHEMA_VERSION_GAPS)
     except SimcacheError as exc:
         raise SimcacheError(f"{path}: {exc}") from None
     trace = Trace(
@@ -444,6 +516,9 @@ def read_trace(path) -> Trace:
         domain=domain,
         domains=domains,
         metadata={k_: v for k_, v in meta.items() if k_ != "schema_version"},
+        step=column("step", np.int32),
+        lookahead=lookahead,
+        lookahead_scores=lookahead_scores,
     )
     try:
         return _sorted(trace).validated()
@@ -468,7 +543,8 @@ class TraceWriter:
     2
     """
 
-    def __init__(self, path, *, overwrite: bool = True, **metadata):
+    def __init__(self, path, *, overwrite: bool = True, missing: bool = False, **metadata):
+        """``missing=True`` allows -1 ids (gaps, padding) and writes schema 1.1."""
         import pyarrow as pa
 
         for key in REQUIRED_METADATA:
@@ -476,7 +552,9 @@ class TraceWriter:
                 raise SimcacheError(f"trace metadata lacks '{key}'")
         self.path = check_output(path, overwrite)
         self.k = int(metadata["top_k"])
-        self.metadata = {"schema_version": SCHEMA_VERSION, **metadata}
+        self.missing = bool(missing)
+        version = SCHEMA_VERSION_GAPS if missing else SCHEMA_VERSION
+        self.metadata = {**metadata, "schema_version": version}
         self.metadata.setdefault("tool_version", _tool_version())
         self._writer = None
         self._schema_fields = None
@@ -486,7 +564,7 @@ class TraceWriter:
         self._pending_rows = 0
         self._pa = pa
 
-    def _schema(self, has_weights, has_token, has_domain):
+    def _schema(self, has_weights, has_token, has_domain, has_step, lookahead_width):
         pa = self._pa
         fields = [
             pa.field("request", pa.int32(), nullable=False),
@@ -501,11 +579,18 @@ class TraceWriter:
             fields.append(pa.field("token_id", pa.int32()))
         if has_domain:
             fields.append(pa.field("domain", pa.dictionary(pa.int16(), pa.string())))
+        if has_step:
+            fields.append(pa.field("step", pa.int32(), nullable=False))
+        if lookahead_width:
+            fields.append(pa.field("lookahead", pa.list_(pa.int16(), lookahead_width), nullable=False))
+            fields.append(pa.field("lookahead_scores", pa.list_(pa.float32(), lookahead_width), nullable=False))
         meta = {METADATA_KEY: json.dumps(self.metadata, sort_keys=True).encode()}
         return pa.schema(fields, metadata=meta)
 
-    def write(self, *, request, position, phase, layer, experts, weights=None, token_id=None, domain=None):
-        """Append rows. ``domain`` is a sequence of labels (str or None), one per row."""
+    def write(self, *, request, position, phase, layer, experts, weights=None, token_id=None, domain=None,
+              step=None, lookahead=None, lookahead_scores=None):
+        """Append rows. ``domain`` is a sequence of labels (str or None), one per row;
+        ``lookahead`` and ``lookahead_scores`` come together, (rows, width) each."""
         import pyarrow.parquet as pq
 
         pa = self._pa
@@ -513,6 +598,8 @@ class TraceWriter:
         n = experts.shape[0]
         if n == 0:
             return
+        if not self.missing and int(experts.min()) < 0:
+            raise SimcacheError("expert id -1 (no record) in a trace written without missing=True")
         arrays = [
             pa.array(np.asarray(request, np.int32)),
             pa.array(np.asarray(position, np.int32)),
@@ -528,7 +615,16 @@ class TraceWriter:
         if domain is not None:
             arrays.append(pa.array(list(domain), pa.string()).dictionary_encode().cast(
                 pa.dictionary(pa.int16(), pa.string())))
-        shape = (weights is not None, token_id is not None, domain is not None)
+        if step is not None:
+            arrays.append(pa.array(np.asarray(step, np.int32)))
+        width = 0
+        if lookahead is not None:
+            la = np.asarray(lookahead, np.int16)
+            width = la.shape[1]
+            ls = np.asarray(lookahead_scores, np.float32).reshape(-1, width)
+            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(la.ravel()), width))
+            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(ls.ravel()), width))
+        shape = (weights is not None, token_id is not None, domain is not None, step is not None, width)
         if self._writer is None:
             self._schema_fields = shape
             schema = self._schema(*shape)
@@ -580,11 +676,12 @@ class TraceWriter:
 def write_trace(trace: Trace, path, *, overwrite: bool = True) -> Path:
     """Write ``trace`` to ``path`` (Parquet, zstd), atomically: temporary name, then rename."""
     meta = dict(trace.metadata)
+    meta.pop("schema_version", None)
     domain = None
     if trace.domain is not None:
         names = np.array(list(trace.domains) + [None], dtype=object)
         domain = names[np.where(trace.domain < 0, len(trace.domains), trace.domain)]
-    with TraceWriter(path, overwrite=overwrite, **meta) as writer:
+    with TraceWriter(path, overwrite=overwrite, missing=trace.has_missing, **meta) as writer:
         step = ROW_GROUP_ROWS
         for lo in range(0, trace.num_rows, step):
             hi = min(lo + step, trace.num_rows)
@@ -597,6 +694,9 @@ def write_trace(trace: Trace, path, *, overwrite: bool = True) -> Path:
                 weights=None if trace.weights is None else trace.weights[lo:hi],
                 token_id=None if trace.token_id is None else trace.token_id[lo:hi],
                 domain=None if domain is None else domain[lo:hi],
+                step=None if trace.step is None else trace.step[lo:hi],
+                lookahead=None if trace.lookahead is None else trace.lookahead[lo:hi],
+                lookahead_scores=None if trace.lookahead is None else trace.lookahead_scores[lo:hi],
             )
     return Path(path)
 
@@ -617,14 +717,15 @@ def _int_column(values, name, rows, dtype):
     return np.ascontiguousarray(a, dtype=dtype)
 
 
-def _expert_ids(experts: np.ndarray, num_experts: int) -> np.ndarray:
+def _expert_ids(experts: np.ndarray, num_experts: int, missing_ok: bool = True) -> np.ndarray:
+    """Expert ids as int16 after a range check: [0, E), or -1 (no record) when ``missing_ok``."""
     if experts.size and not np.issubdtype(experts.dtype, np.integer):
         raise SimcacheError("experts must hold integer ids")
     if num_experts > np.iinfo(np.int16).max:
         raise SimcacheError(f"num_experts={num_experts} does not fit the int16 expert column")
     if experts.size:
         lo, hi = int(experts.min()), int(experts.max())
-        if lo < 0 or hi >= num_experts:
+        if lo < (NO_EXPERT if missing_ok else 0) or hi >= num_experts:
             bad = hi if hi >= num_experts else lo
             raise SimcacheError(f"expert id {bad} is outside [0, {num_experts}) (num_experts={num_experts})")
     return np.ascontiguousarray(experts, dtype=np.int16)
@@ -659,6 +760,9 @@ def _sorted(trace: Trace) -> Trace:
         domain=take(trace.domain),
         domains=trace.domains,
         metadata=trace.metadata,
+        step=take(trace.step),
+        lookahead=take(trace.lookahead),
+        lookahead_scores=take(trace.lookahead_scores),
     )
 
 

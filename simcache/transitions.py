@@ -12,7 +12,8 @@ from simcache.trace import Trace
 
 def transition_counts(trace: Trace) -> np.ndarray:
     """Counts T[l, a, b] of consecutive tokens of the same request whose top-1 expert at
-    layer l went from a to b. Shape (layers, E, E), float64.
+    layer l went from a to b. Shape (layers, E, E), float64. A pair where either token has no
+    record at layer l (a gap, schema 1.1) is skipped at that layer.
 
     >>> import numpy as np, simcache
     >>> t = simcache.Trace.from_arrays(np.array([[0], [1], [1], [0]]), request=[0, 0, 0, 1],
@@ -27,8 +28,9 @@ def transition_counts(trace: Trace) -> np.ndarray:
     consecutive = (req[1:] == req[:-1]) & (pos[1:] == pos[:-1] + 1)
     src = top1[:-1][consecutive]  # (pairs, L)
     dst = top1[1:][consecutive]
+    valid = (src >= 0) & (dst >= 0)
     flat = (np.arange(L)[None, :] * E + src) * E + dst
-    counts = np.bincount(flat.ravel(), minlength=L * E * E).astype(np.float64)
+    counts = np.bincount(flat[valid], minlength=L * E * E).astype(np.float64)
     return counts.reshape(L, E, E)
 
 

@@ -5,6 +5,8 @@ its tokens chose, with the number of tokens routed to each. One *access* is one 
 distinct expert). Accesses are laid out flat, step-major then layer, experts ascending inside a
 (step, layer) *group*; ``group_ptr`` delimits the groups. Keys are ``layer * E + expert``.
 
+A missing record (expert id -1: a gap or padding, trace schema 1.1) demands nothing.
+
 Future knowledge (``next_use``) is computed once here, in one backward pass, so that Belady and
 the oracle admission are a few lines each.
 """
@@ -21,6 +23,7 @@ from simcache.errors import SimcacheError
 from simcache.trace import Trace
 
 PREFILL_MODES = ("skip", "step")
+RECORDED = "recorded"  # batch=RECORDED: the engine's recorded forward passes are the steps
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,8 +89,11 @@ class Demand:
         return int(self.keys.shape[0])
 
 
-def schedule(trace: Trace, batch: int = 1, prefill: str = "skip") -> Steps:
+def schedule(trace: Trace, batch: int | str = 1, prefill: str = "skip") -> Steps:
     """Continuous batching of the trace's requests, in request-id order.
+
+    ``batch="recorded"`` uses the forward passes the engine recorded instead (see
+    :func:`schedule_recorded`).
 
     ``batch`` sequences decode together; at each step every active sequence contributes its
     next decode token; a finished sequence is replaced by the next request. With
@@ -104,6 +110,8 @@ def schedule(trace: Trace, batch: int = 1, prefill: str = "skip") -> Steps:
     >>> [s.step_tokens[s.step_ptr[i]:s.step_ptr[i + 1]].tolist() for i in range(s.num_steps)]
     [[0, 3], [1, 4], [2]]
     """
+    if isinstance(batch, str) and batch == RECORDED:
+        return schedule_recorded(trace, prefill)
     if not isinstance(batch, (int, np.integer)) or batch <= 0:
         raise SimcacheError(f"batch must be a positive integer, got {batch!r}")
     if prefill not in PREFILL_MODES:
@@ -191,6 +199,48 @@ def _schedule(starts, prompt_ends, ends, batch, include_prefill, n_tokens):
         n_steps += 1
         step_ptr[n_steps] = n_out
     return step_ptr[: n_steps + 1].copy(), step_tokens[:n_out].copy(), decode
+
+
+def schedule_recorded(trace: Trace, prefill: str = "skip") -> Steps:
+    """The steps an engine actually ran: tokens grouped by the trace's ``step`` column (the
+    recorded forward pass), passes in recorded order, tokens of a pass in trace order.
+
+    With ``prefill="skip"`` prefill tokens are left out (a pass holding only prefill tokens
+    disappears); with ``"step"`` they stay where the engine ran them, beside decode tokens
+    of the same pass (SGLang's mixed chunked prefill).
+
+    Examples
+    --------
+    >>> import numpy as np, simcache
+    >>> t = simcache.Trace.from_arrays(np.zeros((4, 1), int), request=[0, 0, 1, 1],
+    ...     position=[0, 1, 0, 1], layer=[0] * 4, step=[0, 1, 0, 2], num_experts=2)
+    >>> s = schedule_recorded(t)
+    >>> [s.step_tokens[s.step_ptr[i]:s.step_ptr[i + 1]].tolist() for i in range(s.num_steps)]
+    [[0, 2], [1], [3]]
+    """
+    if prefill not in PREFILL_MODES:
+        raise SimcacheError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {prefill!r}")
+    if trace.step is None:
+        raise SimcacheError(
+            "--batch recorded needs the recorded forward passes (a 'step' column, as an SGLang "
+            "per_token dump gives); this trace has none"
+        )
+    step = trace.step[:: trace.num_layers].astype(np.int64)
+    phase = trace.token_phase()
+    keep = np.ones(step.shape[0], np.bool_) if prefill == "step" else phase == 1
+    tokens = np.flatnonzero(keep)
+    order = tokens[np.argsort(step[tokens], kind="stable")]
+    s = step[order]
+    bounds = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if order.size else np.zeros(0, np.int64)
+    step_ptr = np.r_[bounds, order.size].astype(np.int64)
+    # requests as schedule() gives them: prompt tokens precede decode tokens in a request, so
+    # its processed tokens run from its first one (first token, or first decode token) to its end
+    req = trace.token_request()
+    n = req.shape[0]
+    starts = np.flatnonzero(np.r_[True, req[1:] != req[:-1]])
+    first = starts if prefill == "step" else starts + np.add.reduceat(phase == 0, starts, dtype=np.int64)
+    return Steps(step_ptr, np.ascontiguousarray(order, np.int64), int((phase[order] == 1).sum()),
+                 np.r_[starts, n].astype(np.int64), first.astype(np.int64))
 
 
 def demand(trace: Trace, steps: Steps) -> Demand:
@@ -436,7 +486,7 @@ class Workload:
     of a trace). Future order and the Markov learner's inputs are computed on first need.
     """
 
-    def __init__(self, trace: Trace, batch: int = 1, prefill: str = "skip"):
+    def __init__(self, trace: Trace, batch: int | str = 1, prefill: str = "skip"):
         self.trace = trace
         self.batch = int(batch) if isinstance(batch, (int, np.integer)) else batch
         self.prefill = prefill

@@ -78,7 +78,8 @@ def accesses(trace, steps):
             c = Counter()
             for t, _ in step:
                 for e in ex[t, l].tolist():
-                    c[e] += 1
+                    if e >= 0:  # -1: no record (a gap) or padding
+                        c[e] += 1
             groups.append((s, l, [(l * E + e, c[e]) for e in sorted(c)]))
     return groups
 
@@ -150,7 +151,8 @@ class NaiveCache:
         E = self.E
         T = self.T[l]
         for prev, cur in pairs:
-            T[top1[prev][l]][top1[cur][l]] += 1.0
+            if top1[prev][l] >= 0 and top1[cur][l] >= 0:  # a gap is not a transition
+                T[top1[prev][l]][top1[cur][l]] += 1.0
         if self.decay_every > 0 and (step + 1) % self.decay_every == 0:
             for a in range(E):
                 for b in range(E):

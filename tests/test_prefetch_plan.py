@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -14,11 +16,8 @@ from .conftest import random_trace
 
 
 def with_lookahead(trace, lookahead):
-    """``trace`` carrying a ``lookahead`` column (rows, m) int16, -1 padded. (The column's
-    reader and capture come with the trace format's optional columns; until then tests attach
-    it here.)"""
-    object.__setattr__(trace, "lookahead", np.asarray(lookahead, np.int16))
-    return trace
+    """``trace`` with its ``lookahead`` column set: (rows, m) int16, -1 padded."""
+    return dataclasses.replace(trace, lookahead=np.asarray(lookahead, np.int16)).validated()
 
 
 def noisy_lookahead(trace, seed, m=None, accuracy=0.7):
@@ -45,8 +44,7 @@ def as_lists(p):
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("width", [1, 2, 5])
 def test_plans_match_twins(seed, width):
-    trace = random_trace(seed, layers=3, experts=6, top_k=2, prompt=1)
-    noisy_lookahead(trace, seed)
+    trace = noisy_lookahead(random_trace(seed, layers=3, experts=6, top_k=2, prompt=1), seed)
     prior = simcache.fit_prior(random_trace(seed + 50, layers=3, experts=6, top_k=2)) if seed % 2 else None
     batch, prefill = 1 + seed % 3, ("skip", "step")[seed % 2]
     work = Workload(trace, batch, prefill)
@@ -73,7 +71,7 @@ def test_perfect_lookahead_is_the_oracle_at_batch_1():
     ex = trace.token_experts()
     la = np.full((trace.num_tokens, 3, 4), -1, np.int16)
     la[:, :2, :2] = ex[:, 1:, :]
-    with_lookahead(trace, la.reshape(trace.num_rows, 4))
+    trace = with_lookahead(trace, la.reshape(trace.num_rows, 4))
     work = Workload(trace)
     a, b = as_lists(plan(work, "lookahead", 2)), as_lists(plan(work, "oracle", 2))
     assert [sorted(x) for x in a] == [sorted(x) for x in b]
@@ -106,6 +104,6 @@ def test_bad_input(name, width, message):
 
 
 def test_bad_lookahead_column():
-    trace = with_lookahead(random_trace(1), np.full((3, 4), 0))
+    trace = dataclasses.replace(random_trace(1), lookahead=np.full((3, 4), 0, np.int16))  # unchecked
     with pytest.raises(simcache.SimcacheError, match="lookahead column has shape"):
         plan(Workload(trace), "lookahead", 2)

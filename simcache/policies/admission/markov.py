@@ -38,7 +38,10 @@ def _count(S, M, s, l):
     T = M.T
     top1 = M.top1
     for p in range(M.pair_ptr[s], M.pair_ptr[s + 1]):
-        T[l, top1[M.pair_prev[p], l], top1[M.pair_cur[p], l]] += 1.0
+        a = top1[M.pair_prev[p], l]
+        b = top1[M.pair_cur[p], l]
+        if a >= 0 and b >= 0:  # -1: no record of that token at this layer (a gap)
+            T[l, a, b] += 1.0
     every = M.decay_every
     if every > 0:
         if (s + 1) % every == 0:
