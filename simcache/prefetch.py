@@ -1,4 +1,4 @@
-"""Prefetch predictors (DESIGN §12): which experts to copy before their demand is known.
+"""Prefetch predictors (docs/design.md §12): which experts to copy before their demand is known.
 
 A predictor turns a :class:`~simcache.workload.Workload` into a *plan*: for every (step, layer)
 group g, up to ``width`` keys in priority order, requested when g's demand is known (at g's

@@ -1,4 +1,4 @@
-"""The copy-engine timeline (DESIGN §12): time carried across (step, layer) groups.
+"""The copy-engine timeline (docs/design.md §12): time carried across (step, layer) groups.
 
 One GPU runs the groups in execution order; one copy engine moves expert weights host to
 device, one copy at a time, ``t_copy`` seconds each. Per group g, starting at S_g (the end of
@@ -15,7 +15,7 @@ group g-1):
 5. :func:`end` - the group ends at E_g = S_g + duration. With a copy stream (``overlap``),
    duration = max(compute, a + c): every expert's compute hides behind the copies except that
    of the expert arriving last (offset a after S_g, compute c), which starts when it arrives;
-   without one, duration = a + compute. With no prefetch this is DESIGN §5's per-group time
+   without one, duration = a + compute. With no prefetch this is docs/design.md §5's per-group time
    bit for bit (a = loads x t_copy). stall = duration - compute (the GPU waiting on copies).
 6. :func:`next_start` / :func:`start` / :func:`drop` - queued prefetches whose start time
    (the engine free and the request made) falls before E_g start now, in request order; the

@@ -444,7 +444,7 @@ def as_arrays(result):
 
 
 class Timeline:
-    """The copy-engine timeline of DESIGN §12 as a plain event list (twin of
+    """The copy-engine timeline of docs/design.md §12 as a plain event list (twin of
     ``simcache.timeline``): absolute times, one record per copy, a list as the queue.
 
     ``copies`` holds every copy made: dict(key, kind "demand" | "prefetch", start, done,
@@ -514,7 +514,7 @@ class Timeline:
 def prefetch_plan(trace, predictor, width, *, batch=1, prefill="skip", prior=None, decay_every=100,
                   decay=0.99, lookahead=None):
     """Per group, the keys a predictor requests (twin of ``simcache.prefetch.plan``), written
-    from DESIGN §12: returns (distance, [[keys of group 0], [keys of group 1], ...])."""
+    from docs/design.md §12: returns (distance, [[keys of group 0], [keys of group 1], ...])."""
     steps = schedule(trace, batch, prefill)
     groups = accesses(trace, steps)
     L, E = trace.num_layers, trace.num_experts
@@ -568,7 +568,7 @@ PREFETCHED = 4  # served from a prefetch buffer
 def simulate_prefetch(trace, evict, admit, capacity, *, prefetch, t_copy, lut, overlap=True,
                       scope="layer", batch=1, prefill="skip", tau=0.1, prior=None, horizon=4,
                       decay_every=100, decay=0.99, seed=0):
-    """The cache of DESIGN §4 on the timeline of §12 with prefetches (docs/prefetch.md), written
+    """The cache of docs/design.md §4 on the timeline of §12 with prefetches (docs/prefetch.md), written
     plainly: ``prefetch`` = (distance, plan lists) from :func:`prefetch_plan`; ``lut[n]`` =
     compute of an expert with n tokens. Returns the outcomes as :func:`simulate` does (plus
     code 4 = served from a prefetch buffer, its slot = the buffer), every group's

@@ -45,7 +45,7 @@ def as_lists(p):
 @pytest.mark.parametrize("width", [1, 2, 5])
 def test_plans_match_twins(seed, width):
     trace = noisy_lookahead(random_trace(seed, layers=3, experts=6, top_k=2, prompt=1), seed)
-    prior = simcache.fit_prior(random_trace(seed + 50, layers=3, experts=6, top_k=2)) if seed % 2 else None
+    prior = simcache.transition_counts(random_trace(seed + 50, layers=3, experts=6, top_k=2)) if seed % 2 else None
     batch, prefill = 1 + seed % 3, ("skip", "step")[seed % 2]
     work = Workload(trace, batch, prefill)
     for name in ("oracle", "lookahead", "markov"):

@@ -1,5 +1,5 @@
 """The copy-engine timeline kernel (simcache.timeline) against its event-list twin
-(tests/naive.py Timeline), group by group; and with no prefetch, DESIGN §5's numbers exactly."""
+(tests/naive.py Timeline), group by group; and with no prefetch, docs/design.md §5's numbers exactly."""
 
 from __future__ import annotations
 
