@@ -342,6 +342,10 @@ def synth(output, num_requests, length, layers, experts, top_k, transitions, com
                    "host CPU), auto (split each step's misses to minimise its time), auto-cputime.")
 @click.option("--no-overlap", is_flag=True, help="Model copies without a side stream (serial).")
 @click.option("--expert-bytes", type=EXPERT_BYTES, help="Override the trace's bytes per expert.")
+@click.option("--prefetch", "prefetches", default="none", callback=_csv(str), show_default=True,
+              help="Prefetch predictor(s), comma-separated: none, oracle, lookahead, markov "
+                   "(docs/prefetch.md).")
+@click.option("--prefetch-width", type=click.IntRange(1), help="Experts prefetched per predicted group (default: top-k).")
 @click.option("--per-layer", is_flag=True, help="Also print per-layer counters.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
@@ -353,8 +357,8 @@ def synth(output, num_requests, length, layers, experts, top_k, transitions, com
               help="Progress bar on stderr (default: on for long runs at a terminal).")
 @friendly
 def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evict, admit, horizon,
-             prior, split, seed, calibration, misses, no_overlap, expert_bytes, per_layer, as_json, out,
-             decisions, force, progress):
+             prior, split, seed, calibration, misses, no_overlap, expert_bytes, prefetches, prefetch_width,
+             per_layer, as_json, out, decisions, force, progress):
     """Simulate expert caches over TRACE (default: the bundled FLAME-MoE-290M sample).
 
     \b
@@ -383,7 +387,9 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
             bar.__enter__()
 
     knobs = dict(scope=scope, threshold=threshold, evict=evict, admit=admit, horizon=horizon,
-                 overlap=False if no_overlap else None, expert_bytes=expert_bytes)
+                 overlap=False if no_overlap else None, expert_bytes=expert_bytes,
+                 prefetch=prefetches[0] if len(prefetches) == 1 else prefetches,
+                 prefetch_width=prefetch_width)
     try:
         run = simulate_grid(
             path, policies, capacities, batch=batch, prefill=prefill, split=split, seed=seed,
@@ -449,6 +455,14 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
             row[8:8] = [r.cpu_experts]
             row += [r.gpu_s, r.copy_s, r.cpu_s]
         rows.append(row)
+    if any(r.prefetch != "none" for r in results):
+        headers[1:1] = ["prefetch"]
+        headers += ["prefetches", "used", "wasted GB", "stall ms/token"]
+        for row, r in zip(rows, results):
+            row[1:1] = [r.prefetch if r.prefetch == "none" else f"{r.prefetch} w={r.prefetch_width}"]
+            row += [r.prefetches, r.prefetch_used,
+                    None if r.prefetch_wasted_bytes is None else r.prefetch_wasted_bytes / 1e9,
+                    None if r.time_per_token_s is None else r.stall_s / r.decode_tokens * 1e3]
     click.echo(table(headers, rows))
     if per_layer:
         for r in results:

@@ -87,8 +87,9 @@ class DecisionLog:
     group_ptr: np.ndarray  # (groups + 1,) int64
     keys: np.ndarray  # (accesses,) int32: layer * E + expert
     tokens: np.ndarray  # (accesses,) int32
-    outcome: np.ndarray  # (accesses,) int8: 0 hit, 1 fill, 2 bypass, 3 forced bypass, 4 CPU
-    slot: np.ndarray  # (accesses,) int32: slot inside the pool, or -1
+    outcome: np.ndarray  # (accesses,) int8: 0 hit, 1 fill, 2 bypass, 3 forced bypass, 4 CPU,
+    #                      5 served from a prefetch buffer (docs/prefetch.md)
+    slot: np.ndarray  # (accesses,) int32: slot inside the pool (the buffer for 5), or -1
     victim: np.ndarray  # (accesses,) int32: evicted key, or -1
     meta: dict
 
@@ -198,6 +199,13 @@ def write_decisions(work, result, path, options: dict | None = None, *, prior_so
         "decode_tokens": result.decode_tokens,
         "predicted": result.to_dict(per_layer=True),
     }
+    if dec.prefetch_schedule is not None:  # docs/prefetch.md; read by simcache.replay.prefetch
+        sched = dec.prefetch_schedule
+        meta["prefetch"] = {
+            "predictor": result.prefetch, "width": result.prefetch_width,
+            "after": sched[:, 0].tolist(), "key": sched[:, 1].tolist(),
+            "slot": sched[:, 2].tolist(), "buffer": sched[:, 3].tolist(),
+        }
     table = pa.table(
         {
             "step": pa.array((group_of // L).astype(np.int32)),

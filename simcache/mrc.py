@@ -25,7 +25,7 @@ import numpy as np
 
 from simcache._jit import jit
 from simcache.errors import SimcacheError
-from simcache.simulator import (COMPUTE_S, COUNTERS, SCOPES, TIME_S, TIMES, TRANSFER_S, SimResult, _timing,
+from simcache.simulator import (COMPUTE_S, COUNTERS, SCOPES, STALL_S, TIME_S, TIMES, TRANSFER_S, SimResult, _timing,
                                 simulate)
 from simcache.timing import Calibration
 from simcache.trace import Trace
@@ -83,7 +83,8 @@ class StackDistances:
         zero = np.zeros_like(hits)
         values = dict(hits=hits, fills=fills, bypasses=zero, forced_bypasses=zero.copy(),
                       evictions=fills - free, reloads=fills - self.cold, accesses=accesses,
-                      cpu_experts=zero.copy(), cpu_tokens=zero.copy())
+                      cpu_experts=zero.copy(), cpu_tokens=zero.copy(), prefetched=zero.copy(),
+                      prefetches=zero.copy(), prefetch_used=zero.copy())
         return {name: values[name].astype(np.int64) for name in COUNTERS}
 
 
@@ -193,6 +194,7 @@ def _group_times(group_ptr, tokens, dist, L, capacities, lut, t_copy, overlap, l
             layer_time[j, l, COMPUTE_S] += compute
             layer_time[j, l, TRANSFER_S] += transfer
             layer_time[j, l, TIME_S] += t
+            layer_time[j, l, STALL_S] += t - compute
 
 
 def lru_results(

@@ -25,6 +25,7 @@ import numpy as np
 
 from simcache import _checks
 from simcache import hybrid
+from simcache import prefetch as pf
 from simcache._jit import kernel as jit
 from simcache.errors import SimcacheError
 from simcache.policies import _dispatch as dispatch
@@ -44,14 +45,17 @@ COUNTERS = {
     "bypasses": "misses refused by admission, streamed past the cache (a load)",
     "forced_bypasses": "misses admitted while every resident was pinned (a load)",
     "cpu_experts": "misses computed on the host CPU (--miss cpu|auto; no load)",
-    "evictions": "residents given up for a fill",
+    "prefetched": "accesses served from a prefetch buffer (a prefetch admission refused)",
+    "evictions": "residents given up for a fill or a prefetch",
     "reloads": "fills of an expert that had been evicted before",
     "accesses": "(step, layer, distinct expert) demands",
     "cpu_tokens": "tokens of the experts computed on the host CPU",
+    "prefetches": "prefetch copies issued (docs/prefetch.md)",
+    "prefetch_used": "prefetched experts demanded before being evicted (or from their buffer)",
 }
-(HITS, FILLS, BYPASSES, FORCED_BYPASSES, CPU_EXPERTS, EVICTIONS, RELOADS, ACCESSES,
- CPU_TOKENS) = range(len(COUNTERS))
-# decision codes of a recorded access: its outcome, the first five counter columns
+(HITS, FILLS, BYPASSES, FORCED_BYPASSES, CPU_EXPERTS, PREFETCHED, EVICTIONS, RELOADS, ACCESSES,
+ CPU_TOKENS, PREFETCHES, PREFETCH_USED) = range(len(COUNTERS))
+# decision codes of a recorded access: its outcome, the first six counter columns
 HIT, FILL, BYPASS, FORCED_BYPASS, CPU = HITS, FILLS, BYPASSES, FORCED_BYPASSES, CPU_EXPERTS
 # per-layer seconds, declared once like the counters
 TIMES = {
@@ -60,8 +64,9 @@ TIMES = {
     "cpu_s": "CPU path time: host FFN and activation round trip of each CPU expert",
     "time_s": "predicted time of the groups (max of the GPU path, copies overlapping compute if "
               "the calibration says so, and the CPU path)",
+    "stall_s": "time the GPU waited on copies on the prefetch timeline (time_s - compute_s)",
 }
-COMPUTE_S, TRANSFER_S, CPU_S, TIME_S = range(len(TIMES))
+COMPUTE_S, TRANSFER_S, CPU_S, TIME_S, STALL_S = range(len(TIMES))
 GPU_S, COPY_S = COMPUTE_S, TRANSFER_S  # the executors' names for the same columns (docs/design.md §11)
 
 CHUNK_ACCESSES = 4_000_000  # accesses per kernel call between progress updates
@@ -72,7 +77,7 @@ def _run(
     g0, g1, group_ptr, tokens, L, per_layer, S, M,
     evict, admit, learner, future_tag, record_tag, miss_tag,
     counters, layer_time, t_copy, ffn_lut, overlap, group_n, group_t, group_s, group_fixed, H,
-    out_outcome, out_slot, out_victim, out_group_time,
+    out_outcome, out_slot, out_victim, out_group_time, P, prefetch_tag,
 ):
     """Serve groups g0..g1-1. Per access it counts the outcome (counters[layer, outcome]),
     evictions and reloads; per group it adds the accesses (counters[layer, ACCESSES]) and
@@ -86,6 +91,7 @@ def _run(
     has_future = len(future_tag) == 2
     miss = len(miss_tag) - 1  # hybrid.LOAD, CPU, AUTO or AUTO_CPUTIME
     hybrid_mode = miss != hybrid.LOAD
+    prefetching = len(prefetch_tag) == 2  # on the copy-engine timeline (simcache.prefetch)
     s = g0 // L
     l = g0 - s * L - 1
     for g in range(g0, g1):
@@ -100,12 +106,17 @@ def _run(
         pool = l if per_layer else 0
         stamp = g + 1
         dispatch.learn(learner, S, M, s, l, lo, hi)
+        if prefetching:  # the prefetch in flight (its slot is being written) is pinned
+            pf.begin(P.T)
+            if P.live[1] >= 0 and S.where[P.live[1]] >= 0 and P.T.arrival[P.live[1]] > P.T.clock[0]:
+                S.pin[S.where[P.live[1]]] = stamp
         # 1. demanded residents are hits, pinned for this group: no miss may evict them.
         # Branch-free: an absent key's slot -1 pins the spare last entry of S.pin (a branch
         # here mispredicts on every other access: -20% accesses/s).
         if hybrid_mode:  # pins too, then splits the misses between copy and CPU
             hybrid.plan(H, S, tokens, lo, hi, stamp, ffn_lut, t_copy, overlap, miss)
-        elif hi - lo > 1:  # (a lone access has no other miss to protect itself from)
+        elif hi - lo > 1 or prefetching:  # (a lone access has no other miss to protect itself
+            # from, but has a prefetch starting while it computes)
             for i in range(lo, hi):
                 S.pin[S.where[S.keys[i]]] = stamp
         # 2. in expert order: hits are touched, misses ask admission and eviction. Touching
@@ -129,6 +140,12 @@ def _run(
                     S.nu[slot] = S.future[i]
                 dispatch.on_access(evict, S, M, slot, i, False)
                 counters[l, HITS] += 1
+                if prefetching:  # (inline: a call per hit passing P costs 4x accesses/s)
+                    if P.unused[key]:
+                        P.unused[key] = False
+                        P.counts[l, pf.USED] += 1
+                    if P.T.arrival[key] > P.T.clock[0]:
+                        pf.use(P.T, key, cost)
                 if record:
                     out_outcome[i] = HIT
                     out_slot[i] = slot - S.base[pool]
@@ -143,6 +160,15 @@ def _run(
                     out_slot[i] = -1
                     out_victim[i] = -1
                 continue
+            if prefetching:
+                b = pf.buffered(P, key, g, cost, l) if P.live[0] > 0 else -1
+                if b >= 0:
+                    if record:
+                        out_outcome[i] = PREFETCHED
+                        out_slot[i] = b
+                        out_victim[i] = -1
+                    continue
+                pf.demand(P.T, key, cost)
             loads += 1
             last_miss = cost
             load_tokens += tokens[i]
@@ -161,6 +187,8 @@ def _run(
                         S.where[gone] = -1
                         S.evicted[gone] = True
                         counters[l, EVICTIONS] += 1
+                        if prefetching:
+                            P.unused[gone] = False
                 if slot >= 0:
                     if S.evicted[key]:
                         counters[l, RELOADS] += 1
@@ -182,12 +210,24 @@ def _run(
         counters[l, ACCESSES] += hi - lo
         if hybrid_mode:
             t = H.out[hybrid.TOTAL_S]
-            layer_time[l, GPU_S] += H.out[hybrid.GPU_S]
+            compute = H.out[hybrid.GPU_S]
+            layer_time[l, GPU_S] += compute
             layer_time[l, COPY_S] += H.out[hybrid.COPY_S]
             layer_time[l, CPU_S] += H.out[hybrid.CPU_S]
         else:
             transfer = loads * t_copy
-            if group_s.shape[0] > 0:  # a grouped FFN table: the replay's fast issue path
+            if prefetching:  # the same rule on the timeline, with copies crossing groups (never
+                # with a grouped FFN table: refused in _prefetch_plan)
+                for r in range(P.ptr[g], P.ptr[g + 1]):
+                    pf.request(P.T, P.keys[r], g + P.distance, g)
+                if record:
+                    P.group[g, 0] = P.T.clock[0]
+                t = pf.end(P.T, compute, overlap)
+                if record:
+                    P.group[g, 1] = t - compute
+                if P.live[0] > 0 or pf.next_start(P.T) >= 0:
+                    pf.advance(P, S, M, evict, admit, per_layer, S.where.shape[0] // L, g, hi, stamp, record)
+            elif group_s.shape[0] > 0:  # a grouped FFN table: the replay's fast issue path
                 compute, t = group_seconds(group_n, group_t, group_s, group_fixed, hi - lo - loads,
                                            group_tokens - load_tokens, loads, load_tokens, transfer, overlap)
             elif overlap:
@@ -197,6 +237,7 @@ def _run(
             layer_time[l, GPU_S] += compute
             layer_time[l, COPY_S] += transfer
         layer_time[l, TIME_S] += t
+        layer_time[l, STALL_S] += t - compute
         if record:
             out_group_time[g] = t
 
@@ -215,6 +256,11 @@ class Decisions:
     slot: np.ndarray
     victim: np.ndarray
     group_time: np.ndarray
+    # with prefetch (docs/prefetch.md): per group [start, stall] on the timeline; every issued
+    # prefetch as [after group, key, slot in its pool or -1, prefetch buffer or -1]; outcome 5
+    # (PREFETCHED) = served from prefetch buffer ``slot``
+    group_timeline: np.ndarray | None = None
+    prefetch_schedule: np.ndarray | None = None
 
 
 @dataclass
@@ -244,11 +290,14 @@ class SimResult:
     calibration: str | None
     elapsed_s: float
     decisions: Decisions | None = None
+    prefetch: str = "none"
+    prefetch_width: int | None = None
 
     miss: str = "load"
 
     SETTINGS = ("policy", "evict", "admit", "capacity", "scope", "batch", "prefill", "threshold",
-                "miss", "model", "num_layers", "num_experts", "top_k", "steps", "decode_tokens")
+                "miss", "prefetch", "prefetch_width", "model", "num_layers", "num_experts", "top_k",
+                "steps", "decode_tokens")
 
     @property
     def gpu_s(self) -> float | None:
@@ -268,6 +317,20 @@ class SimResult:
     @property
     def bytes_loaded(self) -> int | None:
         return None if self.expert_bytes is None else self.loads * self.expert_bytes
+
+    @property
+    def prefetch_wasted(self) -> int:
+        """Prefetches never demanded before being evicted (or in their buffer)."""
+        return self.prefetches - self.prefetch_used
+
+    @property
+    def bytes_copied(self) -> int | None:
+        """Every copy: demand loads and prefetches."""
+        return None if self.expert_bytes is None else (self.loads + self.prefetches) * self.expert_bytes
+
+    @property
+    def prefetch_wasted_bytes(self) -> int | None:
+        return None if self.expert_bytes is None else self.prefetch_wasted * self.expert_bytes
 
     @property
     def hit_ratio(self) -> float:
@@ -290,7 +353,8 @@ class SimResult:
         out = {name: getattr(self, name) for name in self.SETTINGS}
         out.update({name: getattr(self, name) for name in COUNTERS})
         out.update(loads=self.loads, hit_ratio=self.hit_ratio, expert_bytes=self.expert_bytes,
-                   bytes_loaded=self.bytes_loaded)
+                   bytes_loaded=self.bytes_loaded, prefetch_wasted=self.prefetch_wasted,
+                   prefetch_wasted_bytes=self.prefetch_wasted_bytes, bytes_copied=self.bytes_copied)
         out.update({name: getattr(self, name) for name in TIMES})
         out.update(time_per_token_s=self.time_per_token_s, tokens_per_s=self.tokens_per_s,
                    calibration=self.calibration)
@@ -338,6 +402,8 @@ def simulate(
     calibration: Calibration | None = None,
     overlap: bool | None = None,
     expert_bytes: int | None = None,
+    prefetch: "str | pf.Plan" = "none",
+    prefetch_width: int | None = None,
     record: bool = False,
     progress: Callable[[int], None] | None = None,
     miss: str = "load",
@@ -380,6 +446,11 @@ def simulate(
         Copies overlap compute (a copy stream); default from the calibration.
     expert_bytes : int, optional
         Overrides the trace's ``expert_bytes``; with neither, no bytes or time are reported.
+    prefetch : {"none", "oracle", "lookahead", "markov"} or Plan
+        Prefetch on the copy-engine timeline (docs/prefetch.md); a :class:`simcache.prefetch.Plan`
+        made once by :func:`simcache.prefetch.plan` may be passed instead.
+    prefetch_width : int, optional
+        Experts requested per predicted group (default: top_k).
     record : bool
         Keep every access's decision (``result.decisions``).
     progress : callable, optional
@@ -444,26 +515,44 @@ def simulate(
     M = _learner(work, prior, tau, horizon, decay_every, decay, active=learner != 0)
     if eviction.place is not None:
         eviction.place(S, _check_demand(train_demand, prior, L, E, eviction.name), scope == "layer")
+    the_plan = _prefetch_plan(work, prefetch, prefetch_width, eviction, admission, expert_bytes,
+                              calibration, overlap, prior, decay_every, decay)
     eb, cal_name, t_copy, lut, ov = _timing(work, calibration, expert_bytes, overlap)
     H, mode = _hybrid(work, miss, calibration, eb)
+    if the_plan is not None and mode != hybrid.LOAD:
+        raise SimcacheError(f"--prefetch {prefetch} with --miss {miss} is not modelled: prefetch "
+                            f"runs with --miss load")
     group_table = group_table_for(calibration, eb)
 
     n_groups = work.demand.group_ptr.shape[0] - 1
+    if the_plan is None:
+        P = pf.no_prefetching(L)
+    else:  # one spare access at the end of the keys: prefetches ask admission through it
+        S = S._replace(keys=np.append(S.keys, S.keys[:1]))
+        P = pf.new_prefetching(the_plan, L * E, L, t_copy, n_groups, record)
     counters = np.zeros((L, len(COUNTERS)), np.int64)
     layer_time = np.zeros((L, len(TIMES)), np.float64)
     rec = _records(work.demand.num_accesses if record else 0, n_groups if record else 0)
     tags = (dispatch.tag(eviction.code), dispatch.tag(admission.code), dispatch.tag(learner),
             dispatch.tag(int(future)), dispatch.tag(int(record)), dispatch.tag(mode))
+    prefetch_tag = dispatch.tag(int(the_plan is not None))
     start = time.perf_counter()
     for g0, g1 in _chunks(work.demand.group_ptr):
         _run(
             g0, g1, work.demand.group_ptr, work.demand.tokens, L, scope == "layer", S, M, *tags,
-            counters, layer_time, t_copy, lut, ov, *group_table, H, *rec,
+            counters, layer_time, t_copy, lut, ov, *group_table, H, *rec, P, prefetch_tag,
         )
         if progress is not None:
             progress(int(work.demand.group_ptr[g1] - work.demand.group_ptr[g0]))
     elapsed = time.perf_counter() - start
 
+    decisions = Decisions(*rec) if record else None
+    if the_plan is not None:
+        for j, name in enumerate(pf.COUNTS):
+            counters[:, list(COUNTERS).index(name)] += P.counts[:, j]
+        if record:
+            decisions.group_timeline = P.group
+            decisions.prefetch_schedule = P.sched[: P.live[2]].copy()
     per_layer = {name: counters[:, j].copy() for j, name in enumerate(COUNTERS)}
     per_layer.update({name: layer_time[:, j].copy() for j, name in enumerate(TIMES)})
     return SimResult(
@@ -485,8 +574,10 @@ def simulate(
         per_layer=per_layer,
         calibration=cal_name,
         elapsed_s=elapsed,
-        decisions=Decisions(*rec) if record else None,
+        decisions=decisions,
         miss=miss,
+        prefetch="none" if the_plan is None else the_plan.predictor,
+        prefetch_width=None if the_plan is None else the_plan.width,
     )
 
 
@@ -561,6 +652,37 @@ def _timing(work: Workload, calibration, expert_bytes, overlap):
         return None, None, 0.0, np.zeros(work.max_tokens + 1), ov
     lut = cal.ffn_seconds_for(np.arange(work.max_tokens + 1), eb)
     return eb, cal.device, cal.copy_seconds(eb), lut, ov
+
+
+def _prefetch_plan(work, prefetch, width, eviction, admission, expert_bytes, calibration, overlap,
+                   prior, decay_every, decay):
+    """The prefetch plan asked for (None for none), after checking it can be simulated."""
+    if prefetch is None or (isinstance(prefetch, str) and prefetch == "none"):
+        return None
+    name = prefetch.predictor if isinstance(prefetch, pf.Plan) else prefetch
+    if not isinstance(name, str) or name not in pf.PREDICTORS:
+        raise SimcacheError(f"unknown prefetch predictor {name!r} (choose from {', '.join(pf.PREDICTORS)})")
+    cal = calibration if calibration is not None else default_calibration()
+    eb = expert_bytes if expert_bytes is not None else work.trace.expert_bytes
+    overlap = cal.overlap if overlap is None else bool(overlap)
+    if eb is None:
+        raise SimcacheError("prefetch needs expert_bytes (from the trace or --expert-bytes) to time its copies")
+    if not cal.copy_bytes or not cal.copy_gbps:
+        raise SimcacheError(f"prefetch needs copy figures, and the calibration ({cal.device}) has none")
+    if not overlap:
+        raise SimcacheError("prefetch needs a copy stream: it cannot run with overlap off")
+    if cal.group_ffn:  # the timeline prices experts one by one, as the eager issue path runs them
+        raise SimcacheError("prefetch prices experts one by one: use a calibration probed with "
+                            "--issue eager (this one holds the fast path's grouped FFN table)")
+    if needs_future(eviction, admission):
+        raise SimcacheError(f"prefetch does not run with {eviction.name} eviction / {admission.name} "
+                            "admission (a prefetched expert has no next-use rank)")
+    if isinstance(prefetch, pf.Plan):
+        if prefetch.ptr.shape[0] != work.demand.group_ptr.shape[0]:
+            raise SimcacheError("the prefetch plan was made for another workload")
+        return prefetch
+    w = work.trace.top_k if width is None else width
+    return pf.plan(work, name, w, prior=prior, decay_every=decay_every, decay=decay)
 
 
 def _records(accesses: int, groups: int):

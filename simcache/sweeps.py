@@ -94,6 +94,8 @@ KNOBS: tuple[Knob, ...] = (
     Knob("expert_bytes", None, int, "override the trace's bytes per expert", lru_free=True),
     Knob("overlap", None, _bool, "copies overlap compute (default: the calibration's)", lru_free=True),
     Knob("miss", "load", str, "who serves a miss: load (copy), cpu (the host CPU), auto, auto-cputime"),
+    Knob("prefetch", "none", str, "prefetch predictor: none, oracle, lookahead, markov (docs/prefetch.md)"),
+    Knob("prefetch_width", None, int, "experts prefetched per predicted group (default: top-k)"),
 )
 KNOB = {k.name: k for k in KNOBS}
 WORKLOAD_KNOBS = tuple(k.name for k in KNOBS if k.workload)
@@ -614,14 +616,16 @@ def simulate_grid(
     unknown = sorted(set(knobs) - set(CELL_KNOBS))
     if unknown:
         raise SimcacheError(f"unknown simulate parameter '{unknown[0]}'")
+    prefetches = knobs.pop("prefetch", "none")  # a list, like policies and capacities
+    prefetches = [prefetches] if isinstance(prefetches, str) else list(prefetches)
     scope = knobs.get("scope", "layer")
     L, E = t.num_layers, t.num_experts
     if capacities is None:
         capacities = [max(1, E // 4) if scope == "layer" else max(1, L * E // 4)]
     if not policies or not capacities:
         raise SimcacheError("the grid has no cells: give at least one policy and one capacity")
-    if record and len(policies) * len(capacities) * len(misses) != 1:
-        raise SimcacheError("--decisions needs exactly one policy, one capacity and one --miss")
+    if record and len(policies) * len(capacities) * len(misses) * len(prefetches) != 1:
+        raise SimcacheError("--decisions needs exactly one policy, one capacity, one --miss and one prefetch")
     for m in misses:
         miss_code(m)
     for p in policies:
@@ -649,8 +653,8 @@ def simulate_grid(
         work = Workload(t, batch, prefill)
     base = {k: knobs.get(k, KNOB[k].default) for k in CELL_KNOBS}
     base["seed"] = knobs.get("seed", seed)
-    cells = [{**base, "policy": p, "capacity": int(c), "miss": m} for p in policies for m in misses
-             for c in capacities]
+    cells = [{**base, "policy": p, "capacity": int(c), "miss": m, "prefetch": f}
+             for f in prefetches for p in policies for m in misses for c in capacities]
     if total is not None:
         total(work.demand.num_accesses * len(cells))
     results = run_cells(work, cells, prior=prior_counts, calibration=calibration, record=record,

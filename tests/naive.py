@@ -920,3 +920,278 @@ def best_subset(hit_s, miss_tokens, gpu, cpu, cpu_busy, t_copy, t_copy_busy, ove
                            t_copy_busy, overlap)[3]
             best = min(best, t)
     return best
+
+
+class Timeline:
+    """The copy-engine timeline of docs/design.md §12 as a plain event list (twin of
+    ``simcache.timeline``): absolute times, one record per copy, a list as the queue.
+
+    ``copies`` holds every copy made: dict(key, kind "demand" | "prefetch", start, done,
+    requested, target, origin); ``groups`` every group's (start, end, stall).
+    """
+
+    def __init__(self, t_copy):
+        self.t = t_copy
+        self.now = 0.0  # end of the last group = start of the next
+        self.copies = []
+        self.queue = []  # prefetch requests not started, in request order
+        self.groups = []
+
+    def engine_free(self):
+        return max((c["done"] for c in self.copies), default=0.0)
+
+    def done_of(self, key):
+        return max((c["done"] for c in self.copies if c["key"] == key), default=0.0)
+
+    def begin(self):
+        self.start = self.now
+        self.waiting = []  # (arrival, copy number, compute) of used experts arriving late
+
+    def waits(self, key):
+        return self.done_of(key) > self.start
+
+    def demand(self, key, cost):
+        begin = max(self.engine_free(), self.start)
+        self.copies.append(dict(key=key, kind="demand", start=begin, done=begin + self.t,
+                                requested=self.start, target=None, origin=None))
+        self.waiting.append((begin + self.t, len(self.copies), cost))
+
+    def use(self, key, cost):
+        n = max(j for j, c in enumerate(self.copies) if c["key"] == key) + 1
+        self.waiting.append((self.copies[n - 1]["done"], n, cost))
+
+    def request(self, key, target, origin):
+        self.queue.append(dict(key=key, requested=self.start, target=target, origin=origin))
+
+    def end(self, compute, overlap):
+        S = self.start
+        if overlap:
+            E = S + compute
+            if self.waiting:
+                a, _, c = max(self.waiting)  # the copy completing last (ties: the later copy)
+                E = max(E, a + c)
+        else:
+            E = max([S] + [a for a, _, _ in self.waiting]) + compute
+        self.now = E
+        self.groups.append((S, E, (E - S) - compute))
+        return E - S
+
+    def advance(self, decide):
+        """Start queued prefetches whose start falls before the clock; ``decide(request)``
+        says whether to copy it (True) or drop it (False, no engine time)."""
+        while self.queue:
+            r = self.queue[0]
+            begin = max(self.engine_free(), r["requested"])
+            if begin >= self.now:
+                break
+            self.queue.pop(0)
+            if decide(r):
+                self.copies.append(dict(key=r["key"], kind="prefetch", start=begin, done=begin + self.t,
+                                        requested=r["requested"], target=r["target"], origin=r["origin"]))
+
+
+def prefetch_plan(trace, predictor, width, *, batch=1, prefill="skip", prior=None, decay_every=100,
+                  decay=0.99, lookahead=None):
+    """Per group, the keys a predictor requests (twin of ``simcache.prefetch.plan``), written
+    from docs/design.md §12: returns (distance, [[keys of group 0], [keys of group 1], ...])."""
+    steps = schedule(trace, batch, prefill)
+    groups = accesses(trace, steps)
+    L, E = trace.num_layers, trace.num_experts
+
+    def top(scores):  # highest first, ties to the lower expert; positive scores only
+        ranked = sorted((e for e in scores if scores[e] > 0), key=lambda e: (-scores[e], e))
+        return ranked[:width]
+
+    plan = []
+    if predictor == "oracle":
+        for g, (s, l, acc) in enumerate(groups):
+            if l == L - 1:
+                plan.append([])
+                continue
+            nxt = groups[g + 1][2]  # (key, tokens), experts ascending: the order of demand
+            plan.append([k for k, _ in nxt][:width])
+        return 1, plan
+    if predictor == "lookahead":
+        la = np.asarray(lookahead).reshape(trace.num_tokens, L, -1)
+        m = la.shape[2]
+        for s, l, acc in groups:
+            if l == L - 1:
+                plan.append([])
+                continue
+            votes, best = Counter(), {}
+            for t, _ in steps[s]:
+                for r, e in enumerate(la[t, l, :min(width, m)].tolist()):
+                    if e >= 0:
+                        votes[e] += 1
+                        best[e] = min(best.get(e, m), r)
+            ranked = sorted(votes, key=lambda e: (-votes[e], best[e], e))[:width]
+            plan.append([(l + 1) * E + e for e in ranked])
+        return 1, plan
+    assert predictor == "markov"
+    c = NaiveCache(trace, "lru", "markov", 1, "layer", tau=0.0, prior=prior, horizon=1,
+                   decay_every=decay_every, decay=decay, seed=0, flat=[], group_of=[])
+    top1 = trace.experts.reshape(-1, L, trace.top_k)[:, :, 0].tolist()
+    for g, (s, l, acc) in enumerate(groups):
+        pairs = [(prev, t) for t, prev in steps[s] if prev is not None]
+        c.learn(s, l, pairs, top1, [k for k, _ in acc])
+        if c.nodata[l] or g + L >= len(groups):
+            plan.append([])
+            continue
+        plan.append([l * E + e for e in top({e: c.score[l * E + e][0] for e in range(E)})])
+    return L, plan
+
+
+PREFETCHED = 5  # served from a prefetch buffer
+
+
+def simulate_prefetch(trace, evict, admit, capacity, *, prefetch, t_copy, lut, overlap=True,
+                      scope="layer", batch=1, prefill="skip", tau=0.1, prior=None, horizon=4,
+                      decay_every=100, decay=0.99, seed=0):
+    """The cache of docs/design.md §4 on the timeline of §12 with prefetches (docs/prefetch.md), written
+    plainly: ``prefetch`` = (distance, plan lists) from :func:`prefetch_plan`; ``lut[n]`` =
+    compute of an expert with n tokens. Returns the outcomes as :func:`simulate` does (plus
+    code 5 = served from a prefetch buffer, its slot = the buffer), every group's
+    (start, end, stall), the prefetch schedule [(origin, after group, key, slot, buffer)] and
+    counters."""
+    distance, plan = prefetch
+    steps = schedule(trace, batch, prefill)
+    groups = accesses(trace, steps)
+    flat = [key for _, _, acc in groups for key, _ in acc]
+    group_of = [g for g, (_, _, acc) in enumerate(groups) for _ in acc]
+    L, E = trace.num_layers, trace.num_experts
+    top1 = trace.experts.reshape(-1, L, trace.top_k)[:, :, 0].tolist()
+    c = NaiveCache(trace, evict, admit, capacity, scope, tau=tau, prior=prior, horizon=horizon,
+                   decay_every=decay_every, decay=decay, seed=seed, flat=flat, group_of=group_of)
+    learns = admit in ("markov", "markov-h") or evict == "markov"
+    names = ("accesses", "hits", "fills", "bypasses", "forced_bypasses", "evictions", "reloads",
+             "prefetched", "prefetches", "prefetch_used")
+    counters = {n: [0] * L for n in names}
+    outcome, slot_out, victim_out = [], [], []
+    tl = Timeline(t_copy)
+    buffers = []  # prefetch buffers taken: [key, target group, buffer index]
+    unused = set()  # resident prefetched keys not demanded since
+    sched = []
+    last_started = None
+    i = 0
+
+    def evict_one(p, pinned, i, layer):
+        v = c.victim(p, pinned, i)
+        if v is None:
+            return None, -1
+        _, slot = c.where.pop(v)
+        c.recency[p].pop(v)
+        c.insertion[p].pop(v)
+        c.evicted.add(v)
+        unused.discard(v)
+        counters["evictions"][layer] += 1  # the layer of the expert taking the slot
+        return slot, v
+
+    def place(key, i):
+        """A free slot or a victim's; fills ``key`` in. Returns (slot, victim) or (None, -1)."""
+        p = c.pool(key)
+        gone = -1
+        if c.used[p] < c.cap:
+            slot = c.used[p]
+            c.used[p] += 1
+        else:
+            slot, gone = evict_one(p, pinned, i, key // E)
+            if slot is None:
+                return None, -1
+        c.where[key] = (p, slot)
+        c.slots[p][slot] = key
+        c.insertion[p][key] = True
+        c.touch(key, i)
+        c.freq[key] = 1
+        pinned.add(key)
+        return slot, gone
+
+    for g, (s, l, acc) in enumerate(groups):
+        if learns:
+            pairs = [(prev, t) for t, prev in steps[s] if prev is not None]
+            c.learn(s, l, pairs, top1, [k for k, _ in acc])
+        counters["accesses"][l] += len(acc)
+        tl.begin()
+        pinned = {k for k, _ in acc if k in c.where}
+        if last_started in c.where and tl.waits(last_started):
+            pinned.add(last_started)  # its copy is in flight: its slot is being written
+        base_i = i
+        compute = 0.0
+        for j, (key, n) in enumerate(acc):
+            i = base_i + j
+            cost = lut[n]
+            compute += cost
+            if key in c.where:
+                c.touch(key, i)
+                c.freq[key] += 1
+                counters["hits"][l] += 1
+                if key in unused:
+                    unused.discard(key)
+                    counters["prefetch_used"][l] += 1
+                if tl.waits(key):
+                    tl.use(key, cost)
+                outcome.append(HIT)
+                slot_out.append(c.where[key][1])
+                victim_out.append(-1)
+                continue
+            mine = [b for k, t, b in buffers if k == key and t == g]
+            if mine:  # (the buffer stays taken until the group is over)
+                b = mine[0]
+                counters["prefetched"][l] += 1
+                counters["prefetch_used"][l] += 1
+                if tl.waits(key):
+                    tl.use(key, cost)
+                outcome.append(PREFETCHED)
+                slot_out.append(b)
+                victim_out.append(-1)
+                continue
+            tl.demand(key, cost)
+            later = [(k, base_i + jj) for jj, (k, _) in enumerate(acc) if jj > j and k not in c.where]
+            if not c.admit(key, i, pinned, later):
+                counters["bypasses"][l] += 1
+                outcome.append(BYPASS)
+                slot_out.append(-1)
+                victim_out.append(-1)
+                continue
+            was_evicted = key in c.evicted
+            slot, gone = place(key, i)
+            if slot is None:
+                counters["forced_bypasses"][l] += 1
+                outcome.append(FORCED)
+                slot_out.append(-1)
+                victim_out.append(-1)
+                continue
+            if was_evicted:
+                counters["reloads"][l] += 1
+            counters["fills"][l] += 1
+            outcome.append(FILL)
+            slot_out.append(slot)
+            victim_out.append(gone)
+        i = base_i + len(acc)
+        for key in plan[g]:
+            tl.request(key, g + distance, g)
+        tl.end(compute, overlap)
+
+        def decide(r, g=g, i=i):
+            nonlocal last_started
+            key = r["key"]
+            if r["target"] <= g or key in c.where or any(k == key and t > g for k, t, _ in buffers):
+                return False
+            pinned.update(k for k in plan[r["origin"]] if k in c.where)
+            slot = None
+            if admit == "all" or c.nodata[key // E] or c.p_return(key) >= tau:
+                slot, _ = place(key, i)
+            if slot is not None:
+                unused.add(key)
+                sched.append((r["origin"], g, key, slot, -1))
+            else:
+                b = min(set(range(len(buffers) + 1)) - {b for _, _, b in buffers})
+                buffers.append((key, r["target"], b))
+                sched.append((r["origin"], g, key, -1, b))
+            counters["prefetches"][key // E] += 1
+            last_started = key
+            return True
+
+        tl.advance(decide)
+        buffers = [x for x in buffers if x[1] > g]  # a group over frees its buffers
+    return {"outcome": outcome, "slot": slot_out, "victim": victim_out, "counters": counters,
+            "groups": tl.groups, "schedule": sched, "copies": tl.copies}
