@@ -11,7 +11,7 @@ Every text comes from Debian packages (bookworm); nothing is fetched from a mode
 | german  | debian-reference-de, manpages-de |
 | french  | debian-reference-fr, manpages-fr |
 
-(Of DESIGN §9's list, bible-kjv-text stores its text in a binary format of its own, and
+(Of docs/design.md §9's list, bible-kjv-text stores its text in a binary format of its own, and
 linux-libc-dev had no downloadable version matching the archive when this was built; neither is
 used.) Documents are split by file; within each domain the files are shuffled with a fixed seed,
 about 8 % of them are held out for capture, and the training part is capped so that no domain

@@ -10,7 +10,7 @@ set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT}
 grep -E 'MemTotal|MemAvailable' /proc/meminfo
-S="python3 cli.py"
+S="python3 -m simcache"
 $S probe --gpu 0 --preset mixtral-8x7b --out "$OUT/calib-h200-mixtral-8x7b.json"
 $S probe --gpu 0 --preset deepseek-v2-lite --out "$OUT/calib-h200-deepseek-v2-lite.json" | tail -3
 M="traces/trained-mixtral-8e.parquet --gpu 0 --issue eager --preset mixtral-8x7b --calibration $OUT/calib-h200-mixtral-8x7b.json"

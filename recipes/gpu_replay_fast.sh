@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Replay at device speed (DESIGN §15), on one GPU, from the repository root, in about 8 minutes:
+# Replay at device speed (docs/design.md §15), on one GPU, from the repository root, in about 8 minutes:
 #   1. probe the GPU for every preset replayed (copy bandwidth, the eager path's per-expert FFN
 #      table, the fast path's grouped FFN table);
 #   2. replay lru and belady-bypass, two capacities, batch 1 and 16, with the eager and the fast

@@ -17,7 +17,7 @@ for arch in mixtral olmoe; do
       --out /tmp/ckpt/$arch --minutes "$MINUTES" --device cuda 2>&1 | tee "$OUT/small/train_$arch.log" | tail -3
   args=()
   for d in code english poetry latex german french; do args+=(--text "$d=/tmp/corpus/$d.heldout.txt"); done
-  timeout 120 python3 cli.py capture --model /tmp/ckpt/$arch "${args[@]}" --device cuda --dtype bfloat16 \
+  timeout 120 python3 -m simcache capture --model /tmp/ckpt/$arch "${args[@]}" --device cuda --dtype bfloat16 \
       --max-length 512 --batch-size 32 --out "$OUT/$arch.parquet" 2>&1 | tee "$OUT/small/capture_$arch.log"
   cp /tmp/ckpt/$arch/model.safetensors "$OUT/$arch.safetensors"
   cp /tmp/ckpt/$arch/config.json "$OUT/small/${arch}_config.json"

@@ -12,7 +12,7 @@ run itself printed.
 prediction error, host issue time per (step, layer) (median of the first 4 groups, before the
 launch queue can fill, and the mean over all, which includes time blocked behind a full
 queue), GPU idle time between groups, the copy bandwidth achieved beside the probed one, the outputs checks, and the
-acceptance checks of DESIGN §15 (prediction within 10 % on the fast path, Mixtral within 2 %,
+fast path's acceptance checks (prediction within 10 % on the fast path, Mixtral within 2 %,
 copies at 90 % of the probed bandwidth). ``--check`` exits 1 when a file is missing or an
 outputs check failed (a missed accuracy target is a result, printed, not a failure).
 

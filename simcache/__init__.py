@@ -17,7 +17,7 @@ from simcache.synthetic import synth
 from simcache.sweeps import sweep
 from simcache.timing import Calibration, default_calibration, load_calibration
 from simcache.trace import Trace, TraceWriter, read_trace, write_trace
-from simcache.transitions import fit_prior, split_requests, transition_counts
+from simcache.transitions import split_requests, transition_counts
 
 __all__ = [
     "ADMISSION",
@@ -30,7 +30,6 @@ __all__ = [
     "TraceWriter",
     "Workload",
     "default_calibration",
-    "fit_prior",
     "load_calibration",
     "read_trace",
     "simulate",

@@ -8,11 +8,11 @@ in the tests must reach bit-identical decisions.
 The simulation loop and the policies compile through :func:`kernel`: without numba's runtime
 (NRT), and inlined into their caller. Policy functions take the whole cache state; a real call
 with NRT on pays two atomic reference-count updates per array of that state (measured: ~300 ns
-per call, against ~8 ns inlined). Policies are selected by a code and a static if-chain
-(:mod:`simcache.policies._dispatch`) rather than passed as first-class functions: numba's
-on-disk cache cannot re-save an index holding function-typed signatures from an earlier
-process ("underlying object has vanished"), so that design broke the second process to
-compile a new policy pair.
+per call, against ~8 ns inlined). Policies are selected by a code, through numba overloads
+that pick the implementation while the loop is typed (:mod:`simcache.policies._dispatch`),
+rather than passed as first-class functions: numba's on-disk cache cannot re-save an index
+holding function-typed signatures from an earlier process ("underlying object has vanished"),
+so that design broke the second process to compile a new policy pair.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Routing locality and the structure of expert transitions, each against a null model
-(DESIGN §8).
+(docs/design.md §8).
 
 For every MoE layer:
 

@@ -1,10 +1,10 @@
-"""Capture routing traces from Hugging Face MoE models (DESIGN §7).
+"""Capture routing traces from Hugging Face MoE models (docs/design.md §7).
 
 A forward hook on every router module records, per token and MoE layer, the experts the router
 chose and the weights the model applies to them — the router's own outputs, so the trace is
-exactly what the model routed. Transformers (>= 5) gives every supported architecture a router
-module (``*Router``) beside an ``experts`` module; the registry below names them and says how
-each picks its top-k.
+exactly what the model routed. Transformers 5 (tested: 5.24) gives every supported architecture
+a router module (``*Router``) beside an ``experts`` module; the registry below names them and
+says how each picks its top-k.
 
 Two modes: teacher-forced over text (routing of token t depends only on tokens <= t, so this
 equals what decoding that text would route, and it is fast) and generation from prompts. Rows
@@ -16,7 +16,7 @@ group, and the joined result equals an uninterrupted capture.
 
 ``lookahead=True`` records, per token and MoE layer l < L-1, the top-2k experts and scores that
 router l+1 gives when applied to layer l's MoE input (the tensor router l was given), the
-input a prefetcher has in hand one layer early (DESIGN §12).
+input a prefetcher has in hand one layer early (docs/design.md §12).
 """
 
 from __future__ import annotations
@@ -687,7 +687,8 @@ def capture_generate(model, tokenizer, arch, prompts: list[str], out, *, name="m
         tap = RouterTap(model, lookahead=width)
         meta["lookahead"] = LOOKAHEAD_NOTE
     key = _key(meta, prompts, dict(new_tokens=new_tokens, domain=domain, lookahead=width))
-    # transformers renamed the key-value cache argument (past_key_values -> cache) in 5.x
+    # the key-value cache argument is ``cache`` in the transformers this is tested with (5.24),
+    # ``past_key_values`` in older releases
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     start = time.perf_counter()
     try:

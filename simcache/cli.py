@@ -316,13 +316,13 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
             bar = click.progressbar(length=n, label="simulating", file=sys.stderr)
             bar.__enter__()
 
+    knobs = dict(scope=scope, threshold=threshold, evict=evict, admit=admit, horizon=horizon,
+                 overlap=False if no_overlap else None, expert_bytes=expert_bytes)
     try:
         run = simulate_grid(
             path, policies, capacities, batch=batch, prefill=prefill, split=split, seed=seed,
             prior=prior, calibration=cal, record=decisions is not None, total=total,
-            progress=lambda n: bar.update(n) if bar is not None else None,
-            scope=scope, threshold=threshold, evict=evict, admit=admit, horizon=horizon,
-            overlap=False if no_overlap else None, expert_bytes=expert_bytes,
+            progress=lambda n: bar.update(n) if bar is not None else None, **knobs,
         )
     finally:
         if bar is not None:
@@ -332,7 +332,8 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
     if decisions is not None:
         from simcache.decisions import write_decisions
 
-        write_decisions(work, results[0], decisions)
+        write_decisions(work, results[0], decisions, {**knobs, "seed": seed, "prior": run.prior},
+                        prior_source=None if split is not None else prior, split=split)
         notes.append(f"decision log written to {decisions}")
     records = [r.to_dict(per_layer=per_layer) for r in results]
     for rec in records:
@@ -791,7 +792,11 @@ def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, as_
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
               help="Calibration for the prediction (from 'simcache probe'); default: probe now.")
 @click.option("--decisions", type=click.Path(dir_okay=False, path_type=Path),
-              help="A decision log from 'simcache simulate --decisions' to follow (checked against the trace).")
+              help="A decision log from 'simcache simulate --decisions' to follow: the run is reproduced "
+                   "from the log's settings (policy, capacity, batch, prefill, seed, split or prior, ...) "
+                   "and TRACE must be the trace it was made from.")
+@click.option("--prior", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --decisions: the log's --prior file, if it has moved (checked by content hash).")
 @click.option("--verify", is_flag=True, help="Also check outputs against an all-experts-resident run.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results (.json/.csv/.parquet).")
@@ -801,8 +806,8 @@ def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, as_
 @click.pass_context
 @friendly
 def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, policies, capacities, batches,
-           scope, threshold, evict, admit, layers, steps, bypass_buffers, calibration, decisions, verify, as_json,
-           out, from_results, budget):
+           scope, threshold, evict, admit, layers, steps, bypass_buffers, calibration, decisions, prior, verify,
+           as_json, out, from_results, budget):
     """Run a policy's decisions on a GPU with real-shaped expert tensors and compare the
     measured time with the simulator's prediction.
 
@@ -817,6 +822,15 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
     path = trace or DEFAULT_TRACE
     t = simcache.read_trace(path)
     extra = {}
+    if decisions is not None and from_results is not None:
+        raise SimcacheError("use either --decisions or --from, not both")
+    if decisions is not None:
+        t, extra, (policies, capacities, batches) = _logged_run(
+            decisions, t, prior, policy=policies, capacity=capacities, batch=batches, scope=scope,
+            threshold=threshold, evict=evict, admit=admit)
+        scope, threshold, evict, admit = (extra.pop(k) for k in ("scope", "threshold", "evict", "admit"))
+    elif prior is not None:
+        raise SimcacheError("--prior is for a --decisions log made with one")
     if from_results is not None:
         import inspect
 
@@ -834,7 +848,9 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
         _torch()
         from simcache.replay.harness import Replayer
 
-        accepts = set(inspect.signature(Replayer.run).parameters) - {"self"}
+        from simcache.replay.harness import SIMULATE_OPTIONS
+
+        accepts = (set(inspect.signature(Replayer.run).parameters) - {"self", "simulate_options"}) | set(SIMULATE_OPTIONS)
         row, settings = winning_settings(from_results, t, budget, accepts=accepts, **where)
         policies, capacities, batches = [settings.pop("policy")], [settings.pop("capacity")], [settings.pop("batch")]
         scope, evict, admit = settings.pop("scope"), settings.pop("evict"), settings.pop("admit")
@@ -852,8 +868,6 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
     from simcache.report import table, write_results
 
     runs = [(p, c, b) for b in batches for p in policies for c in capacities]
-    if decisions is not None and len(runs) != 1:
-        raise SimcacheError("--decisions needs exactly one policy, capacity and batch")
     for p in policies:
         simcache.policies.resolve(p, evict, admit)
     rp = Replayer(t, resolve(preset, hidden, ffn, t.num_experts), gpu=gpu, device=device, dtype=dtype, layers=layers,
@@ -897,6 +911,39 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
                       "host us/group first/mean", "outputs"], rows))
     click.echo("host us/group: the median of the first 4 groups (the host's own issue cost) and the mean "
                "(which includes time blocked behind a full launch queue); GPU idle: waiting for the host")
+
+
+def _logged_run(path, trace, prior_path, **given):
+    """(scored trace, simulate options, ([policy], [capacity], [batch])) of a decision log's run;
+    an option given on the command line must agree with the log."""
+    from simcache.decisions import read_decisions
+    from simcache.simulator import parse_threshold
+
+    log = read_decisions(path)
+    st = log.settings
+    scored, prior_counts = log.reproduce(trace, prior_path)
+    ctx = click.get_current_context()
+    logged = {"policy": [st.policy], "capacity": [st.capacity], "batch": [st.batch], "scope": st.scope,
+              "threshold": st.threshold, "evict": st.evict, "admit": st.admit}
+    dest = {"policy": "policies", "capacity": "capacities", "batch": "batches"}
+    for name, value in given.items():
+        if ctx.get_parameter_source(dest.get(name, name)) != click.core.ParameterSource.COMMANDLINE:
+            continue
+        same = value == logged[name]
+        if name == "threshold":
+            same = logged[name] is None or parse_threshold(value, trace.num_experts) == logged[name]
+        elif name == "policy" and len(value) == 1:
+            e, a = simcache.policies.resolve(value[0], given["evict"], given["admit"])
+            same = (e.name, a.name) == (st.evict, st.admit)
+        if not same:
+            shown = ",".join(map(str, value)) if isinstance(value, list) else value
+            was = logged[name][0] if isinstance(logged[name], list) else logged[name]
+            raise SimcacheError(f"--{name} {shown} differs from the decision log's {name} {was} "
+                                f"(the log's settings are replayed; drop the option)")
+    options = dict(st.simulate_options(), prior=prior_counts)
+    options.setdefault("threshold", 0.1)
+    runs = [options.pop("policy")], [options.pop("capacity")], [options.pop("batch")]
+    return scored, options, runs
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """`simcache report RESULTS --out DIR`: one self-contained HTML page (figures inline) and the
-PNGs, from a sweep's results (DESIGN §13).
+PNGs, from a sweep's results (docs/design.md §13).
 
 A *setting* is everything but the policy and the capacity: trace, workload (batch, prefill,
 split) and scope. Each setting gets a panel in each figure:

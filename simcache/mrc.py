@@ -1,6 +1,6 @@
-"""Exact LRU miss-ratio curves in one pass (DESIGN §13).
+"""Exact LRU miss-ratio curves in one pass (docs/design.md §13).
 
-Under the cache semantics of DESIGN §4, LRU at a capacity c no smaller than every (step,
+Under the cache semantics of docs/design.md §4, LRU at a capacity c no smaller than every (step,
 layer) group is a stack algorithm: a group's hits are pinned, its misses always find an
 unpinned victim, and after the group its experts sit on top of one recency stack in access
 order, so the cache is always the top c of that stack (Mattson et al., "Evaluation

@@ -13,11 +13,17 @@ from simcache.errors import SimcacheError
 def table(headers: Sequence[str], rows: Sequence[Sequence], align: str | None = None) -> str:
     """A fixed-width table; ``align`` has one 'l' or 'r' per column (default: first left).
 
-    >>> print(table(["a", "bb"], [[1, 2.5], ["x", None]]))
-    a   bb
-    -  ---
-    1  2.5
-    x    -
+    Floats get four significant digits below 1, three decimals below 100, one below 1e5 and
+    none (with thousands separators) above; ``None`` is ``-``.
+
+    >>> print(table(["a", "x"], [[1, 2.5], ["b", 0.012345], ["c", 123.45], ["d", 123456.0], ["e", None]]))
+    a        x
+    -  -------
+    1    2.500
+    b  0.01235
+    c    123.5
+    d  123,456
+    e        -
     """
     cells = [[_fmt(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]

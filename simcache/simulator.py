@@ -321,7 +321,7 @@ def simulate(
         Skip prompt tokens, or run each prompt as one step.
     prior : array (layers, E, E), optional
         Transition counts that seed the Markov learner, fitted on a *separate* trace
-        (:func:`simcache.fit_prior`).
+        (:func:`simcache.transition_counts`).
     horizon : int
         Steps ahead for ``admit="markov-h"``.
     decay_every, decay : int, float

@@ -29,7 +29,8 @@ def _base(z):
 
 
 CORE = {
-    "keys": Field(lambda z: z.accesses, np.int32, doc="the access stream (layer x E + expert)",
+    "keys": Field(lambda z: z.accesses, np.int32, doc="the access stream (layer x E + expert): the "
+                  "workload's own array, int16 or int32 (workload.demand)",
                   init=lambda z: z.inputs["keys"]),
     "future": Field(lambda z: z.accesses, np.int64, doc="rank of each access's next use "
                     "(workload.future_order); empty unless a rule needs the future",

@@ -1,4 +1,4 @@
-"""Sweeps: every cell of a grid of traces x workloads x policies x capacities x knobs (DESIGN §13).
+"""Sweeps: every cell of a grid of traces x workloads x policies x capacities x knobs (docs/design.md §13).
 
 A *cell* is one :func:`simcache.simulate` call. The grid's parameters are declared once, in
 :data:`KNOBS` (one :class:`Knob` per keyword argument of ``simulate``, plus the workload's);
@@ -288,10 +288,10 @@ def prepare(trace: Trace, batch: int = 1, prefill: str = "skip", split: float | 
     """(Workload, Markov prior or None, train trace or None) for one group's settings."""
     prior = train = None
     if split is not None:
-        from simcache.transitions import fit_prior, split_requests
+        from simcache.transitions import split_requests, transition_counts
 
         train, trace = split_requests(trace, split, split_seed)
-        prior = fit_prior(train)
+        prior = transition_counts(train)
     return Workload(trace, batch, prefill), prior, train
 
 
@@ -572,6 +572,7 @@ class GridRun:
     work: Workload
     results: list[SimResult]
     notes: list[str]
+    prior: np.ndarray | None = None  # the Markov prior's counts the cells ran with
 
 
 def simulate_grid(
@@ -641,7 +642,7 @@ def simulate_grid(
         total(work.demand.num_accesses * len(cells))
     results = run_cells(work, cells, prior=prior_counts, calibration=calibration, record=record,
                         progress=progress)
-    return GridRun(work.trace, work, results, notes)
+    return GridRun(work.trace, work, results, notes, prior_counts)
 
 
 # ---- the winning cell ---------------------------------------------------------------------------

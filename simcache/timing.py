@@ -1,4 +1,4 @@
-"""The cost model (DESIGN §5): seconds for expert loads over PCIe and for expert FFNs.
+"""The cost model (docs/design.md §5): seconds for expert loads over PCIe and for expert FFNs.
 
 Per (step, layer): transfer = loads x copy time of one expert; compute = sum over demanded
 experts of the FFN time (on the GPU) for the tokens routed to it. With a copy stream
@@ -9,7 +9,7 @@ model and the host's time to issue the work are not, so the reported time per to
 does not).
 
 A :class:`Calibration` holds the measured tables; ``simcache probe`` writes one as JSON on a
-GPU, and the built-in default carries the H200 figures of DESIGN §5.
+GPU, and the built-in default carries the H200 figures of docs/design.md §5.
 """
 
 from __future__ import annotations
@@ -109,16 +109,16 @@ class Calibration:
 
 
 def default_calibration() -> Calibration:
-    """The H200 (PCIe 5.0 x16) reference figures of DESIGN §5."""
+    """The H200 (PCIe 5.0 x16) reference figures of docs/design.md §5."""
     return Calibration(
-        device="NVIDIA H200 (DESIGN §5 reference figures)",
+        device="NVIDIA H200 (docs/design.md §5 reference figures)",
         copy_bytes=[1 * MIB, 16 * MIB, 1024 * MIB],
         copy_gbps=[35.0, 54.5, 55.0],
         ffn_expert_bytes=MIXTRAL_EXPERT_BYTES,
         ffn_tokens=[1, 128, 2048],
         ffn_seconds=[0.12e-3, 0.12e-3, 1.0e-3],
         overlap=True,
-        source="built-in default (DESIGN §5)",
+        source="built-in default (docs/design.md §5)",
     )
 
 

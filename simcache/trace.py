@@ -6,7 +6,7 @@ metadata (JSON under the key ``simcache``) names the model and its shape. Readin
 :class:`Trace`, a frozen dataclass of contiguous numpy columns; the simulator, analysis and
 replay all start from it.
 
-Version 1.1 (DESIGN §14) adds *missing records*: an expert id of -1 is "no expert here". A row
+Version 1.1 (docs/design.md §14) adds *missing records*: an expert id of -1 is "no expert here". A row
 whose experts are all -1 is a **gap** (the profiler lost this token at this layer); -1 after
 the real ids is **padding** (this token chose fewer than ``top_k`` experts). A file is written
 as 1.1 only when it holds a -1; version 1 files read as before.
@@ -65,9 +65,9 @@ class Trace:
         layers; ``Workload(trace, batch="recorded")`` replays these passes as the steps.
     lookahead : int16 array, shape (rows, 2 * top_k), or None
         Experts that router l+1 picks for layer l's MoE input, highest score first (-1 at
-        the last layer); ``lookahead_scores`` holds their scores (DESIGN §12).
+        the last layer); ``lookahead_scores`` holds their scores (docs/design.md §12).
     metadata : dict
-        At least ``num_layers``, ``num_experts``, ``top_k``; see DESIGN §2.
+        At least ``num_layers``, ``num_experts``, ``top_k``; see docs/design.md §2.
 
     An expert id of -1 means no expert (schema 1.1): a row of all -1 is a gap, -1 after real
     ids is padding; see :attr:`gap_rows` and :attr:`padded_rows`.
@@ -184,7 +184,7 @@ class Trace:
         return _sorted(trace).validated()
 
     def validated(self) -> "Trace":
-        """Check the invariants of DESIGN §2; raise :class:`SimcacheError` naming the first
+        """Check the invariants of docs/design.md §2; raise :class:`SimcacheError` naming the first
         one broken. Returns self."""
         meta = self.metadata
         for key in REQUIRED_METADATA:

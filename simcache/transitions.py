@@ -13,7 +13,8 @@ from simcache.trace import Trace
 def transition_counts(trace: Trace) -> np.ndarray:
     """Counts T[l, a, b] of consecutive tokens of the same request whose top-1 expert at
     layer l went from a to b. Shape (layers, E, E), float64. A pair where either token has no
-    record at layer l (a gap, schema 1.1) is skipped at that layer.
+    record at layer l (a gap, schema 1.1) is skipped at that layer. Of a *training* trace, this
+    is the Markov learner's prior (``simulate(..., prior=transition_counts(train))``).
 
     >>> import numpy as np, simcache
     >>> t = simcache.Trace.from_arrays(np.array([[0], [1], [1], [0]]), request=[0, 0, 0, 1],
@@ -32,11 +33,6 @@ def transition_counts(trace: Trace) -> np.ndarray:
     flat = (np.arange(L)[None, :] * E + src) * E + dst
     counts = np.bincount(flat[valid], minlength=L * E * E).astype(np.float64)
     return counts.reshape(L, E, E)
-
-
-def fit_prior(trace: Trace) -> np.ndarray:
-    """A Markov-admission prior: the transition counts of a *training* trace."""
-    return transition_counts(trace)
 
 
 def load_counts(path) -> np.ndarray:
@@ -59,7 +55,7 @@ def load_prior(path, num_layers: int, num_experts: int) -> np.ndarray:
     if path.suffix == ".npy":
         counts = load_counts(path)
     else:
-        counts = fit_prior(read_trace(path))
+        counts = transition_counts(read_trace(path))
     if counts.shape != (num_layers, num_experts, num_experts):
         raise SimcacheError(
             f"prior {path} has shape {counts.shape}, the trace needs "

@@ -1,4 +1,4 @@
-"""From a trace to cache accesses (DESIGN §3).
+"""From a trace to cache accesses (docs/design.md §3).
 
 Continuous batching turns tokens into *steps*; each (step, layer) demands the distinct experts
 its tokens chose, with the number of tokens routed to each. One *access* is one (step, layer,
@@ -376,7 +376,7 @@ def next_use(keys: np.ndarray, num_keys: int) -> np.ndarray:
 
     An access with no later access gets ``2 * n - i`` (n = number of accesses): larger than
     any real index, and larger for earlier accesses, so among residents never used again the
-    least recently used one looks farthest. :func:`is_never` tells the two apart.
+    least recently used one looks farthest; a value >= n means "never again".
 
     Examples
     --------
@@ -415,7 +415,7 @@ def step_pairs(steps: Steps):
 
 
 def future_order(d: Demand) -> np.ndarray:
-    """For every access, the rank of its key's next use in Belady's order (DESIGN §4, with
+    """For every access, the rank of its key's next use in Belady's order (docs/design.md §4, with
     pinning): larger = needed later.
 
     Two keys whose next uses fall in the same (step, layer) are both needed then, and pinning

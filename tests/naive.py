@@ -1,4 +1,4 @@
-"""Slow reference twins of the simulator, written plainly from DESIGN §3-4.
+"""Slow reference twins of the simulator, written plainly from docs/design.md §3-4.
 
 Nothing here is shared with the numba kernels: scheduling is a Python loop, demand is a
 ``Counter`` sorted by expert, LRU/FIFO order lives in an ``OrderedDict``, Belady looks ahead in

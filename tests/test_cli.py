@@ -59,7 +59,7 @@ def test_simulate_split_scores_only_test_requests(tmp_path):
     data = json.loads(run("simulate", path, "--policy", "markov", "--capacity", "2", "--split", "0.5",
                           "--json").output)
     train, test = simcache.split_requests(t, 0.5, 0)
-    lib = simcache.simulate(test, "markov", 2, prior=simcache.fit_prior(train))
+    lib = simcache.simulate(test, "markov", 2, prior=simcache.transition_counts(train))
     assert data["results"][0]["hits"] == lib.hits and data["results"][0]["accesses"] == lib.accesses
     assert "test requests" in data["notes"][0]
 

@@ -245,7 +245,7 @@ def test_routed_experts_flat_payload_needs_top_k(tmp_path):
 
 # ---- llama.cpp moe-trace CSV ----------------------------------------------------------------
 
-# Built after the layout DESIGN §14 gives (pos,layer,id_1..id_k, pos < 0 = prompt); no writer
+# Built after the layout docs/design.md §14 gives (pos,layer,id_1..id_k, pos < 0 = prompt); no writer
 # was found in the ggml-org/llama.cpp sources stored here (see simcache/importers/llamacpp.py).
 def llama_csv(path, prompt=3, gen=4, blocks=(1, 2, 3), k=2, E=16, seed=0, header=True):
     rng = np.random.default_rng(seed)

@@ -28,7 +28,7 @@ def lru_skipping_missing(kept, capacity, layers):
     """Per-layer LRU at batch 1 straight from the kept JSON records: requests in order of first
     appearance, tokens in position order, and a (token, layer) with no record does nothing.
     Within a token a layer's experts are served in ascending order and pinned against each
-    other (DESIGN §4). Returns the outcome of every access (0 hit, 1 fill)."""
+    other (docs/design.md §4). Returns the outcome of every access (0 hit, 1 fill)."""
     order, records = {}, {}
     for rows in kept:
         for r in rows:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -58,12 +60,69 @@ def test_decision_log_is_followed_and_checked(tmp_path):
     bad = runner.invoke(main, ["replay", str(path), "--device", "cpu", "--preset", "custom", "--hidden", "8",
                                "--ffn", "8", "--policy", "lru", "--capacity", "3", "--steps", "6",
                                "--decisions", str(tmp_path / "d.parquet")])
-    assert bad.exit_code == 1 and "does not match" in bad.output and bad.output.count("\n") == 1
+    assert bad.exit_code == 1 and bad.output.count("\n") == 1
+    assert "--capacity 3 differs from the decision log's capacity 2" in bad.output
     other = simcache.write_trace(random_trace(7), tmp_path / "o.parquet")
     bad = runner.invoke(main, ["replay", str(other), "--device", "cpu", "--preset", "custom", "--hidden", "8",
                                "--ffn", "8", "--policy", "lru", "--capacity", "2", "--steps", "6",
                                "--decisions", str(tmp_path / "d.parquet")])
     assert bad.exit_code == 1 and "does not match the trace" in bad.output
+
+
+TINY_CLI = ["--device", "cpu", "--preset", "custom", "--hidden", "8", "--ffn", "8", "--dtype", "float32",
+            "--steps", "8"]
+
+
+@pytest.mark.parametrize("flags", [
+    ["--policy", "lru", "--capacity", "2", "--prefill", "step", "--batch", "2"],
+    ["--policy", "random", "--capacity", "2", "--seed", "7"],
+    ["--policy", "markov", "--capacity", "2", "--prior", "PRIOR", "--horizon", "2", "--threshold", "2/E"],
+    ["--policy", "markov", "--capacity", "3", "--split", "0.5", "--seed", "3", "--scope", "global"],
+    ["--policy", "fifo", "--admit", "markov", "--capacity", "2"],
+], ids=["prefill-step", "seed", "prior", "split", "pair"])
+def test_decision_log_replays_from_its_settings(tmp_path, flags):
+    """A log made with any simulate settings replays given only the trace: the replay takes the
+    log's settings, and its re-simulation makes exactly the logged decisions."""
+    from simcache.decisions import read_decisions
+
+    t = random_trace(8, layers=2, experts=6, requests=6, length=(10, 16), prompt=4)
+    path = simcache.write_trace(t, tmp_path / "t.parquet")
+    prior = simcache.write_trace(random_trace(9, layers=2, experts=6, requests=4), tmp_path / "p.parquet")
+    flags = [str(prior) if f == "PRIOR" else f for f in flags]
+    log = tmp_path / "d.parquet"
+    runner = CliRunner()
+    made = runner.invoke(main, ["simulate", str(path), *flags, "--decisions", str(log)])
+    assert made.exit_code == 0, made.output
+    st = read_decisions(log).settings
+    r = runner.invoke(main, ["replay", str(path), *TINY_CLI, "--decisions", str(log), "--verify", "--json"])
+    assert r.exit_code == 0, r.output
+    (res,) = json.loads(r.output)["results"]
+    assert (res["policy"], res["capacity"], res["batch"], res["scope"]) == (st.policy, st.capacity, st.batch,
+                                                                             st.scope)
+    assert res["verified"] is True
+    # the replayed steps hold exactly the logged outcomes of those steps
+    logged = read_decisions(log)
+    g_end = 8 * 2
+    assert res["hits"] + res["loads"] == int(logged.group_ptr[g_end] - logged.group_ptr[2 * 2])
+    assert res["hits"] == int((logged.outcome[logged.group_ptr[4]:logged.group_ptr[g_end]] == 0).sum())
+
+
+def test_decision_log_refuses_a_moved_or_changed_prior(tmp_path):
+    t = random_trace(8, layers=2, experts=6, requests=6, length=(10, 16))
+    path = simcache.write_trace(t, tmp_path / "t.parquet")
+    prior = simcache.write_trace(random_trace(9, layers=2, experts=6, requests=4), tmp_path / "p.parquet")
+    log = tmp_path / "d.parquet"
+    runner = CliRunner()
+    assert runner.invoke(main, ["simulate", str(path), "--policy", "markov", "--capacity", "2", "--prior",
+                                str(prior), "--decisions", str(log)]).exit_code == 0
+    moved = prior.rename(tmp_path / "moved.parquet")
+    assert "not found" in error_of("replay", path, *TINY_CLI, "--decisions", log)
+    assert runner.invoke(main, ["replay", str(path), *TINY_CLI, "--decisions", str(log),
+                                "--prior", str(moved)]).exit_code == 0
+    other = simcache.write_trace(random_trace(10, layers=2, experts=6, requests=4), tmp_path / "o.parquet")
+    out = error_of("replay", path, *TINY_CLI, "--decisions", log, "--prior", other)
+    assert "is not the one the decision log was made with" in out
+    assert "--prior is for a --decisions log" in error_of("replay", path, *TINY_CLI, "--prior", other)
 
 
 def error_of(*args):

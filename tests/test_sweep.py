@@ -84,7 +84,7 @@ def test_split_cells_use_the_prior_of_the_train_part():
     t = random_trace(3, requests=8)
     frame = simcache.sweep([t], workers=0, policy="markov", capacity=2, split=0.5, split_seed=4)
     train, test = simcache.split_requests(t, 0.5, 4)
-    lib = simcache.simulate(test, "markov", 2, prior=simcache.fit_prior(train))
+    lib = simcache.simulate(test, "markov", 2, prior=simcache.transition_counts(train))
     assert frame.loc[0, "hits"] == lib.hits and frame.loc[0, "bypasses"] == lib.bypasses
 
 

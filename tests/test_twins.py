@@ -52,7 +52,7 @@ def test_random_traces_global_scope(evict, admit):
 def test_markov_with_prior(admit):
     train = random_trace(11, experts=5, requests=6)
     test = random_trace(12, experts=5, requests=6)
-    prior = simcache.fit_prior(train)
+    prior = simcache.transition_counts(train)
     compare(test, "lru", admit, 2, prior=prior, tau=0.3, horizon=3, batch=2)
 
 

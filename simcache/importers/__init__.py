@@ -1,4 +1,4 @@
-"""Bring foreign routing traces into the simcache format (DESIGN §14).
+"""Bring foreign routing traces into the simcache format (docs/design.md §14).
 
 One entry point, :func:`import_sources`: one or more input paths of one format, detected from
 the path where it can be; every format reader yields the same plain

@@ -1,4 +1,4 @@
-"""FLAME-MoE routing: the FLAME-MoE-290M sample file (DESIGN §9) and the FLAME-MoE-Traces
+"""FLAME-MoE routing: the FLAME-MoE-290M sample file (docs/design.md §9) and the FLAME-MoE-Traces
 folder layout.
 
 The FLAME-MoE-Traces dataset (``CMU-FLAME/FLAME-MoE-Traces`` on Hugging Face, Apache-2.0) is

@@ -1,6 +1,6 @@
 """llama.cpp ``moe-trace`` CSV: ``pos,layer,id_1,...,id_k``, one line per (token, MoE layer).
 
-The layout is the one DESIGN §14 gives: ``pos`` is the token position, negative for prompt
+The layout is the one docs/design.md §14 gives: ``pos`` is the token position, negative for prompt
 tokens (prefill); ``layer`` the transformer block (``blk.N``) whose ``ffn_moe_topk`` ids the
 line holds; then the k chosen experts, highest gate first. No tool that writes this file was
 found in the ggml-org/llama.cpp sources stored here (its MoE graph names the chosen ids

@@ -1,4 +1,4 @@
-"""Replay a policy's decisions on a real GPU with real-shaped expert tensors (DESIGN §6, §15).
+"""Replay a policy's decisions on a real GPU with real-shaped expert tensors (docs/design.md §6, §15).
 
 The simulator decides (hit / fill into slot s evicting v / bypass, for every access); the
 replay carries the decisions out and measures them, in three steps:
@@ -42,6 +42,9 @@ from simcache.replay.presets import Preset
 from simcache.replay.schedule import Schedule, build_schedule, check_ring, most_bypasses
 from simcache.simulator import BYPASS, FORCED_BYPASS, HIT
 from simcache.workload import Workload
+
+# further simulate() settings a replay takes (a decision log's or a sweep cell's)
+SIMULATE_OPTIONS = ("prefill", "prior", "seed", "horizon", "decay", "decay_every")
 
 
 @dataclass
@@ -167,12 +170,13 @@ class Replayer:
             threshold: float | str = 0.1, evict: str | None = None, admit: str | None = None,
             steps: int | None = None, bypass_buffers: int = 4,
             calibration: simcache.Calibration | None = None, decisions_file=None, verify: bool = False,
-            warmup_steps: int = 2, keep_outputs: bool = False) -> ReplayResult:
+            warmup_steps: int = 2, keep_outputs: bool = False, **simulate_options) -> ReplayResult:
         """Simulate ``policy`` with the preset's expert size, then carry its decisions out and
-        measure them. See the module docstring."""
+        measure them. See the module docstring. ``simulate_options`` (:data:`SIMULATE_OPTIONS`)
+        go to :func:`simcache.simulate`."""
         check_ring(bypass_buffers)
         sim, work, model = _decide(self, policy, capacity, scope, batch, threshold, evict, admit, calibration,
-                                   decisions_file)
+                                   decisions_file, simulate_options)
         n_steps = work.steps.num_steps if steps is None else min(int(steps), work.steps.num_steps)
         if n_steps <= warmup_steps:
             raise SimcacheError(f"replay needs more than {warmup_steps} steps (warm-up), got {n_steps}")
@@ -236,25 +240,24 @@ def replay(trace, preset, policy="lru", capacity=2, *, gpu=None, device=None, dt
                     expert_dtype=expert_dtype, issue=issue).run(policy, capacity, **run_options)
 
 
-def _decide(rp: Replayer, policy, capacity, scope, batch, threshold, evict, admit, calibration, decisions_file):
+def _decide(rp: Replayer, policy, capacity, scope, batch, threshold, evict, admit, calibration, decisions_file,
+            simulate_options=None):
     """The decisions and the prediction, from the simulator, priced for the issue path: the
     fast path's groups by the calibration's grouped FFN table (where it has one), the eager
-    path's expert by expert."""
-    work = Workload(rp.trace, batch)
+    path's expert by expert. A decision log must hold exactly these decisions."""
+    options = dict(simulate_options or {})
+    work = Workload(rp.trace, batch, options.pop("prefill", "skip"))
     cal = calibration
     if cal is not None and rp.issue == "eager" and cal.group_ffn:
         cal = dataclasses.replace(cal, group_ffn={})
     sim = simcache.simulate(work, policy, capacity, scope=scope, threshold=threshold, evict=evict, admit=admit,
-                            expert_bytes=rp.expert_bytes, calibration=cal, record=True)
+                            expert_bytes=rp.expert_bytes, calibration=cal, record=True, **options)
     if decisions_file is not None:
         from simcache.decisions import read_decisions
 
         log = read_decisions(decisions_file)
         log.check_trace(rp.trace)
-        same = (log.keys.shape == work.demand.keys.shape and np.array_equal(log.outcome, sim.decisions.outcome)
-                and np.array_equal(log.slot, sim.decisions.slot) and np.array_equal(log.victim, sim.decisions.victim))
-        if not same:
-            raise SimcacheError("the decision log does not match this trace, policy, capacity and batch")
+        log.check_decisions(sim.decisions)
     return sim, work, "grouped" if cal is not None and cal.group_ffn else "per-expert"
 
 

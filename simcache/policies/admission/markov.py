@@ -12,7 +12,7 @@ The horizon variant scores the probability that e is the top-1 expert at least o
 Notes
 -----
 Rule from the Yuelinfeng/mixtral-offloading fork (``src/markov_expert_cache.py``), with two
-corrections DESIGN §4 asks for: transitions pair tokens of the same sequence (the fork pairs
+corrections docs/design.md §4 describes: transitions pair tokens of the same sequence (the fork pairs
 consecutive rows of a batch), and decay counts steps (the fork counts calls of any layer).
 """
 

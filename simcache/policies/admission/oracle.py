@@ -5,12 +5,12 @@ bypass: the hit-rate ceiling of any admission rule.
 
 Notes
 -----
-The rule of DESIGN §4 — admit e iff its next use comes before the farthest next use among
+The rule of docs/design.md §4 — admit e iff its next use comes before the farthest next use among
 the residents — judged one miss at a time, can keep the wrong one of two misses of the same
 (step, layer). So the rule here is set-aware: the slots open to this group's misses are the
 free ones plus the unpinned residents; e is admitted iff fewer of those residents and of the
 group's not yet served misses are needed before e than there are such slots. For a group with
-one miss it is exactly the DESIGN rule. Experts never demanded again tie with each other, and a
+one miss it is exactly the rule of docs/design.md §4. Experts never demanded again tie with each other, and a
 tie keeps the resident. The test suite checks the result against an exhaustive search.
 """
 
