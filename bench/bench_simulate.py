@@ -88,12 +88,22 @@ def lcs_run(cls, path, capacity, repeat):
     return best, hits
 
 
+FIRST_CALL = {}  # (policy, scope) -> seconds of the first call beyond the best loop: the
+# compile (or numba's cache load: run with an empty NUMBA_CACHE_DIR to time the compile) and
+# one-off workload arrays
+
+
 def sc_run(work, policy, capacity, scope, repeat):
     best, result = float("inf"), None
-    for _ in range(repeat + 1):  # the first run may compile
+    for n in range(repeat + 1):  # the first run may compile
+        start = time.perf_counter()
         r = simcache.simulate(work, policy, capacity, scope=scope)
-        best = min(best, r.elapsed_s)
+        if n == 0:
+            first = time.perf_counter() - start
+        else:
+            best = min(best, r.elapsed_s)
         result = r
+    FIRST_CALL.setdefault((policy, scope), first - best)
     return best, result
 
 
@@ -221,6 +231,8 @@ def main():
         print(f"{r['workload']:9} {r['policy']:14} {r['accesses']:>11,} {r['simcache_Maps']:>13.1f} "
               f"{lc_text:>16} {ratio:>6} {r['simcache_hits']:>14,} "
               f"{'-' if lc_hits is None else f'{lc_hits:,}':>17}")
+    print("first call beyond the loop (compile, or numba cache load), seconds: "
+          + ", ".join(f"{p} ({sc}) {t:.1f}" for (p, sc), t in FIRST_CALL.items()))
     print("workload build (demand; future order for Belady), once per trace, seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in extra.items()))
     if memory:
         for policy, m in memory.items():

@@ -1,6 +1,6 @@
 """``python -m simcache`` runs the command line."""
 
-from simcache.cli import main
+from simcache.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -29,13 +29,15 @@ never overlaps, and each layer reports the pairs it skipped (``skipped_gap_pairs
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from math import comb
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from simcache import _checks
 from simcache.errors import SimcacheError
 from simcache.trace import Trace
 
@@ -88,9 +90,12 @@ class Analysis:
 
 
 def analyze(source, *, null_samples: int = 20, seed: int = 0, cut: float = 0.05,
-            max_communities: int = 8) -> Analysis:
+            max_communities: int = 8, estimate: Callable[[float], None] | None = None) -> Analysis:
     """Analyse a :class:`Trace`, a trace path, a ``.npy`` count array path, or an array
     (layers, E, E) of top-1 transition counts.
+
+    ``estimate``, if given, is called once with the seconds the null samples still need,
+    measured on the first of them (the command line warns when that is long).
 
     Examples
     --------
@@ -104,39 +109,37 @@ def analyze(source, *, null_samples: int = 20, seed: int = 0, cut: float = 0.05,
     >>> rec["communities"], rec["fiedler"] < 0.05
     (2, True)
     """
+    _check_args(null_samples, seed, cut)
+    est = estimate or (lambda seconds: None)
     if isinstance(source, Trace):
-        return _analyze_trace(source, "trace", null_samples, seed, cut, max_communities)
+        return _analyze_trace(source, "trace", null_samples, seed, cut, max_communities, est)
     if isinstance(source, np.ndarray):
-        return _analyze_counts(source, "array", null_samples, seed, cut, max_communities)
+        return _analyze_counts(source, "array", null_samples, seed, cut, max_communities, est)
     path = Path(source)
     if path.suffix == ".npy":
         from simcache.transitions import load_counts
 
-        return _analyze_counts(load_counts(path), str(path), null_samples, seed, cut, max_communities)
+        return _analyze_counts(load_counts(path), str(path), null_samples, seed, cut, max_communities, est)
     from simcache.trace import read_trace
 
-    return _analyze_trace(read_trace(path), str(path), null_samples, seed, cut, max_communities)
+    return _analyze_trace(read_trace(path), str(path), null_samples, seed, cut, max_communities, est)
 
 
-def _check_args(null_samples, cut):
-    if null_samples < 0:
-        raise SimcacheError(f"null samples must be >= 0, got {null_samples}")
-    if not (0.0 < cut <= 1.0):
+MAX_NULL_SAMPLES = 10_000  # each sample recomputes every statistic: 20-200 is typical
+
+
+def _check_args(null_samples, seed, cut):
+    _checks.integer("null samples", null_samples, 0, MAX_NULL_SAMPLES)
+    _checks.integer("seed", seed, 0, _checks.UINT64_MAX)
+    if not (0.0 < _checks.number("cut", cut) <= 1.0):
         raise SimcacheError(f"cut must be in (0, 1], got {cut}")
 
 
-def _analyze_counts(counts, source, null_samples, seed, cut, max_communities) -> Analysis:
-    _check_args(null_samples, cut)
+def _analyze_counts(counts, source, null_samples, seed, cut, max_communities, estimate) -> Analysis:
     counts = np.asarray(counts)
     if counts.ndim != 3 or counts.shape[1] != counts.shape[2]:
         raise SimcacheError(f"{source}: a count array must have shape (layers, E, E), got {counts.shape}")
-    if not np.issubdtype(counts.dtype, np.number):
-        raise SimcacheError(f"{source}: counts must be numbers")
-    counts = counts.astype(np.float64)
-    if not np.isfinite(counts).all():
-        raise SimcacheError(f"{source}: counts must be finite")
-    if (counts < 0).any():
-        raise SimcacheError(f"{source}: counts must be non-negative (found {counts.min():g})")
+    counts = _checks.counts(f"{source}: counts", counts)
     empty = np.flatnonzero(counts.sum(axis=(1, 2)) == 0)
     if empty.size:
         raise SimcacheError(f"{source}: layer {int(empty[0])} has no transitions (all-zero matrix)")
@@ -154,19 +157,21 @@ def _analyze_counts(counts, source, null_samples, seed, cut, max_communities) ->
         src = C.sum(axis=1)
         rec["load_max_over_mean"] = float(src.max() / src.mean())
         rec["load_cv"] = float(src.std() / src.mean())
-        nulls = [_null_counts(C, rng) for _ in range(null_samples)]
         samples = []
-        for N in nulls:
+        start = time.perf_counter()
+        for i in range(null_samples):
+            N = _null_counts(C, rng)
             s = _graph_stats(N, cut, max_communities, rng)
             s["repeat_top1"] = float(np.trace(N) / N.sum()) if N.sum() else 0.0
             samples.append(s)
+            if l == 0 and i == 0:
+                estimate((time.perf_counter() - start) * (L * null_samples - 1))
         _attach_nulls(rec, samples)
         layers.append(rec)
     return Analysis(source, "counts", L, E, None, null_samples, cut, layers, counts)
 
 
-def _analyze_trace(trace: Trace, source, null_samples, seed, cut, max_communities) -> Analysis:
-    _check_args(null_samples, cut)
+def _analyze_trace(trace: Trace, source, null_samples, seed, cut, max_communities, estimate) -> Analysis:
     L, E, k = trace.num_layers, trace.num_experts, trace.top_k
     experts = trace.token_experts()
     req = trace.token_request()
@@ -178,9 +183,12 @@ def _analyze_trace(trace: Trace, source, null_samples, seed, cut, max_communitie
     starts = np.flatnonzero(np.r_[True, req[1:] != req[:-1]])
     observed = _trace_layer_stats(experts, pair, E, cut, max_communities, rng)
     null_runs = []
-    for _ in range(null_samples):
+    for i in range(null_samples):
+        start = time.perf_counter()
         order = _shuffle_within(starts, req.shape[0], rng)
         null_runs.append(_trace_layer_stats(experts[order], pair, E, cut, max_communities, rng))
+        if i == 0:
+            estimate((time.perf_counter() - start) * (null_samples - 1))
     overlap_random = 1.0 - comb(E - k, k) / comb(E, k) if E - k >= k else 1.0
     use = np.zeros((L, E), np.int64)
     for l in range(L):

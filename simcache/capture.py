@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from simcache.errors import SimcacheError
+from simcache._files import check_input
 from simcache.trace import NO_EXPERT, ROW_GROUP_ROWS, TraceWriter, read_trace
 
 
@@ -129,9 +130,9 @@ def load_model(name: str, device: str = "cpu", dtype: str | None = None, device_
     auto = transformers.AutoModelForSeq2SeqLM if arch.seq2seq else transformers.AutoModelForCausalLM
     try:
         model = auto.from_pretrained(source, local_files_only=local_only, dtype=torch_dtype, **extra)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise SimcacheError(f"cannot load {source}: {str(exc).splitlines()[0]}") from None
+    tokenizer = _tokenizer(transformers, source, local_only)
     if device_map is None:
         try:
             model.to(torch.device(device))
@@ -139,6 +140,18 @@ def load_model(name: str, device: str = "cpu", dtype: str | None = None, device_
             raise SimcacheError(f"cannot use device '{device}': {str(exc).splitlines()[0]}") from None
     model.eval()
     return model, tokenizer, arch
+
+
+def _tokenizer(transformers, source, local_only):
+    """The checkpoint's tokenizer. Without one, transformers falls through to converters
+    (sentencepiece, tiktoken) that fail in many ways: each becomes one line here."""
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, ImportError, TypeError, ... by converter
+        lines = str(exc).strip().splitlines()
+        reason = lines[0] if lines else type(exc).__name__
+        raise SimcacheError(f"{source} has no usable tokenizer (save one beside the weights): "
+                            f"{reason[:160]}") from None
 
 
 def _dtype(dtype: str | None, device: str):
@@ -320,6 +333,8 @@ def read_texts(specs: Iterable[str]) -> list[tuple[str, str, str]]:
         path = Path(path_text)
         if not path.exists():
             raise SimcacheError(f"text path not found: {path}")
+        if not path.is_dir():
+            check_input(path, "text file")
         label = label or (path.stem if path.is_file() else path.name)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         found = 0
@@ -583,6 +598,8 @@ def _teacher_forced(model, arch, pieces, out, *, name, mode, corpus, key_inputs,
 
     if batch_size < 1:
         raise SimcacheError(f"batch-size must be positive, got {batch_size}")
+    if not 0 <= prompt_tokens < max_length:
+        raise SimcacheError(f"prompt-tokens must be in [0, max-length={max_length}), got {prompt_tokens}")
     device = model.get_input_embeddings().weight.device
     tap = RouterTap(model)
     meta = _metadata(model, tap, arch, name, mode, corpus)

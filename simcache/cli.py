@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,14 +18,24 @@ import click
 import numpy as np
 
 import simcache
+from simcache import _checks
+from simcache._files import check_input, release, reserve
+from simcache.analysis import MAX_NULL_SAMPLES
 from simcache.errors import SimcacheError
+from simcache.trace import INT16_MAX
 
 HERE = Path(__file__).resolve().parent.parent  # the checkout: traces/ sits beside simcache/
 DEFAULT_TRACE = HERE / "traces" / "flame-moe-290m.parquet"
 
 
+SEED = click.IntRange(0, _checks.UINT64_MAX)
+EXPERT_BYTES = click.IntRange(1, _checks.EXACT_FLOAT_MAX)
+RESULT_SUFFIXES = (".parquet", ".csv", ".json")
+
+
 def friendly(fn):
-    """Turn library errors (and file errors) into one-line click errors."""
+    """Turn library errors (and file errors) into one-line click errors; drop the temporaries
+    of outputs not written (an error, Ctrl-C, or SIGTERM)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -37,8 +48,46 @@ def friendly(fn):
             raise SystemExit(0) from None
         except (OSError, MemoryError) as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            release()
 
     return wrapper
+
+
+def _interrupt(signum, frame):
+    """Ctrl-C and SIGTERM alike: a KeyboardInterrupt, so every command cleans up as on Ctrl-C
+    (temporaries removed; a sweep keeps the cells that finished). Inside llvmlite's ctypes
+    callbacks (numba loading its cache) an exception is printed and ignored and the run would
+    go on, so there it is raised 50 ms later instead."""
+    if _interrupt.raised:  # once: a second interrupt would cut the clean-up of the first short
+        return
+    f = frame
+    while f is not None:
+        if f"{os.sep}llvmlite{os.sep}" in f.f_code.co_filename:
+            signal.signal(signal.SIGALRM, _interrupt)
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            return
+        f = f.f_back
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    _interrupt.raised = True
+    raise KeyboardInterrupt
+
+
+_interrupt.raised = False
+
+
+def run():
+    """The ``simcache`` program: :func:`main` with Ctrl-C and SIGTERM handled alike."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
+    main()
+
+
+def _given(ctx, *names) -> list[str]:
+    """The options among ``names`` that were typed on the command line (not defaults)."""
+    from click.core import ParameterSource
+
+    return [n for n in names if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
 
 
 def _shown(path) -> str:
@@ -156,12 +205,12 @@ def info(trace, as_json):
 @click.option("--on-gap", type=click.Choice(["keep", "drop-token", "error"]), default="keep", show_default=True,
               help="A token without a record at some layer: keep it as a gap row (no demand), drop "
                    "the token, or refuse.")
-@click.option("--num-experts", type=int, help="Experts per layer (default: largest id + 1).")
-@click.option("--first-layer", type=int, help="The source's number for MoE layer 0 (default: the smallest seen).")
-@click.option("--top-k", type=int, help="routed-experts: top-k of a flat base64 payload.")
-@click.option("--hidden-layers", type=int, help="routed-experts: layers of a flat base64 payload.")
+@click.option("--num-experts", type=click.IntRange(1, INT16_MAX), help="Experts per layer (default: largest id + 1).")
+@click.option("--first-layer", type=click.IntRange(0), help="The source's number for MoE layer 0 (default: the smallest seen).")
+@click.option("--top-k", type=click.IntRange(1), help="routed-experts: top-k of a flat base64 payload.")
+@click.option("--hidden-layers", type=click.IntRange(1), help="routed-experts: layers of a flat base64 payload.")
 @click.option("--model", help="Model name for the metadata.")
-@click.option("--expert-bytes", type=int, help="Bytes of one expert as served (for timing).")
+@click.option("--expert-bytes", type=EXPERT_BYTES, help="Bytes of one expert as served (for timing).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @friendly
 def import_(sources, output, fmt, request, position, layer, experts, weights, token_id, domain, on_gap,
@@ -177,8 +226,10 @@ def import_(sources, output, fmt, request, position, layer, experts, weights, to
     """
     from simcache.importers import import_sources
 
-    if output.exists() and not force:
-        raise SimcacheError(f"output file exists: {output} (use --force to replace it)")
+    for src in sources:
+        if not Path(src).is_dir():  # engine dumps and the FLAME layout may be folders
+            check_input(src, "input file")
+    reserve(output, overwrite=force, inputs=list(sources), suffixes=(".parquet",), what="OUTPUT")
     options = {k: v for k, v in dict(
         request=request, position=position, layer=layer, experts=experts, weights=weights,
         token_id=token_id, domain=domain, top_k=top_k, layers=hidden_layers,
@@ -210,30 +261,35 @@ def _length(ctx, param, value):
 
 @main.command()
 @click.argument("output", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--requests", "num_requests", type=int, default=64, show_default=True)
+@click.option("--requests", "num_requests", type=click.IntRange(1, 2**31 - 1), default=64, show_default=True)
 @click.option("--length", default="256", callback=_length, show_default=True,
               help="Tokens per request: N, or LO:HI drawn uniformly.")
-@click.option("--layers", type=int, default=32, show_default=True)
-@click.option("--experts", type=int, default=8, show_default=True)
-@click.option("--top-k", type=int, default=2, show_default=True)
+@click.option("--layers", type=click.IntRange(1, INT16_MAX), default=32, show_default=True,
+              help="MoE layers (a --transitions file sets them).")
+@click.option("--experts", type=click.IntRange(1, INT16_MAX), default=8, show_default=True,
+              help="Experts per layer (a --transitions file sets them).")
+@click.option("--top-k", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--transitions", type=click.Path(dir_okay=False, path_type=Path),
               help="Walk these top-1 transition counts (.npy, layers x E x E).")
 @click.option("--communities", type=int, help="Parametric model: expert communities (default E/4).")
 @click.option("--stickiness", type=float, default=0.9, show_default=True)
 @click.option("--zipf", type=float, default=1.0, show_default=True)
 @click.option("--noise", type=float, default=0.1, show_default=True)
-@click.option("--prompt-length", type=int, default=0, show_default=True,
+@click.option("--prompt-length", type=click.IntRange(0), default=0, show_default=True,
               help="Mark the first tokens of each request as prefill.")
-@click.option("--expert-bytes", type=int, default=simcache.timing.MIXTRAL_EXPERT_BYTES, show_default=True)
+@click.option("--expert-bytes", type=EXPERT_BYTES, default=simcache.timing.MIXTRAL_EXPERT_BYTES, show_default=True)
 @click.option("--no-weights", is_flag=True, help="Leave out gate weights (smaller files).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @friendly
 def synth(output, num_requests, length, layers, experts, top_k, transitions, communities,
           stickiness, zipf, noise, prompt_length, expert_bytes, no_weights, seed, force):
     """Draw a synthetic routing trace (Markov chain or parametric) into OUTPUT."""
-    if output.exists() and not force:
-        raise SimcacheError(f"output file exists: {output} (use --force to replace it)")
+    if transitions is not None:
+        ignored = _given(click.get_current_context(), "layers", "experts", "communities", "stickiness", "zipf", "noise")
+        if ignored:
+            raise SimcacheError(f"--transitions sets the shape and the chain; drop --{', --'.join(ignored)}")
+    reserve(output, overwrite=force, inputs=[transitions], suffixes=(".parquet",), what="OUTPUT")
     from simcache.transitions import load_counts
 
     counts = None if transitions is None else load_counts(transitions)
@@ -271,28 +327,30 @@ def synth(output, num_requests, length, layers, experts, top_k, transitions, com
               help="Markov admission tau: a number in [0, 1], or X/E for X times 1/E.")
 @click.option("--evict", type=click.Choice(list(simcache.EVICTION)), help="Override the eviction rule.")
 @click.option("--admit", type=click.Choice(list(simcache.ADMISSION)), help="Override the admission rule.")
-@click.option("--horizon", type=int, default=4, show_default=True, help="Steps ahead for markov-h.")
+@click.option("--horizon", type=click.IntRange(1), default=4, show_default=True,
+              help="Steps ahead for markov-h (at most the trace's steps).")
 @click.option("--prior", type=click.Path(dir_okay=False, path_type=Path),
               help="Seed the Markov learner from a separate trace or a .npy count array.")
 @click.option("--split", type=float,
               help="Score on this fraction of requests; fit the Markov prior on the rest.")
-@click.option("--seed", type=int, default=0, show_default=True, help="For --split and random eviction.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="For --split and random eviction.")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
               help="Timing tables from 'simcache probe' (default: H200 reference figures).")
 @click.option("--no-overlap", is_flag=True, help="Model copies without a side stream (serial).")
-@click.option("--expert-bytes", type=int, help="Override the trace's bytes per expert.")
+@click.option("--expert-bytes", type=EXPERT_BYTES, help="Override the trace's bytes per expert.")
 @click.option("--per-layer", is_flag=True, help="Also print per-layer counters.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write results to .parquet, .csv or .json.")
 @click.option("--decisions", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the decision log of the (single) run, for 'simcache replay'.")
+@click.option("--force", is_flag=True, help="Replace --out and --decisions if they exist.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr (default: on for long runs at a terminal).")
 @friendly
 def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evict, admit, horizon,
              prior, split, seed, calibration, no_overlap, expert_bytes, per_layer, as_json, out,
-             decisions, progress):
+             decisions, force, progress):
     """Simulate expert caches over TRACE (default: the bundled FLAME-MoE-290M sample).
 
     \b
@@ -307,6 +365,9 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
     path = trace or DEFAULT_TRACE
     if trace is None and not path.exists():
         raise SimcacheError(f"no TRACE given and the bundled sample is missing: {path}")
+    inputs = [path, prior, calibration]
+    reserve(out, overwrite=force, inputs=inputs, suffixes=RESULT_SUFFIXES, what="--out")
+    reserve(decisions, overwrite=force, inputs=inputs, suffixes=(".parquet",), what="--decisions")
     cal = simcache.load_calibration(calibration) if calibration is not None else None
     bar = None
 
@@ -329,6 +390,11 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
             bar.__exit__(None, None, None)
     t, work, results, notes = run.trace, run.work, run.results, run.notes
     L, E = t.num_layers, t.num_experts
+    if isinstance(batch, int) and batch > t.num_requests:
+        notes.append(f"--batch {batch} exceeds the trace's {t.num_requests:,} requests: the "
+                     f"effective batch is {t.num_requests:,}")
+    if horizon > work.steps.num_steps and any(r.admit == "markov-h" for r in results):
+        notes.append(f"--horizon {horizon} is cut to the trace's {work.steps.num_steps:,} steps")
     if decisions is not None:
         from simcache.decisions import write_decisions
 
@@ -349,7 +415,7 @@ def simulate(trace, policies, capacities, scope, batch, prefill, threshold, evic
         f"trace: {_shown(path)}\n"
         f"model: {t.model}, {L} layers x {E} experts, top-{t.top_k}, "
         f"{t.num_requests:,} requests, {t.num_tokens:,} tokens\n"
-        f"workload: batch {work.batch}, prefill {prefill}, scope {scope}: {r0.steps:,} steps, "
+        f"workload: batch {work.batch if isinstance(work.batch, str) else min(work.batch, t.num_requests)}, prefill {prefill}, scope {scope}: {r0.steps:,} steps, "
         f"{r0.accesses:,} accesses"
         + (f"\ntiming: {r0.calibration}, expert {r0.expert_bytes / 2**20:.2f} MiB, "
            f"{'copy stream overlaps compute' if (cal or simcache.default_calibration()).overlap and not no_overlap else 'serial copies'}"
@@ -532,13 +598,14 @@ def report(results, out):
               help="Trace to write (default: <model>.parquet).")
 @click.option("--text", "texts", multiple=True, metavar="[LABEL=]PATH",
               help="Teacher-forced text: a file or folder, labelled with a domain (repeatable).")
-@click.option("--generate", "new_tokens", type=int, help="Generate N tokens from each --prompt instead.")
+@click.option("--generate", "new_tokens", type=click.IntRange(1), help="Generate N tokens from each --prompt instead.")
 @click.option("--prompt", "prompts", multiple=True, help="A prompt for --generate (repeatable).")
 @click.option("--prompts-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Prompts for --generate, one per line.")
-@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per teacher-forced sequence.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--prompt-tokens", type=int, default=0, show_default=True,
+@click.option("--max-length", type=click.IntRange(2), default=512, show_default=True,
+              help="Tokens per teacher-forced sequence.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(0), default=0, show_default=True,
               help="Mark the first N tokens of each teacher-forced sequence as prefill.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
@@ -565,20 +632,22 @@ def capture(model_name, out, texts, new_tokens, prompts, prompts_file, max_lengt
     from simcache import capture as cap
 
     out = out or Path(f"{Path(model_name).name}.parquet")
-    if out.exists() and not force:
-        raise SimcacheError(f"output file exists: {out} (use --force to replace it)")
     if bool(texts) == (new_tokens is not None):
         raise SimcacheError("give either --text [LABEL=]PATH (teacher-forced) or --generate N with prompts")
+    if texts and prompt_tokens >= max_length:
+        raise SimcacheError(f"--prompt-tokens {prompt_tokens} leaves no decode tokens in sequences of "
+                            f"--max-length {max_length}")
     docs, prompt_list = None, list(prompts)
     if texts:
         docs = cap.read_texts(texts)
     else:
         if prompts_file is not None:
-            if not prompts_file.exists():
-                raise SimcacheError(f"prompts file not found: {prompts_file}")
+            check_input(prompts_file, "prompts file")
             prompt_list += [l for l in prompts_file.read_text().splitlines() if l.strip()]
         if not prompt_list:
             raise SimcacheError("--generate needs --prompt or --prompts-file")
+    inputs = [prompts_file] + [f for _, f, _ in docs or []]
+    reserve(out, overwrite=force, inputs=inputs, suffixes=(".parquet",), what="--out")
     model, tokenizer, arch = cap.load_model(model_name, device, dtype, device_map=device_map)
     if device_map is not None:
         device = f"device map {device_map}: " + ", ".join(sorted({str(p.device) for p in model.parameters()}))
@@ -630,15 +699,16 @@ def _with_null(rec, name, digits=3):
 
 @main.command()
 @click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--null", "null_samples", type=int, default=20, show_default=True,
-              help="Null-model samples (shuffles within sequences, or multinomial resamples).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--null", "null_samples", type=click.IntRange(0, MAX_NULL_SAMPLES), default=20,
+              show_default=True, help="Null-model samples (shuffles within sequences, or multinomial resamples).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--cut", type=float, default=0.05, show_default=True,
               help="Transitions with P >= cut form the graph whose strongly connected components are counted.")
 @click.option("--json", "as_json", is_flag=True, help="Print one record per layer as JSON.")
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write PNG figures here.")
+@click.option("--force", is_flag=True, help="Replace figures already in --plots.")
 @friendly
-def analyze(path, null_samples, seed, cut, as_json, plots):
+def analyze(path, null_samples, seed, cut, as_json, plots, force):
     """Routing locality and transition structure of PATH (a trace, or a .npy count array of
     shape layers x E x E), each statistic against a null model.
 
@@ -649,7 +719,19 @@ def analyze(path, null_samples, seed, cut, as_json, plots):
     from simcache.report import table
 
     path = path or DEFAULT_TRACE
-    a = run_analysis(path, null_samples=null_samples, seed=seed, cut=cut)
+    if plots is not None:
+        from simcache.plots import FIGURES
+
+        plots.mkdir(parents=True, exist_ok=True)
+        for name in FIGURES:
+            reserve(plots / name, overwrite=force, inputs=[path], what="figure")
+
+    def estimate(seconds):
+        if seconds > 30:
+            click.echo(f"note: the {null_samples:,} null samples will take about {seconds:,.0f} s "
+                       f"(--null sets how many)", err=True)
+
+    a = run_analysis(path, null_samples=null_samples, seed=seed, cut=cut, estimate=estimate)
     written = []
     if plots is not None:
         from simcache.plots import write_plots
@@ -733,9 +815,10 @@ def _torch():
 @main.command()
 @_preset_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the calibration JSON here.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly
-def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, as_json):
+def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, force, as_json):
     """Measure a GPU's copy bandwidth, copy latency, expert FFN time and copy/compute overlap,
     and (unless --issue eager) the grouped FFN time of the replay's fast issue path.
 
@@ -747,6 +830,7 @@ def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, as_
     from simcache.replay.probe import probe as run_probe
     from simcache.report import table
 
+    reserve(out, overwrite=force, suffixes=(".json",), what="--out")
     dev = pick_device(gpu if gpu is not None else (None if device == "cpu" else 0), device)
     if dev.type != "cuda":
         raise SimcacheError("probe measures a GPU: give --gpu N")
@@ -800,6 +884,9 @@ def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, as_
 @click.option("--verify", is_flag=True, help="Also check outputs against an all-experts-resident run.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results (.json/.csv/.parquet).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--cpu-full-size", is_flag=True,
+              help="With --device cpu: run a full-size preset over every layer (tens of GB, hours).")
 @click.option("--from", "from_results", type=click.Path(dir_okay=False, path_type=Path),
               help="Replay the winning cell of a sweep's results (its exact settings) for TRACE.")
 @click.option("--budget", help="With --from: GPU memory the resident experts may take (24GiB, 80GB, ...).")
@@ -807,7 +894,7 @@ def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, as_
 @friendly
 def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, policies, capacities, batches,
            scope, threshold, evict, admit, layers, steps, bypass_buffers, calibration, decisions, prior, verify,
-           as_json, out, from_results, budget):
+           as_json, out, from_results, budget, force, cpu_full_size):
     """Run a policy's decisions on a GPU with real-shaped expert tensors and compare the
     measured time with the simulator's prediction.
 
@@ -820,6 +907,11 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
     from simcache.sweeps import trace_hash, winning_settings
 
     path = trace or DEFAULT_TRACE
+    if gpu is None and device is None:
+        raise SimcacheError("replay needs --gpu N (a CUDA device) or --device cpu (small shapes: "
+                            "--preset custom or --layers)")
+    reserve(out, overwrite=force, inputs=[path, decisions, calibration, from_results], suffixes=RESULT_SUFFIXES,
+            what="--out")
     t = simcache.read_trace(path)
     extra = {}
     if decisions is not None and from_results is not None:
@@ -867,10 +959,16 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
     from simcache.replay.presets import resolve
     from simcache.report import table, write_results
 
+    shapes = resolve(preset, hidden, ffn, t.num_experts)
+    full_size = shapes.name != "custom" and shapes.num_experts == t.num_experts  # (a mismatch: Replayer says so)
+    if gpu is None and full_size and layers is None and not cpu_full_size:
+        gib = t.num_layers * t.num_experts * shapes.expert_bytes(DTYPES[dtype].itemsize) / 2**30
+        raise SimcacheError(f"{shapes.name} experts over all {t.num_layers} layers are {gib:,.1f} GiB: on the CPU "
+                            f"pick --layers (e.g. --layers 0), --preset custom, or --cpu-full-size")
     runs = [(p, c, b) for b in batches for p in policies for c in capacities]
     for p in policies:
         simcache.policies.resolve(p, evict, admit)
-    rp = Replayer(t, resolve(preset, hidden, ffn, t.num_experts), gpu=gpu, device=device, dtype=dtype, layers=layers,
+    rp = Replayer(t, shapes, gpu=gpu, device=device, dtype=dtype, layers=layers,
                   expert_dtype=expert_dtype, issue=issue)
     if calibration is not None:
         cal = simcache.load_calibration(calibration)
@@ -947,4 +1045,4 @@ def _logged_run(path, trace, prior_path, **given):
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simcache._files import atomic_output
+from simcache._files import atomic_output, check_input
 from simcache.errors import SimcacheError
 from simcache.trace import Trace
 
@@ -220,9 +220,7 @@ def read_decisions(path) -> DecisionLog:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    if not path.exists():
-        raise SimcacheError(f"decision log not found: {path}")
+    path = check_input(path, "decision log")
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:

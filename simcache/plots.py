@@ -9,6 +9,8 @@ import numpy as np
 from simcache._files import atomic_output
 from simcache.analysis import Analysis, transition_matrix
 
+FIGURES = ("transitions.png", "spectra.png", "locality.png", "structure.png", "communities.png")
+
 
 def _save(fig, path: Path):
     with atomic_output(path) as tmp:

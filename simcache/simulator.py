@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from simcache import _checks
 from simcache._jit import kernel as jit
 from simcache.errors import SimcacheError
 from simcache.policies import _dispatch as dispatch
@@ -28,7 +29,7 @@ from simcache.policies import learner_for, needs_future, policy_name, resolve
 from simcache.state import Learner, new_state
 from simcache.timing import Calibration, default_calibration, group_seconds, group_table_for
 from simcache.trace import Trace
-from simcache.workload import Workload
+from simcache.workload import RECORDED, Workload
 
 SCOPES = ("layer", "global")
 
@@ -354,6 +355,19 @@ def simulate(
     >>> simcache.simulate(t, "belady-bypass", capacity=1).hits
     2
     """
+    # argument checks: one-line errors, no truncation (simcache._checks)
+    policy, evict, admit = (None if v is None else _checks.text(n, v)
+                            for n, v in (("policy", policy), ("evict", evict), ("admit", admit)))
+    capacity = _checks.optional_integer("capacity", capacity, 1)
+    batch = batch if batch == RECORDED else _checks.integer("batch", batch, 1)
+    horizon = _checks.integer("horizon", horizon, 1)
+    seed = _checks.integer("seed", seed, 0, _checks.UINT64_MAX)
+    decay_every, decay = _checks.integer("decay_every", decay_every, 0), _checks.number("decay", decay)
+    expert_bytes = _checks.optional_integer("expert_bytes", expert_bytes, 1, _checks.EXACT_FLOAT_MAX)
+    if calibration is not None:
+        _checks.instance("calibration", calibration, Calibration, "Calibration (simcache.load_calibration)")
+    overlap = None if overlap is None else _checks.flag("overlap", overlap)
+    record = _checks.flag("record", record)
     eviction, admission = resolve(policy, evict, admit)
     work = _workload(trace, batch, prefill)
     L, E = work.trace.num_layers, work.trace.num_experts
@@ -369,9 +383,10 @@ def simulate(
     S = new_state(
         keys=work.demand.keys, future=work.future if future else np.zeros(0, np.int64),
         num_layers=L, num_experts=E, pool_caps=[capacity] * L if scope == "layer" else [capacity],
-        rules=(eviction, admission), seed=seed,
+        rules=(eviction, admission), seed=seed, workload=work,
     )
     learner = learner_for(eviction, admission)
+    horizon = min(horizon, work.steps.num_steps)  # no step lies beyond the trace's end
     M = _learner(work, prior, tau, horizon, decay_every, decay, active=learner != 0)
     eb, cal_name, t_copy, lut, ov = _timing(work, calibration, expert_bytes, overlap)
     group_table = group_table_for(calibration, eb)
@@ -446,12 +461,10 @@ def _check_capacity(capacity, scope, L, E):
 def _check_prior(prior, L, E):
     if prior is None:
         return None
-    prior = np.asarray(prior, dtype=np.float64)
+    prior = np.asarray(prior)
     if prior.shape != (L, E, E):
         raise SimcacheError(f"prior has shape {prior.shape}, the trace needs ({L}, {E}, {E})")
-    if not np.isfinite(prior).all() or (prior < 0).any():
-        raise SimcacheError("prior counts must be finite and non-negative")
-    return prior
+    return _checks.counts("prior counts", prior)
 
 
 def _timing(work: Workload, calibration, expert_bytes, overlap):
@@ -516,7 +529,7 @@ def parse_threshold(threshold, num_experts: int) -> float:
         except ValueError:
             raise SimcacheError(f"threshold must be a number or '<x>/E', got {threshold!r}") from None
     else:
-        value = float(threshold)
+        value = _checks.number("threshold", threshold)
     if not (0.0 <= value <= 1.0) or value != value:
         raise SimcacheError(f"threshold {threshold} is outside [0, 1]")
     return value

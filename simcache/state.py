@@ -53,14 +53,16 @@ CacheState = namedtuple("CacheState", list(FIELDS), module=__name__)
 CacheState.__doc__ = "Cache state arrays; see :data:`FIELDS` for each one's meaning."
 
 
-def new_state(*, keys, future, num_layers, num_experts, pool_caps, rules=(), seed=0) -> CacheState:
+def new_state(*, keys, future, num_layers, num_experts, pool_caps, rules=(), seed=0,
+              workload=None) -> CacheState:
     """A cold cache: every slot free, every key absent. ``rules`` are the running policies
-    (their fields are allocated; the others' are empty)."""
+    (their fields are allocated; the others' are empty); ``workload`` is what their fields'
+    ``init`` may read (:mod:`simcache.policies._steps`)."""
     cap = np.asarray(pool_caps, np.int64)
     sizes = Sizes(
         keys=num_layers * num_experts, slots=int(cap.sum()), pools=len(cap), layers=num_layers,
         experts=num_experts, accesses=len(keys), cap=cap, seed=seed,
-        inputs={"keys": keys, "future": future},
+        inputs={"keys": keys, "future": future, "workload": workload},
     )
     wanted = set(CORE)
     for rule in rules:

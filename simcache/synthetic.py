@@ -18,9 +18,10 @@ from __future__ import annotations
 import numpy as np
 
 from simcache._jit import jit
+from simcache import _checks
 from simcache.errors import SimcacheError
 from simcache.timing import MIXTRAL_EXPERT_BYTES
-from simcache.trace import Trace
+from simcache.trace import INT16_MAX, INT32_MAX, Trace
 
 
 def synth(
@@ -67,32 +68,36 @@ def synth(
     >>> t.num_tokens, t.top_k, int(t.experts.max()) < 8
     (64, 2, True)
     """
-    if num_requests <= 0:
-        raise SimcacheError(f"num_requests must be positive, got {num_requests}")
+    num_requests = _checks.integer("num_requests", num_requests, 1, INT32_MAX)
+    seed = _checks.integer("seed", seed, 0, _checks.UINT64_MAX)
+    prompt_length = _checks.integer("prompt_length", prompt_length, 0)
+    _checks.optional_integer("expert_bytes", expert_bytes, 1, _checks.EXACT_FLOAT_MAX)
+    weights = _checks.flag("weights", weights)
     rng = np.random.default_rng(seed)
     if isinstance(length, (tuple, list)):
-        lo, hi = int(length[0]), int(length[1])
-        if lo <= 0 or hi < lo:
-            raise SimcacheError(f"length range must satisfy 0 < lo <= hi, got {length}")
+        if len(length) != 2:
+            raise SimcacheError(f"length must be N or (lo, hi), got {length!r}")
+        lo = _checks.integer("length lo", length[0], 1, INT32_MAX)
+        hi = _checks.integer("length hi", length[1], lo, INT32_MAX)
         lengths = rng.integers(lo, hi + 1, size=num_requests)
     else:
-        if int(length) <= 0:
-            raise SimcacheError(f"length must be positive, got {length}")
-        lengths = np.full(num_requests, int(length))
+        lengths = np.full(num_requests, _checks.integer("length", length, 1, INT32_MAX))
     lengths = lengths.astype(np.int64)
     if transitions is not None:
-        if isinstance(transitions, (str,)) or hasattr(transitions, "__fspath__"):
-            transitions = np.load(transitions, allow_pickle=False)
-        counts = np.asarray(transitions, np.float64)
+        if isinstance(transitions, str) or hasattr(transitions, "__fspath__"):
+            from simcache.transitions import load_counts
+
+            transitions = load_counts(transitions)
+        counts = np.asarray(transitions)
         if counts.ndim != 3 or counts.shape[1] != counts.shape[2]:
             raise SimcacheError(f"transitions must have shape (layers, E, E), got {counts.shape}")
-        if not np.isfinite(counts).all() or (counts < 0).any():
-            raise SimcacheError("transition counts must be finite and non-negative")
+        counts = _checks.counts("transition counts", counts)
         num_layers, num_experts = counts.shape[0], counts.shape[1]
-    if not (1 <= top_k <= num_experts):
+    num_layers = _checks.integer("num_layers", num_layers, 1, INT16_MAX)
+    num_experts = _checks.integer("num_experts", num_experts, 1, INT16_MAX)
+    top_k = _checks.integer("top_k", top_k, 1)
+    if top_k > num_experts:
         raise SimcacheError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-    if num_layers <= 0:
-        raise SimcacheError(f"num_layers must be positive, got {num_layers}")
     L, E, k = int(num_layers), int(num_experts), int(top_k)
     seed32 = int(rng.integers(0, 2**31 - 1))
     if transitions is not None:
@@ -101,10 +106,10 @@ def synth(
         source = "transition counts"
     else:
         C = communities if communities is not None else max(1, E // 4)
-        if not (1 <= C <= E):
-            raise SimcacheError(f"communities must be in [1, {E}], got {C}")
-        if not (0.0 <= stickiness <= 1.0 and 0.0 <= noise <= 1.0 and zipf >= 0.0):
-            raise SimcacheError("stickiness and noise must be in [0, 1], zipf >= 0")
+        C = _checks.integer("communities", C, 1, E)
+        stickiness = _checks.number("stickiness", stickiness, 0.0, 1.0)
+        noise = _checks.number("noise", noise, 0.0, 1.0)
+        zipf = _checks.number("zipf", zipf, 0.0)
         members, member_cdf = _community_tables(L, E, C, zipf, rng)
         experts = _walk_communities(lengths, L, k, E, members, member_cdf, stickiness, noise, seed32)
         source = f"parametric (communities={C}, stickiness={stickiness}, zipf={zipf}, noise={noise})"

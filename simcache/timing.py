@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simcache._files import atomic_write_text
+from simcache._files import atomic_write_text, check_input
 from simcache._jit import kernel as jit
 from simcache.errors import SimcacheError
 
@@ -124,9 +124,7 @@ def default_calibration() -> Calibration:
 
 def load_calibration(path) -> Calibration:
     """Read a calibration JSON written by ``simcache probe``."""
-    path = Path(path)
-    if not path.exists():
-        raise SimcacheError(f"calibration file not found: {path}")
+    path = check_input(path, "calibration file")
     try:
         data = json.loads(path.read_text())
     except ValueError:

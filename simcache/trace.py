@@ -14,14 +14,16 @@ as 1.1 only when it holds a -1; version 1 files read as before.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
-from simcache._files import check_output, commit, temp_beside
+from simcache._files import check_input, claim
 from simcache.errors import SimcacheError
 
 SCHEMA_VERSION = 1
@@ -30,10 +32,143 @@ READABLE_VERSIONS = (SCHEMA_VERSION, SCHEMA_VERSION_GAPS)
 NO_EXPERT = -1
 METADATA_KEY = b"simcache"
 ROW_GROUP_ROWS = 1 << 20
+INT16_MAX = int(np.iinfo(np.int16).max)
+INT32_MAX = int(np.iinfo(np.int32).max)
 
-# Metadata every trace carries; the rest (model, architecture, expert_bytes, dtype, capture,
-# corpus, tool_version, ...) is optional and passed through unchanged.
-REQUIRED_METADATA = ("num_layers", "num_experts", "top_k")
+
+# ---- the schema: one declaration of every column and metadata field ----------------------
+
+
+@dataclass(frozen=True)
+class Column:
+    """One trace column: its type in memory and in the file, and the values it may hold.
+
+    ``kind`` is ``"int"``, ``"float"`` or ``"label"`` (strings, stored as a dictionary with
+    int16 codes; -1 in memory = no label). ``per_expert`` columns hold a list per row (an
+    Arrow ``fixed_size_list``) of ``width`` values: ``"top_k"``, or ``"lookahead"`` (the
+    look-ahead columns' own width, 2 x top_k as capture writes them). Valid values lie in ``[lo, hi]``, where ``hi`` may
+    instead name a limit (``num_layers``, ``num_experts``, ``domains``) that values stay below.
+    """
+
+    name: str
+    dtype: str
+    required: bool
+    lo: int | None = None
+    hi: int | str | None = None
+    kind: str = "int"
+    per_expert: bool = False
+    what: str = ""
+    width: str = "top_k"
+
+    def arrow_type(self, widths: dict):
+        import pyarrow as pa
+
+        if self.kind == "label":
+            return pa.dictionary(pa.int16(), pa.string())
+        value = pa.from_numpy_dtype(np.dtype(self.dtype))
+        return pa.list_(value, widths[self.width]) if self.per_expert else value
+
+    def bounds(self, limits: dict) -> tuple[int | None, int | None]:
+        """Inclusive (lo, hi) under ``limits`` (the metadata plus ``domains``)."""
+        hi = self.hi
+        if isinstance(hi, str):
+            hi = int(limits[hi]) - 1
+        return self.lo, hi
+
+    def check(self, values: np.ndarray, limits: dict) -> None:
+        """Raise :class:`SimcacheError` unless every value is valid. Works on any integer width,
+        so a reader checks before narrowing to ``dtype`` (a narrowed 65536 + l reads as l)."""
+        if self.name == "experts":
+            check_expert_ids(values, int(limits["num_experts"]), limits.get("missing_ok", True))
+            return
+        if not values.size:
+            return
+        if self.kind == "float":
+            if not np.isfinite(values).all():
+                raise SimcacheError(f"column '{self.name}' holds NaN or infinite values")
+            return
+        lo, hi = self.bounds(limits)
+        vmin, vmax = values.min(), values.max()
+        if (lo is not None and vmin < lo) or (hi is not None and vmax > hi):
+            bad = vmin if lo is not None and vmin < lo else vmax
+            where = f"[{lo}, {hi}]"
+            why = f" ({self.what})" if self.what else ""
+            if isinstance(self.hi, str):
+                why = f" ({self.hi}={limits[self.hi]})"
+            raise SimcacheError(f"column '{self.name}' has value {int(bad)} outside {where}{why}")
+
+
+COLUMNS = (
+    Column("request", "int32", True, 0, INT32_MAX, what="sequence id"),
+    Column("position", "int32", True, 0, INT32_MAX, what="token index in its sequence"),
+    Column("phase", "int8", True, 0, 1, what="0 = prefill, 1 = decode"),
+    Column("layer", "int16", True, 0, "num_layers"),
+    Column("experts", "int16", True, 0, "num_experts", per_expert=True),
+    Column("weights", "float32", False, kind="float", per_expert=True),
+    Column("token_id", "int32", False, 0, INT32_MAX, what="token id"),
+    Column("domain", "int16", False, -1, "domains", kind="label"),
+    Column("step", "int32", False, 0, INT32_MAX, what="recorded forward pass"),
+    Column("lookahead", "int16", False, -1, "num_experts", per_expert=True, width="lookahead",
+           what="router l+1's choice on layer l's input; -1 = none"),
+    Column("lookahead_scores", "float32", False, kind="float", per_expert=True, width="lookahead"),
+)
+COLUMN = {c.name: c for c in COLUMNS}
+
+
+@dataclass(frozen=True)
+class Field:
+    """One metadata field with an integer value in [lo, hi] (``hi`` may name another field)."""
+
+    name: str
+    required: bool
+    lo: int
+    hi: int | str
+
+
+# Metadata every trace carries, and the optional numbers simcache uses; the rest (model,
+# architecture, dtype, capture, corpus, tool_version, ...) is passed through unchanged.
+FIELDS = (
+    Field("num_layers", True, 1, INT16_MAX),
+    Field("num_experts", True, 1, INT16_MAX),
+    Field("top_k", True, 1, "num_experts"),
+    Field("expert_bytes", False, 1, 2**53),
+)
+REQUIRED_METADATA = tuple(f.name for f in FIELDS if f.required)
+
+
+def check_metadata(meta) -> dict[str, Any]:
+    """The metadata with its numeric fields checked (and as plain ints); raises
+    :class:`SimcacheError` naming the first bad field."""
+    if not isinstance(meta, dict):
+        raise SimcacheError(f"trace metadata must be a JSON object, got {type(meta).__name__}")
+    out = dict(meta)
+    for f in FIELDS:
+        value = meta.get(f.name)
+        if value is None:
+            if f.required:
+                raise SimcacheError(f"trace metadata lacks '{f.name}'")
+            out.pop(f.name, None)
+            continue
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise SimcacheError(f"trace metadata '{f.name}' must be an integer, got {value!r:.40}")
+        hi = out[f.hi] if isinstance(f.hi, str) else f.hi
+        if not f.lo <= value <= hi:
+            limit = f"{f.hi}={hi}" if isinstance(f.hi, str) else str(hi)
+            raise SimcacheError(f"trace metadata '{f.name}'={value} is outside [{f.lo}, {limit}]")
+        out[f.name] = int(value)
+    return out
+
+
+def check_expert_ids(experts: np.ndarray, num_experts: int, missing_ok: bool = True) -> None:
+    """Every expert id in [0, num_experts), or -1 (no record, padding: schema 1.1) when
+    ``missing_ok``: the one place that decides which ids are valid."""
+    if experts.size and not np.issubdtype(experts.dtype, np.integer):
+        raise SimcacheError("experts must hold integer ids")
+    if experts.size:
+        lo, hi = int(experts.min()), int(experts.max())
+        if lo < (NO_EXPERT if missing_ok else 0) or hi >= num_experts:
+            bad = hi if hi >= num_experts else lo
+            raise SimcacheError(f"expert id {bad} is outside [0, {num_experts}) (num_experts={num_experts})")
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,11 +216,11 @@ class Trace:
     weights: np.ndarray | None = None
     token_id: np.ndarray | None = None
     domain: np.ndarray | None = None
-    domains: tuple[str, ...] = ()
-    metadata: dict[str, Any] = field(default_factory=dict)
     step: np.ndarray | None = None
     lookahead: np.ndarray | None = None
     lookahead_scores: np.ndarray | None = None
+    domains: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     # ---- construction -------------------------------------------------------------------
 
@@ -138,23 +273,12 @@ class Trace:
         experts = np.asarray(experts)
         if experts.ndim != 2:
             raise SimcacheError(f"experts must have shape (rows, k), got {experts.shape}")
-        rows = experts.shape[0]
-        request = _int_column(request, "request", rows, np.int32)
-        position = _int_column(position, "position", rows, np.int32)
-        layer = _int_column(layer, "layer", rows, np.int16)
-        phase = (
-            np.ones(rows, np.int8) if phase is None else _int_column(phase, "phase", rows, np.int8)
-        )
-        if weights is not None:
-            weights = np.asarray(weights, dtype=np.float32)
-            if weights.shape != experts.shape:
-                raise SimcacheError(
-                    f"weights shape {weights.shape} does not match experts shape {experts.shape}"
-                )
-        if token_id is not None:
-            token_id = _int_column(token_id, "token_id", rows, np.int32)
-        if step is not None:
-            step = _int_column(step, "step", rows, np.int32)
+        rows, k = experts.shape
+        given = dict(request=request, position=position, phase=phase, layer=layer, experts=experts,
+                     weights=weights, token_id=token_id, step=step)
+        if phase is None:
+            given["phase"] = np.ones(rows, np.int8)
+        native = {name: _given_column(COLUMN[name], v, rows, k) for name, v in given.items() if v is not None}
         domains: tuple[str, ...] = ()
         if domain is not None:
             labels = np.asarray(domain, dtype=object)
@@ -162,51 +286,52 @@ class Trace:
                 raise SimcacheError(f"domain must have one label per row ({rows})")
             present = sorted({str(x) for x in labels if x is not None})
             lookup = {name: i for i, name in enumerate(present)}
-            domain = np.array([-1 if x is None else lookup[str(x)] for x in labels], np.int16)
+            native["domain"] = np.array([-1 if x is None else lookup[str(x)] for x in labels], np.int64)
             domains = tuple(present)
         if rows and "num_layers" not in metadata:
-            metadata["num_layers"] = int(layer.max()) + 1
-        metadata["num_experts"] = int(num_experts)
-        metadata["top_k"] = int(experts.shape[1])
+            metadata["num_layers"] = int(native["layer"].max()) + 1
+        metadata["num_experts"] = num_experts
+        metadata["top_k"] = k
+        meta = check_metadata(metadata)
+        limits = {**meta, "domains": len(domains)}
+        for name, values in native.items():
+            COLUMN[name].check(values, limits)  # at native width, before narrowing
         trace = cls(
-            request=request,
-            position=position,
-            phase=phase,
-            layer=layer,
-            experts=_expert_ids(experts, num_experts),
-            weights=weights,
-            token_id=token_id,
-            domain=domain,
+            **{name: np.ascontiguousarray(v, dtype=COLUMN[name].dtype) for name, v in native.items()},
             domains=domains,
-            metadata=dict(metadata),
-            step=step,
+            metadata=meta,
         )
         return _sorted(trace).validated()
 
     def validated(self) -> "Trace":
         """Check the invariants of docs/design.md §2; raise :class:`SimcacheError` naming the first
         one broken. Returns self."""
-        meta = self.metadata
-        for key in REQUIRED_METADATA:
-            if key not in meta:
-                raise SimcacheError(f"trace metadata lacks '{key}'")
-        L, E, k = self.num_layers, self.num_experts, self.top_k
-        if L <= 0 or E <= 0 or k <= 0:
-            raise SimcacheError(f"trace metadata has non-positive shape: layers={L} experts={E} top_k={k}")
-        rows = self.request.shape[0]
-        if rows == 0:
+        meta = check_metadata(self.metadata)
+        L, k = meta["num_layers"], meta["top_k"]
+        if self.request is None or self.request.shape[0] == 0:
             raise SimcacheError("trace is empty (no rows)")
-        if self.experts.shape != (rows, k):
-            raise SimcacheError(
-                f"experts have {self.experts.shape[1]} per row but metadata says top_k={k}"
-            )
-        if k > E:
-            raise SimcacheError(f"top_k={k} exceeds num_experts={E}")
-        lo, hi = int(self.experts.min()), int(self.experts.max())
-        if lo < NO_EXPERT or hi >= E:
-            bad = hi if hi >= E else lo
-            raise SimcacheError(f"expert id {bad} is outside [0, {E}) (num_experts={E})")
-        if lo == NO_EXPERT and k > 1:
+        rows = self.request.shape[0]
+        limits = {**meta, "domains": len(self.domains)}
+        widths = _widths(self)
+        if (self.lookahead is None) != (self.lookahead_scores is None):
+            raise SimcacheError("lookahead and lookahead_scores come together")
+        for col in COLUMNS:
+            values = getattr(self, col.name)
+            if values is None:
+                if col.required:
+                    raise SimcacheError(f"trace lacks column '{col.name}'")
+                continue
+            shape = (rows, widths[col.width]) if col.per_expert else (rows,)
+            if values.shape != shape:
+                if col.per_expert and values.ndim == 2 and values.shape[0] == rows:
+                    raise SimcacheError(
+                        f"{col.name} have {values.shape[1]} per row but metadata says top_k={k}"
+                    )
+                raise SimcacheError(f"column '{col.name}' has shape {values.shape}, expected {shape}")
+            if values.dtype != np.dtype(col.dtype):
+                raise SimcacheError(f"column '{col.name}' must be {col.dtype} in memory, got {values.dtype}")
+            col.check(values, limits)
+        if self.has_missing and k > 1:
             missing = self.experts == NO_EXPERT
             after = np.flatnonzero((missing[:, :-1] & ~missing[:, 1:]).any(axis=1))
             if after.size:
@@ -228,8 +353,6 @@ class Trace:
                     f"row {r} (request {self.request[r]}, position {self.position[r]}, layer "
                     f"{self.layer[r]}) repeats an expert: {self.experts[r].tolist()}"
                 )
-        if int(self.layer.min()) < 0 or int(self.layer.max()) >= L:
-            raise SimcacheError(f"layer index outside [0, {L}) (num_layers={L})")
         r, p, ly = self.request, self.position, self.layer
         twice = np.flatnonzero((r[1:] == r[:-1]) & (p[1:] == p[:-1]) & (ly[1:] == ly[:-1]))
         if twice.size:
@@ -250,8 +373,6 @@ class Trace:
             raise SimcacheError(f"some token is missing layers: rows are not in blocks of {L} layers")
         tr = req[:, 0]
         same = tr[1:] == tr[:-1]
-        if not ((self.phase == 0) | (self.phase == 1)).all():
-            raise SimcacheError("phase must be 0 (prefill) or 1 (decode)")
         ph = self.phase.reshape(-1, L)
         if not (ph == ph[:, :1]).all():
             raise SimcacheError("phase differs between layers of one token")
@@ -259,14 +380,10 @@ class Trace:
         if (same & (tph[1:] < tph[:-1])).any():
             i = int(np.nonzero(same & (tph[1:] < tph[:-1]))[0][0])
             raise SimcacheError(f"request {tr[i]} has a prefill token after a decode token")
-        if self.domain is not None and self.domain.size and int(self.domain.max()) >= len(self.domains):
-            raise SimcacheError("domain code outside the domain table")
         if self.step is not None:
             st = self.step.reshape(-1, L)
             if not (st == st[:, :1]).all():
                 raise SimcacheError("step differs between layers of one token")
-        if self.lookahead is not None and self.lookahead.shape[0] != rows:
-            raise SimcacheError("lookahead must have one row per trace row")
         return self
 
     # ---- shape --------------------------------------------------------------------------
@@ -331,25 +448,7 @@ class Trace:
     def select_rows(self, keep: np.ndarray) -> "Trace":
         """The sub-trace of whole tokens selected by a boolean row mask."""
 
-        def take(a):
-            return None if a is None else np.ascontiguousarray(a[keep])
-
-        sub = Trace(
-            request=take(self.request),
-            position=take(self.position),
-            phase=take(self.phase),
-            layer=take(self.layer),
-            experts=take(self.experts),
-            weights=take(self.weights),
-            token_id=take(self.token_id),
-            domain=take(self.domain),
-            domains=self.domains,
-            metadata=dict(self.metadata),
-            step=take(self.step),
-            lookahead=take(self.lookahead),
-            lookahead_scores=take(self.lookahead_scores),
-        )
-        return sub.validated()
+        return dataclasses.replace(self, **_take_rows(self, keep)).validated()
 
     @property
     def has_missing(self) -> bool:
@@ -405,20 +504,18 @@ class Trace:
 def read_trace(path) -> Trace:
     """Read a simcache trace (Parquet, schema version 1 or 1.1) and validate it.
 
-    Raises :class:`SimcacheError` with a one-line message when the file is missing, not
-    Parquet, lacks simcache metadata, has the wrong columns or types, or breaks an invariant.
+    Raises :class:`SimcacheError` with a one-line message when the file is missing or not a
+    regular file, not Parquet, lacks simcache metadata or holds bad metadata, has missing or
+    mistyped columns, nulls, or a value outside its column's range (:data:`COLUMNS`), or
+    breaks an invariant.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    if not path.exists():
-        raise SimcacheError(f"trace file not found: {path}")
-    if path.is_dir():
-        raise SimcacheError(f"trace path is a directory, not a Parquet file: {path}")
+    path = check_input(path, "trace file")
     try:
         pf = pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:
         raise SimcacheError(f"{path} is not a Parquet file ({_first_line(exc)})") from None
     raw = (pf.schema_arrow.metadata or {}).get(METADATA_KEY)
     if raw is None:
@@ -429,108 +526,111 @@ def read_trace(path) -> Trace:
         meta = json.loads(raw)
     except ValueError:
         raise SimcacheError(f"{path}: simcache metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise SimcacheError(f"{path}: simcache metadata must be a JSON object, got {type(meta).__name__}")
     version = meta.get("schema_version")
-    if version not in READABLE_VERSIONS:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise SimcacheError(
-            f"{path}: trace schema version {version!r} is not supported (expected "
+            f"{path}: trace schema version {version!r:.40} is not supported (expected "
             f"{' or '.join(map(str, READABLE_VERSIONS))})"
         )
-    schema = pf.schema_arrow
-    for name in ("request", "position", "phase", "layer", "experts"):
-        if schema.get_field_index(name) < 0:
-            raise SimcacheError(f"{path}: missing column '{name}'")
-    for key in REQUIRED_METADATA:
-        if key not in meta:
-            raise SimcacheError(f"{path}: metadata lacks '{key}'")
-    k = int(meta["top_k"])
-    for name in ("experts", "weights"):
-        i = schema.get_field_index(name)
-        if i < 0:
-            continue
-        ftype = schema.field(i).type
-        if not pa.types.is_fixed_size_list(ftype):
-            raise SimcacheError(f"{path}: column '{name}' must be fixed_size_list, got {ftype}")
-        if ftype.list_size != k:
-            raise SimcacheError(
-                f"{path}: column '{name}' has {ftype.list_size} entries per row but top_k={k}"
-            )
-    for name in ("request", "position", "phase", "layer", "token_id", "step"):
-        i = schema.get_field_index(name)
-        if i >= 0 and not pa.types.is_integer(schema.field(i).type):
-            raise SimcacheError(f"{path}: column '{name}' must be an integer, got {schema.field(i).type}")
-    if not pa.types.is_integer(schema.field("experts").type.value_type):
-        raise SimcacheError(f"{path}: column 'experts' must hold integers")
-    if pf.metadata.num_rows == 0:
-        raise SimcacheError(f"{path}: trace is empty (no rows)")
-    names = set(schema.names)
-
-    def read(name):
-        # one column at a time, so Arrow's copy of the file never sits beside all of ours
-        try:
-            return pf.read(columns=[name]).column(0).combine_chunks()
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise SimcacheError(f"{path}: cannot read column '{name}' ({_first_line(exc)})") from None
-
-    def column(name, dtype):
-        if name not in names:
-            return None
-        return np.ascontiguousarray(read(name).to_numpy(zero_copy_only=False), dtype=dtype)
-
-    def fixed_list(name, dtype, width=k):
-        if name not in names:
-            return None
-        col = read(name)
-        if col.null_count:
-            raise SimcacheError(f"{path}: column '{name}' has null rows")
-        values = col.flatten().to_numpy(zero_copy_only=False)
-        if values.shape[0] != len(col) * width:
-            raise SimcacheError(f"{path}: column '{name}' has null entries")
-        return np.ascontiguousarray(values, dtype=dtype).reshape(-1, width)
-
-    lookahead = lookahead_scores = None
-    if "lookahead" in names:
-        width = schema.field("lookahead").type.list_size
-        lookahead = fixed_list("lookahead", np.int16, width)
-        lookahead_scores = fixed_list("lookahead_scores", np.float32, width)
-
-    domain, domains = None, ()
-    if "domain" in names:
-        col = read("domain")
-        if not pa.types.is_dictionary(col.type):
-            col = col.dictionary_encode()
-        domains = tuple(str(x) for x in col.dictionary.to_pylist())
-        domain = np.asarray(col.indices.fill_null(-1).to_numpy(zero_copy_only=False), np.int16)
-    try:  # native width: range-checked before narrowing to int16
-        experts = _expert_ids(fixed_list("experts", None), int(meta["num_experts"]),
-                              missing_ok=version == SCHEMA_VERSION_GAPS)
-    except SimcacheError as exc:
-        raise SimcacheError(f"{path}: {exc}") from None
-    trace = Trace(
-        request=column("request", np.int32),
-        position=column("position", np.int32),
-        phase=column("phase", np.int8),
-        layer=column("layer", np.int16),
-        experts=experts,
-        weights=fixed_list("weights", np.float32),
-        token_id=column("token_id", np.int32),
-        domain=domain,
-        domains=domains,
-        metadata={k_: v for k_, v in meta.items() if k_ != "schema_version"},
-        step=column("step", np.int32),
-        lookahead=lookahead,
-        lookahead_scores=lookahead_scores,
-    )
     try:
-        return _sorted(trace).validated()
+        meta = check_metadata({k_: v for k_, v in meta.items() if k_ != "schema_version"})
+        k = meta["top_k"]
+        schema = pf.schema_arrow
+        present = [c for c in COLUMNS if schema.get_field_index(c.name) >= 0]
+        widths = {"top_k": k, "lookahead": None}
+        if schema.get_field_index("lookahead") >= 0:
+            ftype = schema.field("lookahead").type
+            widths["lookahead"] = ftype.list_size if hasattr(ftype, "list_size") else None
+        for col in COLUMNS:
+            i = schema.get_field_index(col.name)
+            if i < 0 and col.required:
+                raise SimcacheError(f"missing column '{col.name}'")
+            if i >= 0:
+                _check_arrow_type(col, schema.field(i).type, widths)
+        if pf.metadata.num_rows == 0:
+            raise SimcacheError("trace is empty (no rows)")
+        limits = dict(meta, missing_ok=version == SCHEMA_VERSION_GAPS)
+        columns: dict[str, Any] = {}
+        domains: tuple[str, ...] = ()
+        for col in present:
+            # one column at a time, so Arrow's copy of the file never sits beside all of ours
+            try:
+                arr = pf.read(columns=[col.name]).column(0).combine_chunks()
+            except (pa.ArrowException, OSError) as exc:
+                raise SimcacheError(f"cannot read column '{col.name}' ({_first_line(exc)})") from None
+            if col.kind == "label":
+                values, domains = _labels(arr)
+                limits["domains"] = len(domains)
+            else:
+                values = _values(col, arr, widths[col.width])
+            col.check(values, limits)  # at the file's width, before narrowing
+            columns[col.name] = np.ascontiguousarray(values, dtype=col.dtype)
+        return _sorted(Trace(**columns, domains=domains, metadata=meta)).validated()
     except SimcacheError as exc:
         raise SimcacheError(f"{path}: {exc}") from None
+
+
+def _check_arrow_type(col: Column, ftype, widths: dict) -> None:
+    import pyarrow as pa
+
+    name = col.name
+    if col.kind == "label":
+        if pa.types.is_dictionary(ftype):
+            ftype = ftype.value_type
+        if not (pa.types.is_string(ftype) or pa.types.is_large_string(ftype)):
+            raise SimcacheError(f"column '{name}' must hold string labels, got {ftype}")
+        return
+    if col.per_expert:
+        if not pa.types.is_fixed_size_list(ftype):
+            raise SimcacheError(f"column '{name}' must be fixed_size_list, got {ftype}")
+        k = widths[col.width]
+        if ftype.list_size != k:
+            what = "top_k" if col.width == "top_k" else "the lookahead column's width"
+            raise SimcacheError(f"column '{name}' has {ftype.list_size} entries per row but {what}={k}")
+        ftype = ftype.value_type
+    if col.kind == "int" and not pa.types.is_integer(ftype):
+        raise SimcacheError(f"column '{name}' must be an integer, got {ftype}")
+    if col.kind == "float" and not pa.types.is_floating(ftype):
+        raise SimcacheError(f"column '{name}' must hold floating-point numbers, got {ftype}")
+
+
+def _values(col: Column, arr, k: int) -> np.ndarray:
+    """A numeric column as numpy at its stored width; nulls are refused (a null read through
+    numpy becomes an arbitrary number)."""
+    if arr.null_count:
+        raise SimcacheError(f"column '{col.name}' has {arr.null_count} null rows")
+    if not col.per_expert:
+        return arr.to_numpy(zero_copy_only=False)
+    flat = arr.flatten()
+    if flat.null_count:
+        raise SimcacheError(f"column '{col.name}' has null entries")
+    return flat.to_numpy(zero_copy_only=False).reshape(-1, k)
+
+
+def _labels(arr) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Dictionary codes (null = -1) and the label table of a string or dictionary column."""
+    import pyarrow as pa
+
+    if not pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_encode()
+    labels = arr.dictionary.to_pylist()
+    if any(x is None for x in labels) or len(set(labels)) != len(labels):
+        raise SimcacheError("column 'domain' has a null or repeated entry in its label table")
+    if len(labels) > INT16_MAX:
+        raise SimcacheError(f"column 'domain' has {len(labels)} labels; at most {INT16_MAX} fit")
+    codes = arr.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+    return codes, tuple(labels)
 
 
 class TraceWriter:
     """Write a trace in row groups to a temporary file; :meth:`close` renames it into place.
 
     Capture streams rows through this so memory stays bounded and an interrupted run leaves
-    no file at ``path`` (only the temporary, which is removed on error).
+    no file at ``path`` (only the temporary, which is removed on error, or by the next write
+    to ``path`` after a kill). Columns and their types come from :data:`COLUMNS`; values are
+    range-checked before they are narrowed.
 
     Examples
     --------
@@ -543,93 +643,81 @@ class TraceWriter:
     2
     """
 
-    def __init__(self, path, *, overwrite: bool = True, missing: bool = False, **metadata):
+    def __init__(self, path, *, overwrite: bool = True, missing: bool = False, inputs=(), **metadata):
         """``missing=True`` allows -1 ids (gaps, padding) and writes schema 1.1."""
         import pyarrow as pa
 
-        for key in REQUIRED_METADATA:
-            if key not in metadata:
-                raise SimcacheError(f"trace metadata lacks '{key}'")
-        self.path = check_output(path, overwrite)
-        self.k = int(metadata["top_k"])
+        metadata.pop("schema_version", None)
+        self.metadata = check_metadata(metadata)
+        self.k = self.metadata["top_k"]
         self.missing = bool(missing)
-        version = SCHEMA_VERSION_GAPS if missing else SCHEMA_VERSION
-        self.metadata = {**metadata, "schema_version": version}
+        version = SCHEMA_VERSION_GAPS if self.missing else SCHEMA_VERSION
+        self.metadata = {"schema_version": version, **self.metadata}
         self.metadata.setdefault("tool_version", _tool_version())
+        self.output = claim(path, overwrite, inputs, suffixes=(".parquet",))
+        self.path = self.output.path
         self._writer = None
-        self._schema_fields = None
-        self._tmp = temp_beside(self.path)
+        self._present: tuple[str, ...] | None = None
         self.rows = 0
         self._pending: list = []
         self._pending_rows = 0
         self._pa = pa
 
-    def _schema(self, has_weights, has_token, has_domain, has_step, lookahead_width):
+    def _schema(self, present, widths):
         pa = self._pa
-        fields = [
-            pa.field("request", pa.int32(), nullable=False),
-            pa.field("position", pa.int32(), nullable=False),
-            pa.field("phase", pa.int8(), nullable=False),
-            pa.field("layer", pa.int16(), nullable=False),
-            pa.field("experts", pa.list_(pa.int16(), self.k), nullable=False),
-        ]
-        if has_weights:
-            fields.append(pa.field("weights", pa.list_(pa.float32(), self.k), nullable=False))
-        if has_token:
-            fields.append(pa.field("token_id", pa.int32()))
-        if has_domain:
-            fields.append(pa.field("domain", pa.dictionary(pa.int16(), pa.string())))
-        if has_step:
-            fields.append(pa.field("step", pa.int32(), nullable=False))
-        if lookahead_width:
-            fields.append(pa.field("lookahead", pa.list_(pa.int16(), lookahead_width), nullable=False))
-            fields.append(pa.field("lookahead_scores", pa.list_(pa.float32(), lookahead_width), nullable=False))
+        fields = [pa.field(name, COLUMN[name].arrow_type(widths), nullable=COLUMN[name].kind == "label")
+                  for name in present]
         meta = {METADATA_KEY: json.dumps(self.metadata, sort_keys=True).encode()}
         return pa.schema(fields, metadata=meta)
 
-    def write(self, *, request, position, phase, layer, experts, weights=None, token_id=None, domain=None,
-              step=None, lookahead=None, lookahead_scores=None):
-        """Append rows. ``domain`` is a sequence of labels (str or None), one per row;
-        ``lookahead`` and ``lookahead_scores`` come together, (rows, width) each."""
+    def write(self, **columns):
+        """Append rows: one array per column of :data:`COLUMNS` (``experts`` and ``weights``
+        of shape (rows, top_k); ``domain`` a sequence of labels, str or None)."""
         import pyarrow.parquet as pq
 
         pa = self._pa
-        experts = np.asarray(experts, dtype=np.int16).reshape(-1, self.k)
-        n = experts.shape[0]
+        unknown = sorted(set(columns) - set(COLUMN))
+        if unknown:
+            raise SimcacheError(f"unknown trace column '{unknown[0]}'")
+        present = tuple(c.name for c in COLUMNS if columns.get(c.name) is not None)
+        for col in COLUMNS:
+            if col.required and col.name not in present:
+                raise SimcacheError(f"every batch needs column '{col.name}'")
+        n = np.asarray(columns["experts"]).reshape(-1, self.k).shape[0]
         if n == 0:
             return
-        if not self.missing and int(experts.min()) < 0:
-            raise SimcacheError("expert id -1 (no record) in a trace written without missing=True")
-        arrays = [
-            pa.array(np.asarray(request, np.int32)),
-            pa.array(np.asarray(position, np.int32)),
-            pa.array(np.asarray(phase, np.int8)),
-            pa.array(np.asarray(layer, np.int16)),
-            pa.FixedSizeListArray.from_arrays(pa.array(experts.ravel()), self.k),
-        ]
-        if weights is not None:
-            w = np.asarray(weights, np.float32).reshape(-1, self.k)
-            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(w.ravel()), self.k))
-        if token_id is not None:
-            arrays.append(pa.array(np.asarray(token_id, np.int32)))
-        if domain is not None:
-            arrays.append(pa.array(list(domain), pa.string()).dictionary_encode().cast(
-                pa.dictionary(pa.int16(), pa.string())))
-        if step is not None:
-            arrays.append(pa.array(np.asarray(step, np.int32)))
-        width = 0
-        if lookahead is not None:
-            la = np.asarray(lookahead, np.int16)
-            width = la.shape[1]
-            ls = np.asarray(lookahead_scores, np.float32).reshape(-1, width)
-            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(la.ravel()), width))
-            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(ls.ravel()), width))
-        shape = (weights is not None, token_id is not None, domain is not None, step is not None, width)
+        if ("lookahead" in present) != ("lookahead_scores" in present):
+            raise SimcacheError("lookahead and lookahead_scores come together")
+        widths = {"top_k": self.k, "lookahead": None}
+        if "lookahead" in present:
+            widths["lookahead"] = np.asarray(columns["lookahead"]).reshape(n, -1).shape[1]
+        limits = dict(self.metadata, missing_ok=self.missing)
+        arrays = []
+        for name in present:
+            col = COLUMN[name]
+            if col.kind == "label":
+                labels = list(columns[name])
+                if len(labels) != n:
+                    raise SimcacheError(f"column '{name}' has {len(labels)} rows, experts {n}")
+                arrays.append(pa.array(labels, pa.string()).dictionary_encode().cast(col.arrow_type(widths)))
+                continue
+            values = np.asarray(columns[name])
+            width = widths[col.width]
+            values = values.reshape(-1, width) if col.per_expert else values
+            if values.shape[0] != n or (not col.per_expert and values.ndim != 1):
+                raise SimcacheError(f"column '{name}' has shape {values.shape}, experts {n} rows")
+            if name == "experts" and not self.missing and values.size and int(values.min()) < 0:
+                raise SimcacheError("expert id -1 (no record) in a trace written without missing=True")
+            col.check(values, limits)
+            values = np.ascontiguousarray(values, dtype=col.dtype)
+            if col.per_expert:
+                arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), width))
+            else:
+                arrays.append(pa.array(values))
         if self._writer is None:
-            self._schema_fields = shape
-            schema = self._schema(*shape)
-            self._writer = pq.ParquetWriter(self._tmp, schema, compression="zstd")
-        elif shape != self._schema_fields:
+            self._present = present
+            self._writer = pq.ParquetWriter(self.output.tmp, self._schema(present, widths), compression="zstd")
+        elif present != self._present:
             raise SimcacheError("every batch written to one trace must have the same columns")
         self._pending.append(pa.Table.from_arrays(arrays, schema=self._writer.schema))
         self._pending_rows += n
@@ -652,15 +740,14 @@ class TraceWriter:
         self._flush()
         self._writer.close()
         self._writer = None
-        commit(self._tmp, self.path)
+        self.output.commit()
 
     def abort(self):
         """Drop the temporary file; ``path`` is left as it was."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if self._tmp.exists():
-            self._tmp.unlink()
+        self.output.discard()
 
     def __enter__(self):
         return self
@@ -673,63 +760,53 @@ class TraceWriter:
         return False
 
 
-def write_trace(trace: Trace, path, *, overwrite: bool = True) -> Path:
-    """Write ``trace`` to ``path`` (Parquet, zstd), atomically: temporary name, then rename."""
-    meta = dict(trace.metadata)
-    meta.pop("schema_version", None)
-    domain = None
-    if trace.domain is not None:
+def write_trace(trace: Trace, path, *, overwrite: bool = True, inputs=()) -> Path:
+    """Write ``trace`` to ``path`` (Parquet, zstd), atomically: temporary name, then rename.
+    ``inputs`` are files ``path`` must not be (the files the trace was made from)."""
+    columns = {c.name: getattr(trace, c.name) for c in COLUMNS if getattr(trace, c.name) is not None}
+    if "domain" in columns:
         names = np.array(list(trace.domains) + [None], dtype=object)
-        domain = names[np.where(trace.domain < 0, len(trace.domains), trace.domain)]
-    with TraceWriter(path, overwrite=overwrite, missing=trace.has_missing, **meta) as writer:
-        step = ROW_GROUP_ROWS
-        for lo in range(0, trace.num_rows, step):
-            hi = min(lo + step, trace.num_rows)
-            writer.write(
-                request=trace.request[lo:hi],
-                position=trace.position[lo:hi],
-                phase=trace.phase[lo:hi],
-                layer=trace.layer[lo:hi],
-                experts=trace.experts[lo:hi],
-                weights=None if trace.weights is None else trace.weights[lo:hi],
-                token_id=None if trace.token_id is None else trace.token_id[lo:hi],
-                domain=None if domain is None else domain[lo:hi],
-                step=None if trace.step is None else trace.step[lo:hi],
-                lookahead=None if trace.lookahead is None else trace.lookahead[lo:hi],
-                lookahead_scores=None if trace.lookahead is None else trace.lookahead_scores[lo:hi],
-            )
+        columns["domain"] = names[np.where(trace.domain < 0, len(trace.domains), trace.domain)]
+    with TraceWriter(path, overwrite=overwrite, missing=trace.has_missing, inputs=inputs,
+                     **trace.metadata) as writer:
+        for lo in range(0, trace.num_rows, ROW_GROUP_ROWS):
+            writer.write(**{name: values[lo : lo + ROW_GROUP_ROWS] for name, values in columns.items()})
     return Path(path)
-
 
 # ---- helpers ----------------------------------------------------------------------------
 
 
-def _int_column(values, name, rows, dtype):
+def _given_column(col: Column, values, rows: int, k: int) -> np.ndarray:
+    """``values`` for column ``col`` at their own width, with shape and type checked: whole
+    floats pass as integers, fractions do not (2.9 is no expert id)."""
     a = np.asarray(values)
-    if a.shape != (rows,):
-        raise SimcacheError(f"{name} must have shape ({rows},), got {a.shape}")
-    if a.size and not np.issubdtype(a.dtype, np.integer):
-        if not np.issubdtype(a.dtype, np.floating) or not np.all(a == np.round(a)):
-            raise SimcacheError(f"{name} must hold integers")
-    info = np.iinfo(dtype)
-    if a.size and (a.min() < info.min or a.max() > info.max):
-        raise SimcacheError(f"{name} values do not fit {np.dtype(dtype).name}")
-    return np.ascontiguousarray(a, dtype=dtype)
+    shape = (rows, k) if col.per_expert else (rows,)
+    if a.shape != shape:
+        if col.per_expert:
+            raise SimcacheError(f"{col.name} shape {a.shape} does not match experts shape {shape}")
+        raise SimcacheError(f"{col.name} must have shape {shape}, got {a.shape}")
+    numeric = np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
+    if a.dtype == np.bool_ or not numeric:
+        raise SimcacheError(f"{col.name} must hold {'numbers' if col.kind == 'float' else 'integers'}")
+    if col.kind == "int" and not np.issubdtype(a.dtype, np.integer):
+        if not (np.isfinite(a).all() and (a == np.round(a)).all()):
+            raise SimcacheError(f"{col.name} must hold integers")
+    return a
 
 
-def _expert_ids(experts: np.ndarray, num_experts: int, missing_ok: bool = True) -> np.ndarray:
-    """Expert ids as int16 after a range check: [0, E), or -1 (no record) when ``missing_ok``."""
-    if experts.size and not np.issubdtype(experts.dtype, np.integer):
-        raise SimcacheError("experts must hold integer ids")
-    if num_experts > np.iinfo(np.int16).max:
-        raise SimcacheError(f"num_experts={num_experts} does not fit the int16 expert column")
-    if experts.size:
-        lo, hi = int(experts.min()), int(experts.max())
-        if lo < (NO_EXPERT if missing_ok else 0) or hi >= num_experts:
-            bad = hi if hi >= num_experts else lo
-            raise SimcacheError(f"expert id {bad} is outside [0, {num_experts}) (num_experts={num_experts})")
-    return np.ascontiguousarray(experts, dtype=np.int16)
+def _widths(trace: Trace) -> dict:
+    """The list widths of a trace's per-expert columns."""
+    la = trace.lookahead
+    return {"top_k": trace.top_k, "lookahead": None if la is None or la.ndim != 2 else la.shape[1]}
 
+
+def _take_rows(trace: Trace, rows) -> dict[str, np.ndarray | None]:
+    """Every column of ``trace`` indexed by ``rows`` (a mask or an order)."""
+    out = {}
+    for col in COLUMNS:
+        values = getattr(trace, col.name)
+        out[col.name] = None if values is None else np.ascontiguousarray(values[rows])
+    return out
 
 def _sorted(trace: Trace) -> Trace:
     """Rows in (request, position, layer) order; returns the same object when already so."""
@@ -745,25 +822,7 @@ def _sorted(trace: Trace) -> Trace:
     if in_order:
         return trace
     order = np.lexsort((l, p, r))
-
-    def take(a):
-        return None if a is None else np.ascontiguousarray(a[order])
-
-    return Trace(
-        request=take(r),
-        position=take(p),
-        phase=take(trace.phase),
-        layer=take(l),
-        experts=take(trace.experts),
-        weights=take(trace.weights),
-        token_id=take(trace.token_id),
-        domain=take(trace.domain),
-        domains=trace.domains,
-        metadata=trace.metadata,
-        step=take(trace.step),
-        lookahead=take(trace.lookahead),
-        lookahead_scores=take(trace.lookahead_scores),
-    )
+    return dataclasses.replace(trace, **_take_rows(trace, order))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from simcache import _checks
+from simcache._files import check_input
 from simcache.errors import SimcacheError
 from simcache.trace import Trace
 
@@ -35,16 +37,30 @@ def transition_counts(trace: Trace) -> np.ndarray:
     return counts.reshape(L, E, E)
 
 
+def fit_prior(trace: Trace) -> np.ndarray:
+    """A Markov-admission prior: the transition counts of a *training* trace. A trace with
+    no two consecutive tokens in any request would give an all-zero prior: an error."""
+    counts = transition_counts(trace)
+    if not counts.any():
+        raise SimcacheError(
+            f"the prior would be empty: the {trace.num_requests:,} training requests have no two "
+            f"consecutive tokens"
+        )
+    return counts
+
+
 def load_counts(path) -> np.ndarray:
     """A ``.npy`` array of transition counts, with a one-line error for a missing or bad file
     (its shape is the caller's to check)."""
-    path = Path(path)
-    if not path.exists():
-        raise SimcacheError(f"count array not found: {path}")
+    path = check_input(path, "count array")
     try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise SimcacheError(f"{path}: not a numpy array ({str(exc).splitlines()[0]})") from None
+        counts = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty file
+        reason = str(exc).splitlines()[0] if str(exc) else "empty file"
+        raise SimcacheError(f"{path}: not a numpy array ({reason})") from None
+    if not isinstance(counts, np.ndarray):
+        raise SimcacheError(f"{path}: an .npz archive, not one .npy array")
+    return _checks.counts(f"{path}: counts", counts)
 
 
 def load_prior(path, num_layers: int, num_experts: int) -> np.ndarray:
@@ -61,6 +77,8 @@ def load_prior(path, num_layers: int, num_experts: int) -> np.ndarray:
             f"prior {path} has shape {counts.shape}, the trace needs "
             f"({num_layers}, {num_experts}, {num_experts})"
         )
+    if not counts.any():
+        raise SimcacheError(f"prior {path} holds no transitions (all counts are zero)")
     return np.asarray(counts, np.float64)
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from simcache import _checks
 from simcache._jit import jit
 from simcache.errors import SimcacheError
 from simcache.trace import Trace
@@ -112,10 +113,8 @@ def schedule(trace: Trace, batch: int | str = 1, prefill: str = "skip") -> Steps
     """
     if isinstance(batch, str) and batch == RECORDED:
         return schedule_recorded(trace, prefill)
-    if not isinstance(batch, (int, np.integer)) or batch <= 0:
-        raise SimcacheError(f"batch must be a positive integer, got {batch!r}")
-    if prefill not in PREFILL_MODES:
-        raise SimcacheError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {prefill!r}")
+    batch = _checks.integer("batch", batch, 1)
+    _checks.choice("prefill", prefill, PREFILL_MODES)
     req = trace.token_request()
     phase = trace.token_phase()
     n = req.shape[0]
@@ -487,7 +486,7 @@ class Workload:
     """
 
     def __init__(self, trace: Trace, batch: int | str = 1, prefill: str = "skip"):
-        self.trace = trace
+        self.trace = _checks.instance("trace", trace, Trace, "Trace (simcache.read_trace)")
         self.batch = int(batch) if isinstance(batch, (int, np.integer)) else batch
         self.prefill = prefill
         self.steps: Steps = schedule(trace, batch, prefill)

@@ -10,6 +10,7 @@ compare the kernels with these access by access (outcome, slot and victim of eve
 from __future__ import annotations
 
 import bisect
+import math
 from collections import Counter, OrderedDict
 
 import numpy as np
@@ -277,8 +278,328 @@ class Random(EvictionTwin):
         return by_slot[r][1]
 
 
+class Sieve(EvictionTwin):
+    """A list per pool, oldest first; the hand is the key it rests on (None: the oldest)."""
+
+    def __init__(self, cache):
+        super().__init__(cache)
+        self.queue = {}  # pool -> [keys, oldest first]
+        self.visited = {}
+        self.hand = {}
+
+    def on_access(self, key, i, fill):
+        if fill:
+            self.queue.setdefault(self.c.pool(key), []).append(key)
+        self.visited[key] = not fill
+
+    def on_evict(self, key):
+        self.queue[self.c.pool(key)].remove(key)
+
+    def victim(self, p, pinned, cands, i):
+        q = self.queue[p]
+        at = q.index(self.hand[p]) if self.hand.get(p) is not None else 0
+        for _ in range(2 * len(q) + 2):
+            if at == len(q):
+                at = 0
+            k = q[at]
+            if k not in pinned:
+                if not self.visited[k]:
+                    self.hand[p] = q[at + 1] if at + 1 < len(q) else None
+                    return k
+                self.visited[k] = False
+            at += 1
+
+
+
+def first_not_in(order, pinned):
+    return next((k for k in order if k not in pinned), None)
+
+
+class S3FIFO(EvictionTwin):
+    """Small / main / ghost as OrderedDicts per pool, following libCacheSim's S3FIFO.c."""
+
+    def __init__(self, cache):
+        super().__init__(cache)
+        self.small, self.main, self.ghost = ({} for _ in range(3))
+        self.freq, self.evicted, self.ghost_hit = {}, set(), {}
+
+    def q(self, d, p):
+        return d.setdefault(p, OrderedDict())
+
+    def on_access(self, key, i, fill):
+        if not fill:
+            self.freq[key] += 1
+            return
+        p = self.c.pool(key)
+        hit = self.ghost_hit.pop(p, None) == key
+        if key in self.q(self.ghost, p):
+            del self.ghost[p][key]
+            hit = True
+        small = max(1, self.c.cap // 10)
+        if hit or (p not in self.evicted and len(self.q(self.small, p)) >= small):
+            self.q(self.main, p)[key] = True
+        else:
+            self.q(self.small, p)[key] = True
+        self.freq[key] = 0
+
+    def on_evict(self, key):
+        p = self.c.pool(key)
+        if key in self.q(self.small, p):
+            del self.small[p][key]
+            limit = 9 * self.c.cap // 10
+            if limit > 0:
+                g = self.q(self.ghost, p)
+                g[key] = True
+                while len(g) > limit:
+                    g.popitem(last=False)
+        else:
+            del self.main[p][key]
+
+    def victim(self, p, pinned, cands, i):
+        key = self.c.flat[i]
+        self.ghost_hit[p] = None
+        if key in self.q(self.ghost, p):
+            del self.ghost[p][key]
+            self.ghost_hit[p] = key
+        self.evicted.add(p)
+        small, main = self.q(self.small, p), self.q(self.main, p)
+
+        def from_small():
+            for k in list(small):
+                if k in pinned:
+                    continue
+                if self.freq[k] < 2:
+                    return k
+                del small[k]
+                main[k] = True
+                self.freq[k] = 0
+            return None
+
+        def from_main():
+            while True:
+                seen = False
+                for k in list(main):
+                    if k in pinned:
+                        continue
+                    seen = True
+                    if self.freq[k] == 0:
+                        return k
+                    main.move_to_end(k)
+                    self.freq[k] = min(self.freq[k], 3) - 1
+                if not seen:
+                    return None
+
+        if len(main) > self.c.cap - max(1, self.c.cap // 10) or not small:
+            v = from_main()
+            if v is None:
+                v = from_small()
+        else:
+            v = from_small()
+        if v is None:
+            v = from_main()
+        return v
+
+
+class TwoQ(EvictionTwin):
+    def __init__(self, cache):
+        super().__init__(cache)
+        self.ain, self.am, self.aout, self.ghost_hit = {}, {}, {}, {}
+
+    def q(self, d, p):
+        return d.setdefault(p, OrderedDict())
+
+    def on_access(self, key, i, fill):
+        p = self.c.pool(key)
+        if not fill:
+            if key in self.q(self.am, p):
+                self.am[p].move_to_end(key)
+            return
+        hit = self.ghost_hit.pop(p, None) == key
+        if key in self.q(self.aout, p):
+            del self.aout[p][key]
+            hit = True
+        self.q(self.am if hit else self.ain, p)[key] = True
+
+    def on_evict(self, key):
+        p = self.c.pool(key)
+        if key in self.q(self.ain, p):
+            del self.ain[p][key]
+            limit = self.c.cap // 2
+            if limit > 0:
+                g = self.q(self.aout, p)
+                g[key] = True
+                while len(g) > limit:
+                    g.popitem(last=False)
+        else:
+            del self.am[p][key]
+
+    def victim(self, p, pinned, cands, i):
+        key = self.c.flat[i]
+        self.ghost_hit[p] = None
+        if key in self.q(self.aout, p):
+            del self.aout[p][key]
+            self.ghost_hit[p] = key
+        ain, am = self.q(self.ain, p), self.q(self.am, p)
+        order = (ain, am) if len(ain) > max(1, self.c.cap // 4) else (am, ain)
+        v = first_not_in(order[0], pinned)
+        return v if v is not None else first_not_in(order[1], pinned)
+
+
+class ARC(EvictionTwin):
+    """T1, T2, B1, B2 as OrderedDicts (least recent first), following the ARC paper's REPLACE
+    and libCacheSim's ARC.c for the ghost trimming."""
+
+    def __init__(self, cache):
+        super().__init__(cache)
+        self.lists = {}  # pool -> (t1, t2, b1, b2)
+        self.p, self.ghost_hit = {}, {}
+
+    def of(self, p):
+        return self.lists.setdefault(p, tuple(OrderedDict() for _ in range(4)))
+
+    def on_access(self, key, i, fill):
+        p = self.c.pool(key)
+        t1, t2, _, _ = self.of(p)
+        if fill:
+            (t2 if self.ghost_hit.pop(p, None) == key else t1)[key] = True
+        elif key in t1:
+            del t1[key]
+            t2[key] = True
+        else:
+            t2.move_to_end(key)
+
+    def on_evict(self, key):
+        t1, t2, _, _ = self.of(self.c.pool(key))
+        (t1 if key in t1 else t2).pop(key)
+
+    def victim(self, p, pinned, cands, i):
+        t1, t2, b1, b2 = self.of(p)
+        u1, u2 = first_not_in(t1, pinned), first_not_in(t2, pinned)
+        if u1 is None and u2 is None:
+            return None
+        C, key = self.c.cap, self.c.flat[i]
+        P = self.p.get(p, 0.0)
+        n1, n2 = len(b1), len(b2)
+
+        def replace(in_b2):
+            take_t1 = len(t1) > 0 and (len(t1) > self.p.get(p, 0) or (len(t1) == self.p.get(p, 0) and in_b2))
+            for v, ghost in ([(u1, b1), (u2, b2)] if take_t1 else [(u2, b2), (u1, b1)]):
+                if v is not None:
+                    ghost[v] = True
+                    while len(ghost) > 2 * C:
+                        ghost.popitem(last=False)
+                    return v
+
+        self.ghost_hit[p] = key if (key in b1 or key in b2) else None
+        if key in b1:
+            del b1[key]
+            self.p[p] = min(P + max(n2 / n1, 1.0), C)
+            return replace(False)
+        if key in b2:
+            del b2[key]
+            self.p[p] = max(P - max(n1 / n2, 1.0), 0.0)
+            return replace(True)
+        if len(t1) + n1 + 1 > C:
+            if b1:
+                b1.popitem(last=False)
+                return replace(False)
+            return u1
+        if len(t1) + len(t2) + n1 + n2 >= 2 * C and b2:
+            b2.popitem(last=False)
+        return replace(False)
+
+
+class LFRU(EvictionTwin):
+    def __init__(self, cache):
+        super().__init__(cache)
+        self.priv = {}  # pool -> OrderedDict, least recent first
+
+    def on_access(self, key, i, fill):
+        if fill:
+            return
+        q = self.priv.setdefault(self.c.pool(key), OrderedDict())
+        if key in q:
+            q.move_to_end(key)
+            return
+        q[key] = True
+        while len(q) > self.c.cap // 2:
+            q.popitem(last=False)
+
+    def on_evict(self, key):
+        self.priv.setdefault(self.c.pool(key), OrderedDict()).pop(key, None)
+
+    def victim(self, p, pinned, cands, i):
+        q = self.priv.setdefault(p, OrderedDict())
+        unpriv = [k for k in cands if k not in q]
+        if unpriv:
+            return min(unpriv, key=lambda k: (self.c.freq[k], self.c.last[k]))
+        return first_not_in(q, pinned)
+
+
+class MinVisit(EvictionTwin):
+    def __init__(self, cache):
+        super().__init__(cache)
+        self.visits = Counter()
+
+    def on_access(self, key, i, fill):
+        self.visits[key] += 1
+
+    def victim(self, p, pinned, cands, i):
+        return min(cands, key=lambda k: (self.visits[k], self.c.last[k]))
+
+
+class LeastStale(EvictionTwin):
+    def victim(self, p, pinned, cands, i):
+        L, E = self.c.L, self.c.E
+        here = self.c.flat[i] // E
+        return min(cands, key=lambda k: (-((k // E - here - 1) % L + 1), self.c.last[k]))
+
+
+class LFUDecay(EvictionTwin):
+    HALF_LIFE = 16
+
+    def __init__(self, cache):
+        super().__init__(cache)
+        self.count, self.period = {}, {}
+
+    def decayed(self, k, now):
+        return math.ldexp(self.count.get(k, 0.0), -(now - self.period.get(k, 0)))
+
+    def on_access(self, key, i, fill):
+        now = self.c.step_of[i] // self.HALF_LIFE
+        self.count[key] = self.decayed(key, now) + 1.0
+        self.period[key] = now
+
+    def victim(self, p, pinned, cands, i):
+        now = self.c.step_of[i] // self.HALF_LIFE
+        return min(cands, key=lambda k: (self.decayed(k, now), self.c.last[k]))
+
+
+class MRS(EvictionTwin):
+    """S = 0.5 * gate + 0.5 * S once per step for every expert, done eagerly on a copy."""
+
+    def __init__(self, cache):
+        super().__init__(cache)
+        self.score, self.step = {}, {}
+
+    def value(self, k, s):
+        return math.ldexp(self.score.get(k, 0.0), -(s - self.step.get(k, 0)))
+
+    def on_access(self, key, i, fill):
+        s = self.c.step_of[i]
+        self.score[key] = 0.5 * self.c.gate[i] + self.value(key, s)
+        self.step[key] = s
+
+    def victim(self, p, pinned, cands, i):
+        s, E = self.c.step_of[i], self.c.E
+        here = self.c.flat[i] // E
+        return min(cands, key=lambda k: (self.value(k, s if k // E <= here else s - 1), self.c.last[k]))
+
+
 EVICTION = {"lru": LRU, "fifo": FIFO, "lifo": LIFO, "lfu": LFU, "random": Random,
-            "belady": Belady, "markov": MarkovEviction}
+            "belady": Belady, "markov": MarkovEviction, "sieve": Sieve, "s3fifo": S3FIFO, "arc": ARC,
+            "2q": TwoQ, "lfru": LFRU, "min-visit": MinVisit, "mrs": MRS, "least-stale": LeastStale,
+            "lfu-decay": LFUDecay}
 
 
 def admit_all(c, key, i, pinned, later_misses):
@@ -316,6 +637,8 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
     top1 = trace.experts.reshape(-1, L, trace.top_k)[:, :, 0].tolist()
     c = NaiveCache(trace, evict, admit, capacity, scope, tau=tau, prior=prior, horizon=horizon,
                    decay_every=decay_every, decay=decay, seed=seed, flat=flat, group_of=group_of)
+    c.step_of = [s for s, _, acc in groups for _ in acc]
+    c.gate = gates(trace, steps, groups)
     learns = admit in LEARNS or evict == "markov"
     names = ("accesses", "hits", "fills", "bypasses", "forced_bypasses", "evictions", "reloads")
     counters = {n: [0] * L for n in names}
@@ -381,6 +704,25 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
             victim_out.append(gone)
         i = base_i + len(acc)
     return {"outcome": outcome, "slot": slot_out, "victim": victim_out, "counters": counters}
+
+
+def gates(trace, steps, groups):
+    """Per access: the gate weights of the step's tokens for that expert, added in token
+    order, over the step's token count (1/k per choice without weights)."""
+    L, k = trace.num_layers, trace.top_k
+    ex = trace.experts.reshape(-1, L, k)
+    w = trace.weights.reshape(-1, L, k) if trace.weights is not None else None
+    out = []
+    for s, l, acc in groups:
+        total = {}
+        for t, _ in steps[s]:
+            for r in range(k):
+                if ex[t, l, r] < 0:
+                    continue
+                key = l * trace.num_experts + int(ex[t, l, r])
+                total[key] = total.get(key, 0.0) + (float(w[t, l, r]) if w is not None else 1.0 / k)
+        out += [total[key] / len(steps[s]) for key, _ in acc]
+    return out
 
 
 def lru_hits_flat(sequence, capacity):

@@ -78,7 +78,6 @@ def test_prior_from_the_scored_trace_is_refused(tmp_path):
         (["simulate", "--capacity", "0"], "capacity must be a positive integer"),
         (["simulate", "--capacity", "65"], "exceeds the 64 experts per layer"),
         (["simulate", "--threshold", "2"], "outside [0, 1]"),
-        (["simulate", "--batch", "0"], "batch must be a positive integer"),
         (["simulate", "--decisions", "d.parquet", "--capacity", "4,8"], "exactly one policy"),
         (["info", "pyproject.toml"], "not a Parquet file"),
         (["import", "nope.jsonl", "out.parquet"], "not found"),

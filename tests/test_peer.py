@@ -13,6 +13,11 @@ from .conftest import SEED_MATRICES
 
 lcs = pytest.importorskip("libcachesim")
 
+# simcache rule -> (libCacheSim class, smallest pool libCacheSim runs it on: its 2Q admits
+# nothing under 4 slots, its S3-FIFO needs a small queue of 2, i.e. 20 slots)
+PEERS = {"lru": ("LRU", 1), "fifo": ("FIFO", 1), "belady": ("Belady", 1), "sieve": ("Sieve", 1),
+         "arc": ("ARC", 1), "2q": ("TwoQ", 4), "s3fifo": ("S3FIFO", 20)}
+
 
 def write_oracle_general(keys, path):
     n = keys.shape[0]
@@ -38,13 +43,14 @@ def top1_trace(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("policy,cls", [("lru", "LRU"), ("fifo", "FIFO"), ("belady", "Belady")])
-def test_per_layer_hits_equal_libcachesim(tmp_path, seed, policy, cls):
+@pytest.mark.parametrize("policy", ["lru", "fifo", "belady"])  # the rest: the flat pool below
+def test_per_layer_hits_equal_libcachesim(tmp_path, seed, policy):
+    cls, least = PEERS[policy]
     t = top1_trace(seed)
     work = simcache.Workload(t)
     keys = work.demand.keys.astype(np.int64)
     E = t.num_experts
-    for capacity in (1, 2, 3, 5):
+    for capacity in (c for c in (1, 2, 3, 5) if c >= least):
         r = simcache.simulate(work, policy, capacity)
         for l in range(t.num_layers):
             seq = keys[keys // E == l]
@@ -60,8 +66,10 @@ def test_flat_global_pool_equals_libcachesim(tmp_path):
     keys = work.demand.keys.astype(np.int64)
     path = tmp_path / "flat.bin"
     write_oracle_general(keys, path)
-    for capacity in (8, 32, min(100, t.num_layers * t.num_experts)):
-        for policy, cls in (("lru", lcs.LRU), ("fifo", lcs.FIFO), ("belady", lcs.Belady)):
+    for capacity in (8, 20, 32, min(100, t.num_layers * t.num_experts)):
+        for policy, (cls, least) in PEERS.items():
+            if capacity < least:
+                continue
             r = simcache.simulate(work, policy, capacity, scope="global")
-            assert r.hits == lcs_hits(cls, path, capacity, keys.size), (policy, capacity)
+            assert r.hits == lcs_hits(getattr(lcs, cls), path, capacity, keys.size), (policy, capacity)
         assert simcache.simulate(work, "lru", capacity, scope="global").hits == naive.lru_hits_flat(keys.tolist(), capacity)

@@ -48,8 +48,8 @@ def test_seed_matrix_shapes():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(num_requests=0), "num_requests must be positive"),
-    (dict(length=(5, 2)), "length range"),
+    (dict(num_requests=0), "num_requests must be a positive integer"),
+    (dict(length=(5, 2)), "length hi must be >= 5"),
     (dict(top_k=9, num_experts=8), "top_k must be"),
     (dict(transitions=np.ones((2, 3))), "transitions must have shape"),
     (dict(communities=20, num_experts=8), "communities must be"),

@@ -146,3 +146,27 @@ def test_select_requests_and_summary():
     assert sub.num_tokens == 1 and sub.request.tolist() == [1, 1]
     s = t.summary()
     assert s["tokens"] == 3 and s["rows"] == 6 and s["load_max_over_mean_max"] >= 1.0
+
+
+def test_one_declaration_drives_the_dataclass_the_file_and_the_checks(tmp_path):
+    import dataclasses
+
+    from simcache.trace import COLUMNS, Trace
+
+    names = [c.name for c in COLUMNS]
+    assert [f.name for f in dataclasses.fields(Trace)] == names + ["domains", "metadata"]
+    t = small(weights=np.full((6, 2), 0.5), token_id=[5, 5, 6, 6, 7, 7], domain=["a"] * 6)
+    schema = pq.read_schema(simcache.write_trace(t, tmp_path / "t.parquet"))
+    present = [n for n in names if getattr(t, n) is not None]
+    assert schema.names == present and set(names) - set(present) == {"step", "lookahead", "lookahead_scores"}
+    for col in COLUMNS:
+        if col.name not in present:
+            continue
+        assert schema.field(col.name).type == col.arrow_type({"top_k": t.top_k})
+        assert getattr(t, col.name).dtype == np.dtype(col.dtype)
+        lo, hi = col.bounds({**t.metadata, "domains": len(t.domains)})
+        if col.kind == "int" and hi is not None:  # one past the range is refused, by name
+            bad = getattr(t, col.name).astype(np.int64).copy()
+            bad.flat[0] = hi + 1
+            with pytest.raises(SimcacheError, match=f"'{col.name}' has value {hi + 1} outside|expert id {hi + 1}"):
+                col.check(bad, {**t.metadata, "domains": len(t.domains)})

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from simcache.errors import SimcacheError
 from simcache.policies.admission import always, markov as markov_admission, oracle
-from simcache.policies.eviction import belady, fifo, lfu, lifo, lru, markov, random
+from simcache.policies.eviction import (
+    arc, belady, fifo, least_stale, lfru, lfu, lfu_decay, lifo, lru, markov, min_visit, mrs, random,
+    s3fifo, sieve, twoq,
+)
 from simcache.policies.registry import Admission, Eviction, declared, learners, table
 
 EVICTION: dict[str, Eviction] = table(declared(
@@ -21,6 +24,15 @@ EVICTION: dict[str, Eviction] = table(declared(
     random,
     belady,
     markov,
+    sieve,
+    s3fifo,
+    arc,
+    twoq,
+    lfru,
+    min_visit,
+    mrs,
+    least_stale,
+    lfu_decay,
 ))
 
 ADMISSION: dict[str, Admission] = table(declared(
@@ -41,6 +53,15 @@ PRESETS = {
     "belady": ("belady", "all"),
     "belady-bypass": ("belady", "oracle"),
     "markov": ("lru", "markov"),
+    "sieve": ("sieve", "all"),
+    "s3fifo": ("s3fifo", "all"),
+    "arc": ("arc", "all"),
+    "2q": ("2q", "all"),
+    "lfru": ("lfru", "all"),
+    "min-visit": ("min-visit", "all"),
+    "mrs": ("mrs", "all"),
+    "least-stale": ("least-stale", "all"),
+    "lfu-decay": ("lfu-decay", "all"),
 }
 
 
