@@ -556,6 +556,8 @@ def capture_text(model, tokenizer, arch, docs, out, *, name="model", max_length=
         raise SimcacheError(f"max-length must be at least 2, got {max_length}")
     if ctx is not None and max_length > ctx:
         raise SimcacheError(f"max-length {max_length} exceeds the model's context of {ctx} tokens")
+    if not 0 <= prompt_tokens < max_length:
+        raise SimcacheError(f"prompt-tokens must be in [0, max-length={max_length}), got {prompt_tokens}")
     corpus = sorted({f"{label}: {path}" for label, path, _ in docs})
     return _teacher_forced(model, arch, _chunks(docs, tokenizer, max_length), out, name=name,
                            mode=f"teacher-forced, sequences of {max_length} tokens", corpus=corpus,
@@ -584,6 +586,8 @@ def capture_tokens(model, arch, sequences, out, *, name="model", corpus=("token 
             raise SimcacheError(f"token sequence {i} holds an id outside the vocabulary 0..{vocab - 1}")
         seqs.append((label, ids))
     longest = max((len(s) for _, s in seqs), default=0)
+    if prompt_tokens < 0 or (seqs and prompt_tokens >= longest):
+        raise SimcacheError(f"prompt-tokens must be in [0, longest sequence={longest}), got {prompt_tokens}")
     return _teacher_forced(model, arch, seqs, out, name=name,
                            mode=f"teacher-forced, given token sequences (up to {longest} tokens)",
                            corpus=list(corpus), key_inputs=seqs, settings={}, batch_size=batch_size,
@@ -598,8 +602,6 @@ def _teacher_forced(model, arch, pieces, out, *, name, mode, corpus, key_inputs,
 
     if batch_size < 1:
         raise SimcacheError(f"batch-size must be positive, got {batch_size}")
-    if not 0 <= prompt_tokens < max_length:
-        raise SimcacheError(f"prompt-tokens must be in [0, max-length={max_length}), got {prompt_tokens}")
     device = model.get_input_embeddings().weight.device
     tap = RouterTap(model)
     meta = _metadata(model, tap, arch, name, mode, corpus)

@@ -55,6 +55,8 @@ def test_token_sequences_bad_input(tmp_path):
                       ([("x", [1] * 10_000)], "exceeds the model's context"), ([], "no sequence")]:
         with pytest.raises(SimcacheError, match=msg):
             cap.capture_tokens(model, arch, seqs, tmp_path / "t.parquet")
+    with pytest.raises(SimcacheError, match="prompt-tokens"):
+        cap.capture_tokens(model, arch, [("x", [1, 2, 3])], tmp_path / "t.parquet", prompt_tokens=3)
     assert not (tmp_path / "t.parquet").exists()
 
 
