@@ -551,21 +551,60 @@ def capture_text(model, tokenizer, arch, docs, out, *, name="model", max_length=
     group) in ``out.partial/`` and continues from them (see the module docstring);
     ``lookahead`` adds the lookahead column. ``CaptureStats`` counts the whole trace.
     """
-    import torch
-
     ctx = context_length(model)
     if max_length < 2:
         raise SimcacheError(f"max-length must be at least 2, got {max_length}")
     if ctx is not None and max_length > ctx:
         raise SimcacheError(f"max-length {max_length} exceeds the model's context of {ctx} tokens")
-    if batch_size < 1:
-        raise SimcacheError(f"batch-size must be positive, got {batch_size}")
     if not 0 <= prompt_tokens < max_length:
         raise SimcacheError(f"prompt-tokens must be in [0, max-length={max_length}), got {prompt_tokens}")
+    corpus = sorted({f"{label}: {path}" for label, path, _ in docs})
+    return _teacher_forced(model, arch, _chunks(docs, tokenizer, max_length), out, name=name,
+                           mode=f"teacher-forced, sequences of {max_length} tokens", corpus=corpus,
+                           key_inputs=[(label, text) for label, _, text in docs],
+                           settings=dict(max_length=max_length), batch_size=batch_size,
+                           prompt_tokens=prompt_tokens, overwrite=overwrite, progress=progress,
+                           resume=resume, lookahead=lookahead, group_rows=group_rows)
+
+
+def capture_tokens(model, arch, sequences, out, *, name="model", corpus=("token sequences",), batch_size=8,
+                   prompt_tokens=0, overwrite=False, progress: Callable[[int], None] | None = None,
+                   resume=False, lookahead=False, group_rows=None) -> CaptureStats:
+    """Teacher-forced capture over given token-id sequences: ``sequences`` is a list of
+    (label, ids), each one request, as :func:`capture_text` makes from text (same batching,
+    phases, ``resume`` and ``lookahead``); for re-capturing a trace from its ``token_id``."""
+    ctx = context_length(model)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    seqs = []
+    for i, (label, ids) in enumerate(sequences):
+        ids = [int(x) for x in ids]
+        if len(ids) < 2:
+            raise SimcacheError(f"token sequence {i} has {len(ids)} tokens; at least 2 are needed")
+        if ctx is not None and len(ids) > ctx:
+            raise SimcacheError(f"token sequence {i} ({len(ids)} tokens) exceeds the model's context of {ctx}")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise SimcacheError(f"token sequence {i} holds an id outside the vocabulary 0..{vocab - 1}")
+        seqs.append((label, ids))
+    longest = max((len(s) for _, s in seqs), default=0)
+    if prompt_tokens < 0 or (seqs and prompt_tokens >= longest):
+        raise SimcacheError(f"prompt-tokens must be in [0, longest sequence={longest}), got {prompt_tokens}")
+    return _teacher_forced(model, arch, seqs, out, name=name,
+                           mode=f"teacher-forced, given token sequences (up to {longest} tokens)",
+                           corpus=list(corpus), key_inputs=seqs, settings={}, batch_size=batch_size,
+                           prompt_tokens=prompt_tokens, overwrite=overwrite, progress=progress,
+                           resume=resume, lookahead=lookahead, group_rows=group_rows)
+
+
+def _teacher_forced(model, arch, pieces, out, *, name, mode, corpus, key_inputs, settings, batch_size,
+                    prompt_tokens, overwrite, progress, resume, lookahead, group_rows) -> CaptureStats:
+    """The teacher-forced loop: (label, ids) pieces, equal lengths batched, into ``out``."""
+    import torch
+
+    if batch_size < 1:
+        raise SimcacheError(f"batch-size must be positive, got {batch_size}")
     device = model.get_input_embeddings().weight.device
     tap = RouterTap(model)
-    corpus = sorted({f"{label}: {path}" for label, path, _ in docs})
-    meta = _metadata(model, tap, arch, name, f"teacher-forced, sequences of {max_length} tokens", corpus)
+    meta = _metadata(model, tap, arch, name, mode, corpus)
     k = meta["top_k"]
     L = tap.num_layers
     width = min(2 * k, meta["num_experts"]) if lookahead else 0
@@ -573,8 +612,8 @@ def capture_text(model, tokenizer, arch, docs, out, *, name="model", max_length=
         tap.close()
         tap = RouterTap(model, lookahead=width)
         meta["lookahead"] = LOOKAHEAD_NOTE
-    settings = dict(max_length=max_length, batch_size=batch_size, prompt_tokens=prompt_tokens, lookahead=width)
-    key = _key(meta, [(label, text) for label, _, text in docs], settings)
+    settings = dict(settings, batch_size=batch_size, prompt_tokens=prompt_tokens, lookahead=width)
+    key = _key(meta, key_inputs, settings)
     start = time.perf_counter()
     try:
         writer = _Sink(out, meta, overwrite=overwrite, resume=resume,
@@ -623,7 +662,7 @@ def capture_text(model, tokenizer, arch, docs, out, *, name="model", max_length=
                 if progress is not None:
                     progress(n * s)
 
-            for label, piece in _chunks(docs, tokenizer, max_length):
+            for label, piece in pieces:
                 group = pending.setdefault(len(piece), [])
                 group.append((label, piece))
                 if len(group) == batch_size:
