@@ -82,13 +82,15 @@ def test_nothing_beats_belady_with_bypass(trace, data):
     assume(has_accesses(trace, prefill))
     work = simcache.Workload(trace, batch, prefill)
     best = simcache.simulate(work, "belady-bypass", capacity, scope=scope)
-    for evict in EVICTION:
+    # rules that start cold: a placed cache (static) starts warm, so Belady does not bound it
+    cold = [e for e in EVICTION if EVICTION[e].place is None]
+    for evict in cold:
         for admit in ADMISSION:
             r = simcache.simulate(work, None, capacity, evict=evict, admit=admit, scope=scope,
                                   threshold=0.2, **rule_inputs(evict, trace))
             assert r.loads >= best.loads, (evict, admit)
     demand_min = simcache.simulate(work, "belady", capacity, scope=scope)
-    for evict in EVICTION:
+    for evict in cold:
         r = simcache.simulate(work, None, capacity, evict=evict, admit="all", scope=scope,
                               **rule_inputs(evict, trace))
         assert r.loads >= demand_min.loads, evict
