@@ -345,7 +345,7 @@ def synth(output, num_requests, length, layers, experts, top_k, transitions, com
 @click.option("--prefetch", "prefetches", default="none", callback=_csv(str), show_default=True,
               help="Prefetch predictor(s), comma-separated: none, oracle, lookahead, markov "
                    "(docs/prefetch.md).")
-@click.option("--prefetch-width", type=click.IntRange(1), help="Experts prefetched per predicted group (default: top-k).")
+@click.option("--prefetch-width", type=int, help="Experts prefetched per predicted group (default: top-k).")
 @click.option("--per-layer", is_flag=True, help="Also print per-layer counters.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),

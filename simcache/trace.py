@@ -313,8 +313,8 @@ class Trace:
         rows = self.request.shape[0]
         limits = {**meta, "domains": len(self.domains)}
         widths = _widths(self)
-        if (self.lookahead is None) != (self.lookahead_scores is None):
-            raise SimcacheError("lookahead and lookahead_scores come together")
+        if self.lookahead is None and self.lookahead_scores is not None:
+            raise SimcacheError("lookahead_scores needs the lookahead column")
         for col in COLUMNS:
             values = getattr(self, col.name)
             if values is None:
@@ -686,8 +686,8 @@ class TraceWriter:
         n = np.asarray(columns["experts"]).reshape(-1, self.k).shape[0]
         if n == 0:
             return
-        if ("lookahead" in present) != ("lookahead_scores" in present):
-            raise SimcacheError("lookahead and lookahead_scores come together")
+        if "lookahead_scores" in present and "lookahead" not in present:
+            raise SimcacheError("lookahead_scores needs the lookahead column")
         widths = {"top_k": self.k, "lookahead": None}
         if "lookahead" in present:
             widths["lookahead"] = np.asarray(columns["lookahead"]).reshape(n, -1).shape[1]
