@@ -636,6 +636,10 @@ def simulate_grid(
         if prior is not None:
             raise SimcacheError("use either --split or --prior, not both")
         work, prior_counts, train = prepare(t, batch, prefill, split, seed)
+        if not np.asarray(prior_counts).any():
+            raise SimcacheError(
+                f"the prior would be empty: the {train.num_requests:,} training requests have no two "
+                f"consecutive tokens")
         train_demand = demand_counts(train)
         notes.append(
             f"scored on {work.trace.num_requests:,} test requests; Markov prior and static hot set "
