@@ -5,8 +5,8 @@ Belady-with-bypass, Markov admission with streaming bypass), analyse routing loc
 replay the decisions on a real GPU.
 
 >>> import simcache
->>> sorted(simcache.PRESETS)[:3]
-['belady', 'belady-bypass', 'fifo']
+>>> simcache.PRESETS["belady-bypass"]
+('belady', 'oracle')
 """
 
 from simcache.errors import SimcacheError
