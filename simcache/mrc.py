@@ -25,7 +25,7 @@ import numpy as np
 
 from simcache._jit import jit
 from simcache.errors import SimcacheError
-from simcache.simulator import (COMPUTE_S, COUNTERS, SCOPES, STALL_S, TIME_S, TIMES, TRANSFER_S, SimResult, _timing,
+from simcache.simulator import (COMPUTE_S, COUNTERS, SCOPES, TIME_S, TIMES, SimResult, _derived_times, _timing,
                                 simulate)
 from simcache.timing import Calibration
 from simcache.trace import Trace
@@ -166,7 +166,8 @@ def _distances(group_ptr, keys, L, E, per_layer, dist, hist, cold, cold_layers):
 def _group_times(group_ptr, tokens, dist, L, capacities, lut, t_copy, overlap, layer_time):
     """The simulator's time arithmetic at each capacity, in its order (bit-identical sums):
     per group, compute over its accesses, loads = accesses at depth >= c or cold, the last
-    miss's compute; ``layer_time[c, l] += (compute, transfer, time)``."""
+    miss's compute; ``layer_time[c, l] += (compute, time)`` (transfer and stall follow, as in
+    :func:`simcache.simulator._derived_times`)."""
     n_groups = group_ptr.shape[0] - 1
     n_caps = capacities.shape[0]
     for g in range(n_groups):
@@ -192,9 +193,7 @@ def _group_times(group_ptr, tokens, dist, L, capacities, lut, t_copy, overlap, l
             else:
                 t = compute + transfer
             layer_time[j, l, COMPUTE_S] += compute
-            layer_time[j, l, TRANSFER_S] += transfer
             layer_time[j, l, TIME_S] += t
-            layer_time[j, l, STALL_S] += t - compute
 
 
 def lru_results(
@@ -247,6 +246,7 @@ def lru_results(
         each = (time.perf_counter() - start + stack.elapsed_s) / len(curve)
         for j, c in enumerate(curve):
             per_layer = stack.counters(c)
+            _derived_times(layer_time[j], per_layer["fills"], t_copy)
             per_layer.update({name: layer_time[j, :, t].copy() for t, name in enumerate(TIMES)})
             tr = work.trace
             out[c] = SimResult(
