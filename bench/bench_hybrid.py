@@ -20,17 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import os  # noqa: E402
-
 import numba  # noqa: E402
 
-import bench_simulate  # noqa: E402
 import simcache  # noqa: E402
 from bench_simulate import make_trace  # noqa: E402
-
-if os.environ.get("SIMCACHE_SHARED"):  # the fork's transition counts, beside the checkout
-    bench_simulate.SEED_MATRIX = (Path(os.environ["SIMCACHE_SHARED"]) / "traces" / "raw" / "seed-transition-matrices"
-                                  / "mixtral_top1_transition_counts.npy")
 from simcache.timing import MIXTRAL_EXPERT_BYTES  # noqa: E402
 
 CASES = [("lru", "load"), ("lru", "cpu"), ("lru", "auto"), ("lru", "auto-cputime"), ("static", "auto"),

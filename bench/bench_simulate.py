@@ -42,7 +42,9 @@ sys.path.insert(0, str(ROOT))
 import simcache  # noqa: E402
 from simcache.workload import Workload  # noqa: E402
 
-SEED_MATRIX = ROOT.parent / "shared" / "traces" / "raw" / "seed-transition-matrices" / "mixtral_top1_transition_counts.npy"
+# the write-up fork's transition counts: $SIMCACHE_SHARED, else the shared folder beside the checkout
+SHARED = Path(os.environ.get("SIMCACHE_SHARED", ROOT.parent / "shared"))
+SEED_MATRIX = SHARED / "traces" / "raw" / "seed-transition-matrices" / "mixtral_top1_transition_counts.npy"
 
 
 def mixtral_counts():
