@@ -939,6 +939,13 @@ def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, cpu
                    "and TRACE must be the trace it was made from.")
 @click.option("--prior", type=click.Path(dir_okay=False, path_type=Path),
               help="With --decisions: the log's --prior file, if it has moved (checked by content hash).")
+@click.option("--miss", "misses", default="load", callback=_csv(str), show_default=True,
+              help="Who serves a miss (as simulate's): load, cpu (computed on the host CPU for real), auto, "
+                   "auto-cputime; a list replays each.")
+@click.option("--split", type=float,
+              help="Replay this fraction of the requests; the prior (markov) and the demand counts "
+                   "(static's hot set) come from the rest.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="For --split.")
 @click.option("--verify", is_flag=True, help="Also check outputs against an all-experts-resident run.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results (.json/.csv/.parquet).")
@@ -951,8 +958,8 @@ def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, cpu
 @click.pass_context
 @friendly
 def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, policies, capacities, batches,
-           scope, threshold, evict, admit, layers, steps, bypass_buffers, calibration, decisions, prior, verify,
-           as_json, out, from_results, budget, force, cpu_full_size):
+           scope, threshold, evict, admit, layers, steps, bypass_buffers, calibration, decisions, prior, misses,
+           split, seed, verify, as_json, out, from_results, budget, force, cpu_full_size):
     """Run a policy's decisions on a GPU with real-shaped expert tensors and compare the
     measured time with the simulator's prediction.
 
@@ -961,6 +968,8 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
       simcache replay traces/trained-mixtral-8e.parquet --gpu 0 --preset mixtral-8x7b \
           --policy lru,markov --capacity 2,4 --batch 1,16 --steps 200
       simcache replay my.parquet --from results.parquet --budget 24GiB --gpu 0
+      simcache replay traces/trained-mixtral-8e.parquet --gpu 0 --preset mixtral-8x7b --layers 0-3 \
+          --policy lru,static --miss load,cpu,auto --split 0.5 --calibration calib.json
     """
     from simcache.sweeps import trace_hash, winning_settings
 
@@ -979,8 +988,16 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
             decisions, t, prior, policy=policies, capacity=capacities, batch=batches, scope=scope,
             threshold=threshold, evict=evict, admit=admit)
         scope, threshold, evict, admit = (extra.pop(k) for k in ("scope", "threshold", "evict", "admit"))
+        misses = [extra.pop("miss", "load")]
     elif prior is not None:
         raise SimcacheError("--prior is for a --decisions log made with one")
+    if split is not None:
+        if decisions is not None or from_results is not None:
+            raise SimcacheError("--split is for a plain replay (a decision log or a results cell sets its own)")
+        from simcache.transitions import demand_counts, split_requests, transition_counts
+
+        train, t = split_requests(t, split, seed)
+        extra = {"prior": transition_counts(train), "train_demand": demand_counts(train), "seed": seed}
     if from_results is not None:
         import inspect
 
@@ -1005,6 +1022,7 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
         policies, capacities, batches = [settings.pop("policy")], [settings.pop("capacity")], [settings.pop("batch")]
         scope, evict, admit = settings.pop("scope"), settings.pop("evict"), settings.pop("admit")
         threshold = settings.pop("threshold", threshold)
+        misses = [settings.pop("miss", "load")]
         extra = settings
         click.echo(f"winner from {_shown(from_results)}"
                    + (f" within {budget}" if budget else "") + f": {row['policy']}, capacity {row['capacity']}, "
@@ -1023,9 +1041,11 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
         gib = t.num_layers * t.num_experts * shapes.expert_bytes(DTYPES[dtype].itemsize) / 2**30
         raise SimcacheError(f"{shapes.name} experts over all {t.num_layers} layers are {gib:,.1f} GiB: on the CPU "
                             f"pick --layers (e.g. --layers 0), --preset custom, or --cpu-full-size")
-    runs = [(p, c, b) for b in batches for p in policies for c in capacities]
+    runs = [(p, m, c, b) for b in batches for p in policies for m in misses for c in capacities]
     for p in policies:
         simcache.policies.resolve(p, evict, admit)
+    for m in misses:
+        simcache.hybrid.miss_code(m)
     rp = Replayer(t, shapes, gpu=gpu, device=device, dtype=dtype, layers=layers,
                   expert_dtype=expert_dtype, issue=issue)
     if calibration is not None:
@@ -1040,10 +1060,12 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
         cal = run_probe(rp.dev, rp.preset, DTYPES[dtype], expert_dtype=expert_dtype, grouped=rp.issue == "fast")
     else:
         cal = None
+    if cal is not None and any(m != "load" for m in misses):
+        cal.require_cpu(next(m for m in misses if m != "load"))
     results = [rp.run(p, c, scope=scope, batch=b, threshold=threshold, evict=evict, admit=admit, steps=steps,
                       bypass_buffers=bypass_buffers, calibration=cal, decisions_file=decisions, verify=verify,
-                      **extra)
-               for p, c, b in runs]
+                      miss=m, **extra)
+               for p, m, c, b in runs]
     records = [dict(r.to_dict(), trace=str(path)) for r in results]
     if out is not None:
         write_results(records, out)
@@ -1056,17 +1078,32 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
                f"prediction from {'the built-in default' if cal is None else cal.source} "
                f"({r0.extra['timing_model']} timing)")
     rows = []
+    hybrid = any(r.miss != "load" for r in results)
     for r in results:
-        rows.append([r.policy, r.capacity, r.batch, r.steps, r.hits, r.loads, r.bytes_moved / 1e9,
-                     r.measured_per_token_s * 1e3, r.predicted_per_token_s * 1e3, f"{r.error * 100:+.1f}%",
-                     r.copy_gbps_median, r.stall_s * 1e3, r.idle_s * 1e3,
-                     f"{r.extra['host_issue_us_first_groups']:.0f} / {r.host_issue_us_per_group:.0f}",
-                     None if r.verified is None else ("equal" if r.verified else f"DIFF {r.max_abs_diff:.3g}")])
-    click.echo(table(["policy", "cap", "batch", "steps", "hits", "loads", "GB moved", "measured ms/tok",
-                      "predicted ms/tok", "error", "copy GB/s", "stall ms", "GPU idle ms",
-                      "host us/group first/mean", "outputs"], rows))
+        cpu = [r.miss, r.cpu_experts, _ms(r.extra.get("cpu_expert_measured_s_median")),
+               _ms(r.extra.get("cpu_expert_predicted_s_median"))] if hybrid else []
+        outputs = None
+        if r.verified is not None:
+            same = "equal" if r.cpu_experts == 0 else "close"
+            outputs = same if r.verified else f"DIFF {r.max_abs_diff:.3g}"
+        rows.append([r.policy, *cpu[:1], r.capacity, r.batch, r.steps, r.hits, r.loads, *cpu[1:],
+                     r.bytes_moved / 1e9, r.measured_per_token_s * 1e3, r.predicted_per_token_s * 1e3,
+                     f"{r.error * 100:+.1f}%", r.copy_gbps_median, r.stall_s * 1e3, r.idle_s * 1e3,
+                     f"{r.extra['host_issue_us_first_groups']:.0f} / {r.host_issue_us_per_group:.0f}", outputs])
+    cpu_heads = ["cpu experts", "cpu ms/expert measured", "cpu ms/expert predicted"] if hybrid else []
+    click.echo(table(["policy", *(["miss"] if hybrid else []), "cap", "batch", "steps", "hits", "loads",
+                      *cpu_heads, "GB moved", "measured ms/tok", "predicted ms/tok", "error", "copy GB/s",
+                      "stall ms", "GPU idle ms", "host us/group first/mean", "outputs"], rows))
+    if hybrid:
+        click.echo("cpu ms/expert: the median CPU expert's round trip + host FFN, measured, and the calibration's "
+                   "price for it (its busy rate where the group also copies); outputs 'close': within "
+                   "bf16 rounding of the all-resident GPU run (the host's GEMMs round differently)")
     click.echo("host us/group: the median of the first 4 groups (the host's own issue cost) and the mean "
                "(which includes time blocked behind a full launch queue); GPU idle: waiting for the host")
+
+
+def _ms(seconds):
+    return None if seconds is None else seconds * 1e3
 
 
 def _logged_run(path, trace, prior_path, **given):
