@@ -1097,7 +1097,7 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
     if hybrid:
         click.echo("cpu ms/expert: the median CPU expert's round trip + host FFN, measured, and the calibration's "
                    "price for it (its busy rate where the group also copies); outputs 'close': within "
-                   "bf16 rounding of the all-resident GPU run (the host's GEMMs round differently)")
+                   "||out - ref|| / ||ref|| <= 1e-2 against the all-resident GPU run (the host's GEMMs round differently)")
     click.echo("host us/group: the median of the first 4 groups (the host's own issue cost) and the mean "
                "(which includes time blocked behind a full launch queue); GPU idle: waiting for the host")
 

@@ -236,7 +236,7 @@ class Replayer:
         sched = schedule(timed)  # (the warm-up above is untimed)
         timed_issuer = issuer(sched, weights, self.store.host, self.store, x, self.dev, executor)
         outputs, timings = _issue(timed_issuer, self.dev, keep=verify or keep_outputs)
-        verified = max_diff = None
+        verified = max_diff = rel_error = None
         if verify:
             del weights
             resident = self.store.host.to(self.dev)  # (N, Q): every expert, no copies
@@ -244,15 +244,19 @@ class Replayer:
                                   keep=True)
             diffs = [float((a.float() - b.float()).abs().max()) for a, b in zip(outputs, reference)]
             max_diff = max(diffs) if diffs else 0.0
-            if int(sched.cpu.sum()):  # the host's bf16 GEMMs round differently from the GPU's
-                scale = max((float(b.float().abs().max()) for b in reference), default=0.0)
-                verified = max_diff <= CPU_TOLERANCE * max(scale, 1e-30)
+            if int(sched.cpu.sum()):  # the host's GEMMs round differently from the GPU's
+                num = sum(float((a.double() - b.double()).square().sum()) for a, b in zip(outputs, reference))
+                den = sum(float(b.double().square().sum()) for b in reference)
+                rel_error = (num / den) ** 0.5 if den > 0 else 0.0
+                verified = rel_error <= CPU_TOLERANCE
             else:
                 verified = all(torch.equal(a, b) for a, b in zip(outputs, reference))
             del resident
         result = _result(self, sim, work, sched, timed, timings, capacity, scope, n_steps, warmup_steps,
                          verified, max_diff, model)
         result.miss = miss
+        if rel_error is not None:
+            result.extra["verify_rel_error"] = rel_error
         if executor is not None:
             priced = calibration if calibration is not None else simcache.default_calibration()  # (simulate's)
             result.extra.update(_cpu_figures(self, sched, timed_issuer.cpu.tickets, priced, executor))
@@ -273,10 +277,10 @@ class Replayer:
         return np.full((t.num_tokens, L, k), 1.0 / k, np.float32)
 
 
-# --verify with CPU-computed experts: the host's bf16 GEMMs accumulate in another order than the
-# GPU's, so outputs agree to bf16 rounding, not bitwise: the largest difference must stay within
-# this fraction of the largest output magnitude (2^-6, a few bf16 ulps of the largest value)
-CPU_TOLERANCE = 2.0 ** -6
+# --verify with CPU-computed experts: the host's GEMMs accumulate in another order than the
+# GPU's, so outputs agree to rounding, not bitwise: ||out - ref|| / ||ref|| over the timed
+# groups must stay within this (bf16 operands land between 1e-3 and 1e-2)
+CPU_TOLERANCE = 1e-2
 
 
 def _cpu_figures(rp: Replayer, sched: Schedule, tickets, cal, executor) -> dict:
