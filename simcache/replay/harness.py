@@ -293,9 +293,12 @@ def _cpu_figures(rp: Replayer, sched: Schedule, tickets, cal, executor) -> dict:
     pred_alone = pred_busy = None
     if cal is not None and cal.has_cpu:
         _, pred_alone, pred_busy, _, _ = luts(cal, rp.expert_bytes, top)
-    tokens, measured, predicted, group_cpu = [], [], [], np.zeros(sched.num_groups)
+    tokens, measured, ffn_s, predicted = [], [], [], []
+    group_cpu, group_wait = np.zeros(sched.num_groups), np.zeros(sched.num_groups)
     for g, ticket in tickets:
         busy = len(sched.loads(g)) > 0
+        ffn_s += ticket.ffn_s
+        group_wait[g] = ticket.wait_s
         for c, s in zip(sched.cpu_computes(g), ticket.expert_s):
             t = int(counts[c])
             tokens.append(t)
@@ -304,12 +307,16 @@ def _cpu_figures(rp: Replayer, sched: Schedule, tickets, cal, executor) -> dict:
                 predicted.append(float((pred_busy if busy else pred_alone)[t]))
         group_cpu[g] = ticket.path_s
     m = np.asarray(measured)
-    return {"cpu_threads": executor.threads, "cpu_model": executor.cpu_model,
+    return {"cpu_threads": executor.threads, "cpu_worker_threads": executor.worker_threads,
+            "cpu_model": executor.cpu_model,
             "cpu_expert_measured_s_median": float(np.median(m)) if m.size else float("nan"),
             "cpu_expert_predicted_s_median": float(np.median(predicted)) if predicted else float("nan"),
+            "cpu_expert_ffn_s_median": float(np.median(ffn_s)) if ffn_s else float("nan"),
             "cpu_tokens": int(sum(tokens)),
             "cpu_expert_tokens": tokens, "cpu_expert_measured_s": measured, "cpu_expert_predicted_s": predicted,
-            "group_cpu_path_s": group_cpu.tolist()}
+            "cpu_expert_ffn_s": ffn_s,
+            # per timed group: the CPU path from the gather, and the wait for the gather
+            "group_cpu_path_s": group_cpu.tolist(), "group_cpu_wait_s": group_wait.tolist()}
 
 
 def replay(trace, preset, policy="lru", capacity=2, *, gpu=None, device=None, dtype="bfloat16",
