@@ -1,10 +1,11 @@
 """What to run: the simulator's decisions as a schedule of (step, layer) groups.
 
 Built once, before anything is timed, from the decision log (hit / fill into slot s / bypass
-per access). Every group is a run of *computes* (one per demanded expert: hits first in
-access order, then loaded experts in load order) and each loaded compute is preceded by one
-*load* (one copy of one host row into one GPU buffer). GPU buffers are numbered in one weights
-tensor: slots first (``pool * capacity + slot``), then the bypass ring (``n_slots + r``).
+per access). Every group is a run of *computes* (one per demanded expert: hits and experts
+served from a prefetch buffer first, in access order, then loaded experts in load order) and
+each loaded compute is preceded by one *load* (one copy of one host row into one GPU buffer). GPU buffers are numbered in one weights
+tensor: slots first (``pool * capacity + slot``), then the bypass ring (``n_slots + r``), then
+the prefetch buffers (``n_slots + ring + b``, :mod:`simcache.replay.prefetch`).
 
 All arrays are flat numpy columns, cut into groups and computes by ``*_ptr`` offsets (CSR), so
 the issue paths (:mod:`simcache.replay.issue`) only read them.
@@ -17,7 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from simcache.errors import SimcacheError
-from simcache.simulator import HIT, FILL
+from simcache.simulator import HIT, FILL, PREFETCHED
 
 
 @dataclass(frozen=True)
@@ -130,13 +131,16 @@ def build_schedule(work, decisions, groups, key_row, *, num_experts: int, capaci
         toks = steps.step_tokens[steps.step_ptr[s]: steps.step_ptr[s + 1]]
         ex = experts[toks, l, :]  # (n, k)
         pool_base = l * capacity if scope == "layer" else 0
-        order = [i for i in range(lo, hi) if decisions.outcome[i] == HIT]
+        # no copy: hits, and accesses served from a prefetch buffer (rows after the ring)
+        order = [i for i in range(lo, hi) if decisions.outcome[i] in (HIT, PREFETCHED)]
         n_hits = len(order)
-        order += [i for i in range(lo, hi) if decisions.outcome[i] != HIT]
+        order += [i for i in range(lo, hi) if decisions.outcome[i] not in (HIT, PREFETCHED)]
         for i in order:
             outcome = decisions.outcome[i]
             if outcome == HIT or outcome == FILL:
                 buf = pool_base + int(decisions.slot[i])
+            elif outcome == PREFETCHED:
+                buf = n_slots + ring + int(decisions.slot[i])
             else:
                 buf = n_slots + ring_next
                 ring_next = (ring_next + 1) % ring
