@@ -931,6 +931,10 @@ def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, cpu
 @click.option("--layers", help="Replay only these MoE layers: 0-3 or 0,2,5 (host memory).")
 @click.option("--steps", type=int, help="Replay only the first N steps (2 of them untimed warm-up).")
 @click.option("--bypass-buffers", type=int, default=4, show_default=True)
+@click.option("--prefetch", "prefetches", default="none", callback=_csv(str), show_default=True,
+              help="Prefetch predictor(s), comma-separated: none, oracle, lookahead, markov; the simulator's "
+                   "prefetches are issued on the copy stream (--issue eager; docs/prefetch.md).")
+@click.option("--prefetch-width", type=int, help="Experts prefetched per predicted group (default: top-k).")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
               help="Calibration for the prediction (from 'simcache probe'); default: probe now.")
 @click.option("--decisions", type=click.Path(dir_okay=False, path_type=Path),
@@ -951,8 +955,8 @@ def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, cpu
 @click.pass_context
 @friendly
 def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, policies, capacities, batches,
-           scope, threshold, evict, admit, layers, steps, bypass_buffers, calibration, decisions, prior, verify,
-           as_json, out, from_results, budget, force, cpu_full_size):
+           scope, threshold, evict, admit, layers, steps, bypass_buffers, prefetches, prefetch_width, calibration,
+           decisions, prior, verify, as_json, out, from_results, budget, force, cpu_full_size):
     """Run a policy's decisions on a GPU with real-shaped expert tensors and compare the
     measured time with the simulator's prediction.
 
@@ -1011,6 +1015,13 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
                    f"scope {row['scope']}, batch {row['batch']} (cell {row['cell']}, trace {trace_hash(t)})", err=True)
     elif budget is not None:
         raise SimcacheError("--budget needs --from RESULTS")
+    if "prefetch" in extra:  # the decision log's or the sweep cell's prefetch
+        logged, width = extra.pop("prefetch"), extra.pop("prefetch_width", None)
+        if (ctx.get_parameter_source("prefetches") == click.core.ParameterSource.COMMANDLINE
+                and (prefetches != [logged] or prefetch_width not in (None, width))):
+            raise SimcacheError(f"--prefetch {','.join(prefetches)} differs from the replayed run's prefetch "
+                                f"{logged} (width {width}): drop the option")
+        prefetches, prefetch_width = [logged], width
     _torch()
     from simcache.replay.experts import DTYPES
     from simcache.replay.harness import Replayer
@@ -1023,7 +1034,7 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
         gib = t.num_layers * t.num_experts * shapes.expert_bytes(DTYPES[dtype].itemsize) / 2**30
         raise SimcacheError(f"{shapes.name} experts over all {t.num_layers} layers are {gib:,.1f} GiB: on the CPU "
                             f"pick --layers (e.g. --layers 0), --preset custom, or --cpu-full-size")
-    runs = [(p, c, b) for b in batches for p in policies for c in capacities]
+    runs = [(p, c, b, f) for b in batches for f in prefetches for p in policies for c in capacities]
     for p in policies:
         simcache.policies.resolve(p, evict, admit)
     rp = Replayer(t, shapes, gpu=gpu, device=device, dtype=dtype, layers=layers,
@@ -1042,8 +1053,8 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
         cal = None
     results = [rp.run(p, c, scope=scope, batch=b, threshold=threshold, evict=evict, admit=admit, steps=steps,
                       bypass_buffers=bypass_buffers, calibration=cal, decisions_file=decisions, verify=verify,
-                      **extra)
-               for p, c, b in runs]
+                      prefetch=f, prefetch_width=prefetch_width, **extra)
+               for p, c, b, f in runs]
     records = [dict(r.to_dict(), trace=str(path)) for r in results]
     if out is not None:
         write_results(records, out)
@@ -1056,15 +1067,25 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
                f"prediction from {'the built-in default' if cal is None else cal.source} "
                f"({r0.extra['timing_model']} timing)")
     rows = []
+    prefetching = any(r.extra["prefetch"] != "none" for r in results)
     for r in results:
+        x = r.extra
+        pred_stall = "-" if x["predicted_stall_s"] is None else f"{x['predicted_stall_s'] * 1e3:.3f}"
         rows.append([r.policy, r.capacity, r.batch, r.steps, r.hits, r.loads, r.bytes_moved / 1e9,
                      r.measured_per_token_s * 1e3, r.predicted_per_token_s * 1e3, f"{r.error * 100:+.1f}%",
-                     r.copy_gbps_median, r.stall_s * 1e3, r.idle_s * 1e3,
-                     f"{r.extra['host_issue_us_first_groups']:.0f} / {r.host_issue_us_per_group:.0f}",
+                     r.copy_gbps_median, f"{r.stall_s * 1e3:.3f} / {pred_stall}", r.idle_s * 1e3,
+                     f"{x['host_issue_us_first_groups']:.0f} / {r.host_issue_us_per_group:.0f}",
                      None if r.verified is None else ("equal" if r.verified else f"DIFF {r.max_abs_diff:.3g}")])
-    click.echo(table(["policy", "cap", "batch", "steps", "hits", "loads", "GB moved", "measured ms/tok",
-                      "predicted ms/tok", "error", "copy GB/s", "stall ms", "GPU idle ms",
-                      "host us/group first/mean", "outputs"], rows))
+        if prefetching:
+            rows[-1][1:1] = ["none" if x["prefetch"] == "none" else f"{x['prefetch']} w={x['prefetch_width']}"]
+            rows[-1][7:7] = [x["prefetches"], x["prefetched"], x["prefetch_bytes"] / 1e9]
+    headers = ["policy", "cap", "batch", "steps", "hits", "loads", "GB moved", "measured ms/tok",
+               "predicted ms/tok", "error", "copy GB/s", "stall ms measured / predicted", "GPU idle ms",
+               "host us/group first/mean", "outputs"]
+    if prefetching:
+        headers[1:1] = ["prefetch"]
+        headers[7:7] = ["prefetches", "from buffer", "GB prefetched"]
+    click.echo(table(headers, rows))
     click.echo("host us/group: the median of the first 4 groups (the host's own issue cost) and the mean "
                "(which includes time blocked behind a full launch queue); GPU idle: waiting for the host")
 
@@ -1098,6 +1119,8 @@ def _logged_run(path, trace, prior_path, **given):
                                 f"(the log's settings are replayed; drop the option)")
     options = dict(st.simulate_options(), prior=prior_counts)
     options.setdefault("threshold", 0.1)
+    if log.meta.get("prefetch") is not None:  # (replay checks the log's prefetch schedule)
+        options.update(prefetch=log.meta["prefetch"]["predictor"], prefetch_width=log.meta["prefetch"]["width"])
     runs = [options.pop("policy")], [options.pop("capacity")], [options.pop("batch")]
     return scored, options, runs
 

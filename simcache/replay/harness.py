@@ -287,8 +287,8 @@ def _decide(rp: Replayer, policy, capacity, scope, batch, threshold, evict, admi
         if log.meta.get("predicted", {}).get("miss", "load") != "load":  # (replay/cpu.py is not wired in yet)
             raise SimcacheError("replay runs --miss load decisions; this log was made with --miss "
                                 f"{log.meta['predicted']['miss']}")
-        log.check_decisions(sim.decisions)
         rpf.check_logged(log.meta.get("prefetch"), sim.decisions)
+        log.check_decisions(sim.decisions)
     return sim, work, "grouped" if cal is not None and cal.group_ffn else "per-expert"
 
 
