@@ -73,6 +73,10 @@ class PrefetchIssuer:
         The expert's row of the pinned host store.
     stream : torch.cuda.Stream or None
         The copy stream; None copies synchronously (CPU tests).
+    timing : bool
+        Timing events (for :meth:`copy_seconds`).
+    cuda : bool, optional
+        Make CUDA events (default: a stream is given); the stream may be set later.
     """
 
     def __init__(self, schedule: Schedule, slot_of, buffers, source_of, stream=None, timing: bool = True,
@@ -84,8 +88,8 @@ class PrefetchIssuer:
         self.schedule, self.slot_of, self.buffers, self.source_of = schedule, slot_of, buffers, source_of
         self.stream = stream  # (may be replaced between runs: each issue run has its copy stream)
         n = schedule.after.shape[0]
-        cuda = stream is not None if cuda is None else cuda
-        make = (lambda: torch.cuda.Event(enable_timing=timing)) if cuda else (lambda: None)
+        self.cuda = stream is not None if cuda is None else cuda  # (events only on CUDA)
+        make = (lambda: torch.cuda.Event(enable_timing=timing)) if self.cuda else (lambda: None)
         self.start = [make() for _ in range(n)]
         self.done = [make() for _ in range(n)]
         self._next = 0
@@ -149,7 +153,7 @@ class PrefetchIssuer:
         """Seconds of the issued prefetch copies ``ids`` (default: all; after a synchronize;
         CUDA only, else zeros)."""
         ids = self.issued_ids if ids is None else list(ids)
-        if self.start[:1] == [None] or not ids:
+        if not self.cuda or not ids:
             return np.zeros(len(ids))
         return np.array([self.start[j].elapsed_time(self.done[j]) / 1e3 for j in ids])
 
