@@ -13,17 +13,19 @@ OUT=${OUT:?set OUT}
 grep -E 'MemTotal|MemAvailable' /proc/meminfo
 grep -m1 'model name' /proc/cpuinfo; nproc
 S="python3 -m simcache"
+date -u +%T
 $S probe --gpu 0 --preset mixtral-8x7b --cpu-threads 8,12,all --out "$OUT/calib-hybrid-mixtral-8x7b.json" | tail -22
 $S probe --gpu 0 --preset deepseek-v2-lite --cpu-threads 8,12,all --out "$OUT/calib-hybrid-deepseek-v2-lite.json" | tail -22
 M="traces/trained-mixtral-8e.parquet --gpu 0 --preset mixtral-8x7b --layers 0-3 --calibration $OUT/calib-hybrid-mixtral-8x7b.json"
 F="traces/flame-moe-290m.parquet --gpu 0 --preset deepseek-v2-lite --layers 0-7 --calibration $OUT/calib-hybrid-deepseek-v2-lite.json"
+date -u +%T
 $S replay $M --policy lru,static --miss load,cpu,auto --capacity 2,4 --batch 1,16 --split 0.5 --steps 40 \
   --out "$OUT/hybrid-replay-mixtral-8x7b.json"
-$S replay $F --policy lru,static --miss load,cpu,auto --capacity 16,32 --batch 1,16 --split 0.5 --steps 40 \
-  --out "$OUT/hybrid-replay-deepseek-v2-lite.json"
 # the headline: 2 of 8 experts per layer, batch 1 -- the best copy-only schedule (belady-bypass
 # included) against the best hybrid one
-$S replay $M --policy belady-bypass,lru,static --miss load,auto --capacity 2 --batch 1 --split 0.5 --steps 60 \
+$S replay $M --policy belady-bypass,lru,static --miss load,cpu,auto,auto-cputime --capacity 2 --batch 1 --split 0.5 --steps 60 \
   --out "$OUT/hybrid-headline-mixtral-8x7b.json"
 $S replay $M --policy static --miss cpu --capacity 2 --batch 4 --split 0.5 --steps 12 --verify \
   --out "$OUT/hybrid-verify-mixtral-8x7b.json"
+$S replay $F --policy lru,static --miss load,cpu,auto --capacity 16,32 --batch 1,16 --split 0.5 --steps 40 \
+  --out "$OUT/hybrid-replay-deepseek-v2-lite.json"

@@ -100,6 +100,8 @@ class HostExecutor:
                  max_tokens: int = 4096, dtype: torch.dtype = torch.bfloat16):
         self.hidden, self.ffn_size, self.dev = hidden, ffn_size, device
         self.threads = set_host_threads(threads)
+        self.cpu_model = cpu_model()
+        self.max_rows = int(max_tokens)
         self.cuda = device.type == "cuda"
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simcache-host")
         self._stream = torch.cuda.Stream(device) if self.cuda else None
