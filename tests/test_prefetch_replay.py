@@ -126,11 +126,8 @@ def test_prefetch_replay_equals_the_resident_run_and_issues_the_schedule(replaye
     assert r.hits == int((timed_out == 0).sum()) and r.hits + r.loads + x["prefetched"] == timed_out.size
 
 
-def test_outcome_5_computes_read_a_prefetch_buffer(replayer, monkeypatch):
-    """An access served from a prefetch buffer computes on that buffer's row (after the slots
-    and the ring), which only the prefetch copy fills: without the copies, replay notices."""
-    r = replayer.run("lru", 2, steps=STEPS, verify=True, bypass_buffers=2, prefetch="markov", prefetch_width=2)
-    assert r.extra["prefetched"] > 0 and r.verified
+def spy_schedules(monkeypatch) -> list:
+    """(schedule, decisions) of every schedule the harness builds from now on."""
     seen = []
     original = Replayer.run.__globals__["build_schedule"]
 
@@ -140,6 +137,15 @@ def test_outcome_5_computes_read_a_prefetch_buffer(replayer, monkeypatch):
         return s
 
     monkeypatch.setitem(Replayer.run.__globals__, "build_schedule", spy)
+    return seen
+
+
+def test_outcome_5_computes_read_a_prefetch_buffer(replayer, monkeypatch):
+    """An access served from a prefetch buffer computes on that buffer's row (after the slots
+    and the ring), which only the prefetch copy fills: without the copies, replay notices."""
+    r = replayer.run("lru", 2, steps=STEPS, verify=True, bypass_buffers=2, prefetch="markov", prefetch_width=2)
+    assert r.extra["prefetched"] > 0 and r.verified
+    seen = spy_schedules(monkeypatch)
     replayer.run("lru", 2, steps=STEPS, bypass_buffers=2, prefetch="markov", prefetch_width=2)
     s, dec = seen[-1]
     five = dec.outcome[s.access] == PREFETCHED
@@ -247,3 +253,23 @@ def test_check_logged_compares_the_schedule():
     rpf.check_logged(logged, D)
     with pytest.raises(simcache.SimcacheError, match="other prefetches than the decision log"):
         rpf.check_logged(dict(logged, key=[7, 9]), D)
+
+
+def test_a_prefetch_onto_a_row_its_group_reads_is_refused(replayer, monkeypatch):
+    """The simulator pins the running group's experts, so no prefetch started during a group
+    overwrites what it reads; the replay checks that before it runs."""
+    seen = spy_schedules(monkeypatch)
+    replayer.run("lru", 2, steps=STEPS, bypass_buffers=2)
+    s, dec = seen[-1]
+    L, E = replayer.trace.num_layers, replayer.trace.num_experts
+    hit = next(c for c in range(s.access.shape[0]) if dec.outcome[s.access[c]] == 0)
+    g = int(np.searchsorted(s.compute_ptr, hit, side="right") - 1)
+    key = int(simcache.Workload(replayer.trace).demand.keys[s.access[hit]])
+    bad = Schedule(np.array([s.step[g] * L + s.layer[g]]), np.array([key], np.int32),
+                   np.array([dec.slot[s.access[hit]]], np.int32), np.array([-1], np.int32))
+    weights = torch.zeros((s.num_buffers, 3))
+    d = rpf.Delivery(bad, weights, s.num_buffers, torch.zeros((L * E, 3)), {key: 0}, dec,
+                     simcache.Workload(replayer.trace).demand.keys, num_layers=L, num_experts=E, capacity=2,
+                     per_layer=True, device=torch.device("cpu"))
+    with pytest.raises(simcache.SimcacheError, match=f"overwrites row {int(s.buffer[hit])} while group"):
+        d.bind(s, None)

@@ -228,7 +228,7 @@ class Delivery:
         self.first_buffer, self.L = int(first_buffer), int(num_layers)
         self.issuer = PrefetchIssuer(schedule, lambda key, slot: weights[self.base(key) + slot], weights[first_buffer:],
                                      lambda key: host[key_row[key]], cuda=device.type == "cuda")
-        self.cuda = device.type == "cuda"
+        self.device, self.cuda = device, device.type == "cuda"
         self.outcome, self.slot, self.keys = decisions.outcome, decisions.slot, keys
         n = schedule.after.shape[0]
         make = (lambda: torch.cuda.Event(enable_timing=True)) if self.cuda else (lambda: None)
@@ -285,7 +285,7 @@ class Delivery:
             import torch
 
             self.w_before[j].record()
-            torch.cuda.current_stream().wait_event(event)
+            torch.cuda.current_stream(self.device).wait_event(event)
             self.w_after[j].record()
             self.waits.append((gid, j))
 
