@@ -1035,6 +1035,7 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
         raise SimcacheError("--budget needs --from RESULTS")
     if "prefetch" in extra:  # the decision log's or the sweep cell's prefetch
         logged, width = extra.pop("prefetch"), extra.pop("prefetch_width", None)
+        width = None if width is None or width != width else int(width)  # (a results column: float, NaN)
         if (ctx.get_parameter_source("prefetches") == click.core.ParameterSource.COMMANDLINE
                 and (prefetches != [logged] or prefetch_width not in (None, width))):
             raise SimcacheError(f"--prefetch {','.join(prefetches)} differs from the replayed run's prefetch "

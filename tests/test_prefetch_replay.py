@@ -97,13 +97,15 @@ def timed_ids(r, L):
     return np.arange(2 * L, (2 + r.steps) * L)
 
 
-@pytest.mark.parametrize("predictor,capacity,batch", [("oracle", 2, 1), ("lookahead", 2, 3), ("markov", 3, 2),
-                                                      ("markov", 2, 1)])
-def test_prefetch_replay_equals_the_resident_run_and_issues_the_schedule(replayer, predictor, capacity, batch):
-    r = replayer.run("lru", capacity, batch=batch, steps=STEPS, verify=True, bypass_buffers=2, prefetch=predictor,
-                     prefetch_width=2)
+@pytest.mark.parametrize("predictor,capacity,batch,scope", [
+    ("oracle", 2, 1, "layer"), ("lookahead", 2, 3, "layer"), ("markov", 3, 2, "layer"), ("markov", 2, 1, "layer"),
+    ("oracle", 5, 2, "global"), ("markov", 4, 1, "global")])
+def test_prefetch_replay_equals_the_resident_run_and_issues_the_schedule(replayer, predictor, capacity, batch,
+                                                                         scope):
+    r = replayer.run("lru", capacity, scope=scope, batch=batch, steps=STEPS, verify=True, bypass_buffers=2,
+                     prefetch=predictor, prefetch_width=2)
     assert r.verified is True and r.max_abs_diff == 0.0  # bitwise: the data came through the prefetches
-    sim = simcache.simulate(simcache.Workload(replayer.trace, batch), "lru", capacity, record=True,
+    sim = simcache.simulate(simcache.Workload(replayer.trace, batch), "lru", capacity, scope=scope, record=True,
                             expert_bytes=replayer.expert_bytes, prefetch=predictor, prefetch_width=2)
     L = replayer.trace.num_layers
     ids = timed_ids(r, L)
@@ -208,6 +210,16 @@ def test_cli_replays_a_list_of_predictors(trace_file):
     assert all(x["verified"] for x in res) and res[1]["prefetches"] == res[1]["prefetches_scheduled"] > 0
     table = CliRunner().invoke(main, ["replay", str(trace_file), *TINY_CLI, "--prefetch", "oracle"])
     assert table.exit_code == 0 and "oracle w=2" in table.output and "stall ms measured / predicted" in table.output
+
+
+def test_cli_replays_a_sweep_cell_with_its_prefetch(trace_file, tmp_path):
+    out = tmp_path / "r.parquet"
+    simcache.sweep([trace_file], workers=0, out=out, policy="lru", capacity="2", prefetch="oracle",
+                   prefetch_width="3")
+    r = CliRunner().invoke(main, ["replay", str(trace_file), *TINY_CLI, "--from", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output[r.output.index("{"):])["results"]
+    assert [(x["prefetch"], x["prefetch_width"]) for x in res] == [("oracle", 3)] and res[0]["prefetches"] > 0
 
 
 @pytest.mark.parametrize("flags,message", [
