@@ -285,3 +285,37 @@ def test_a_prefetch_onto_a_row_its_group_reads_is_refused(replayer, monkeypatch)
                      per_layer=True, device=torch.device("cpu"))
     with pytest.raises(simcache.SimcacheError, match=f"overwrites row {int(s.buffer[hit])} while group"):
         d.bind(s, None)
+
+
+@pytest.mark.parametrize("predictor,scope,capacity", [("markov", "layer", 2), ("oracle", "layer", 3),
+                                                      ("oracle", "global", 5)])
+def test_the_computes_that_wait_on_a_prefetch_come_last_among_the_hits(replayer, monkeypatch, predictor, scope,
+                                                                        capacity):
+    """delivered_accesses names exactly the computes that find a prefetch to wait on, and the
+    schedule computes them after the group's other hits (as the timeline does)."""
+    seen = spy_schedules(monkeypatch)
+    found = []
+    delivered = rpf.PrefetchIssuer.delivered
+
+    def spy(self, key, buffer=-1):
+        event, j = delivered(self, key, buffer)
+        found.append(j >= 0)
+        return event, j
+
+    monkeypatch.setattr(rpf.PrefetchIssuer, "delivered", spy)
+    r = replayer.run("lru", capacity, scope=scope, steps=STEPS, verify=True, bypass_buffers=2, prefetch=predictor,
+                     prefetch_width=2)
+    assert r.verified
+    work = simcache.Workload(replayer.trace)
+    sim = simcache.simulate(work, "lru", capacity, scope=scope, record=True, expert_bytes=replayer.expert_bytes,
+                            prefetch=predictor, prefetch_width=2)
+    L, E = replayer.trace.num_layers, replayer.trace.num_experts
+    pf = rpf.replay_schedule(sim.decisions, list(range(L)), L, E, STEPS * L)
+    late = rpf.delivered_accesses(sim.decisions, work.demand, pf, STEPS * L)
+    expected = []
+    for s, _ in seen[:2]:  # warm-up, timed (the resident reference has no prefetch)
+        for g in range(s.num_groups):
+            served = late[s.access[s.compute_ptr[g]: s.compute_ptr[g] + s.hits[g]]]
+            assert not np.any(np.diff(served.astype(int)) < 0)  # the late ones last
+            expected += served.tolist()
+    assert found == expected and any(found)

@@ -235,10 +235,12 @@ class Replayer:
             num_layers=L, num_experts=self.trace.num_experts, capacity=capacity, per_layer=scope == "layer",
             device=self.dev)
 
+        late = None if pf_sched is None else rpf.delivered_accesses(sim.decisions, work.demand, pf_sched, n_steps * L)
+
         def schedule(gs):
             return build_schedule(work, sim.decisions, gs, self.key_row, num_experts=self.trace.num_experts,
                                   capacity=capacity, scope=scope, n_slots=n_slots, ring=ring,
-                                  experts=self._experts, weights=self._weights)
+                                  experts=self._experts, weights=self._weights, late=late)
 
         executor = None
         if sim.cpu_experts:

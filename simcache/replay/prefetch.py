@@ -330,3 +330,31 @@ def predicted_timeline(decisions, work, calibration, expert_bytes: int, group_id
     else:
         return None, None
     return start - start[0], stall
+
+
+def delivered_accesses(decisions, demand, schedule: Schedule, n_groups: int) -> np.ndarray:
+    """(accesses,) bool: over the first ``n_groups`` groups, the accesses whose expert a
+    prefetch delivered and that read it first (a hit on a slot a prefetch filled since, or an
+    access served from a prefetch buffer): the computes that may wait on a copy in flight. The
+    schedule computes them after a group's other hits, as the timeline does (every other
+    expert computes while the copy runs; the late one starts when it arrives)."""
+    from simcache.simulator import FILL, HIT, PREFETCHED
+
+    out = np.zeros(demand.keys.shape[0], np.bool_)
+    outcome, keys, gp = decisions.outcome, demand.keys, demand.group_ptr
+    s = schedule
+    pending: set[int] = set()  # keys in a slot a prefetch filled, not read since
+    j = 0
+    for g in range(min(n_groups, gp.shape[0] - 1)):
+        for i in range(gp[g], gp[g + 1]):
+            o, key = outcome[i], int(keys[i])
+            if o == PREFETCHED or (o == HIT and key in pending):
+                out[i] = True
+                pending.discard(key)
+            elif o == FILL:
+                pending.discard(key)
+        while j < s.after.shape[0] and s.after[j] <= g:
+            if s.after[j] == g and s.slot[j] >= 0:
+                pending.add(int(s.key[j]))
+            j += 1
+    return out

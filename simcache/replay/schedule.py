@@ -126,12 +126,14 @@ class Schedule:
 
 
 def build_schedule(work, decisions, groups, key_row, *, num_experts: int, capacity: int, scope: str,
-                   n_slots: int, ring: int, experts: np.ndarray, weights: np.ndarray) -> Schedule:
+                   n_slots: int, ring: int, experts: np.ndarray, weights: np.ndarray,
+                   late: np.ndarray | None = None) -> Schedule:
     """The schedule of ``groups`` ((step, layer, lo, hi) in issue order, lo:hi their accesses).
 
     ``experts`` (tokens, L, k) and ``weights`` (tokens, L, k) are the trace's routing;
     ``key_row`` maps an expert key to its host store row. Bypass buffers are handed out in
-    rotation over the whole run.
+    rotation over the whole run. ``late`` (accesses,) bool: hits computed after the group's
+    other hits (a prefetch delivered them, :func:`simcache.replay.prefetch.delivered_accesses`).
     """
     d, steps = work.demand, work.steps
     k = experts.shape[2]
@@ -147,7 +149,9 @@ def build_schedule(work, decisions, groups, key_row, *, num_experts: int, capaci
         pool_base = l * capacity if scope == "layer" else 0
         out = decisions.outcome[lo:hi]
         # no copy first: hits, and accesses served from a prefetch buffer (rows after the ring)
-        order = [lo + i for i in np.flatnonzero((out == HIT) | (out == PREFETCHED))]
+        served = (out == HIT) | (out == PREFETCHED)
+        after = late[lo:hi] if late is not None else np.zeros(hi - lo, np.bool_)
+        order = [lo + i for i in np.flatnonzero(served & ~after)] + [lo + i for i in np.flatnonzero(served & after)]
         n_hits = len(order)
         order += [lo + i for i in np.flatnonzero((out != HIT) & (out != PREFETCHED) & (out != CPU))]
         on_cpu = [lo + i for i in np.flatnonzero(out == CPU)]
