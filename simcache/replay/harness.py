@@ -226,7 +226,7 @@ class Replayer:
         n_slots = capacity * L if scope == "layer" else capacity
         pf_sched = rpf.replay_schedule(sim.decisions, self.layers, L, self.trace.num_experts, n_steps * L)
         n_pf = pf_sched.buffers if pf_sched is not None else 0  # prefetch buffers: rows after the ring
-        _check_gpu_memory(self, n_slots, ring + n_pf)
+        _check_gpu_memory(self, n_slots, ring, n_pf)
         weights = torch.empty((n_slots + ring + n_pf, self.store.Q), dtype=self.store.host.dtype,
                               device=self.dev)  # (B, Q)
         x = _activations(work, self.preset.hidden, self.dtype, self.dev)  # (n, H)
@@ -395,12 +395,13 @@ def _preload(rp: Replayer, work, dec, weights: torch.Tensor, capacity: int, scop
             weights[b].copy_(rp.store.host[rp.key_row[key]])
 
 
-def _check_gpu_memory(rp: Replayer, n_slots: int, ring: int) -> None:
+def _check_gpu_memory(rp: Replayer, n_slots: int, ring: int, prefetch: int = 0) -> None:
     eb = rp.expert_bytes
-    need = (n_slots + ring) * eb + (64 << 20)
+    need = (n_slots + ring + prefetch) * eb + (64 << 20)
     free = gpu_free_bytes(rp.dev)
     if need > free:
-        raise SimcacheError(f"{n_slots} slots + {ring} bypass buffers of {eb / 2**20:.0f} MiB need "
+        extra = f" + {prefetch} prefetch buffers" if prefetch else ""
+        raise SimcacheError(f"{n_slots} slots + {ring} bypass buffers{extra} of {eb / 2**20:.0f} MiB need "
                             f"{need / 2**30:.1f} GiB of GPU memory, {free / 2**30:.1f} GiB is free")
 
 
