@@ -319,3 +319,31 @@ def test_the_computes_that_wait_on_a_prefetch_come_last_among_the_hits(replayer,
             assert not np.any(np.diff(served.astype(int)) < 0)  # the late ones last
             expected += served.tolist()
     assert found == expected and any(found)
+
+
+from hypothesis import assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from .strategies import traces  # noqa: E402
+
+
+@settings(max_examples=15, deadline=None)
+@given(trace=traces(max_layers=3, max_experts=5, max_requests=3, max_len=8), data=st.data())
+def test_any_prefetch_replay_equals_the_resident_run(trace, data):
+    """On random traces, rules and scopes: outputs through the prefetch slots and buffers equal
+    the all-resident run's bitwise, and the timed groups issue the simulator's prefetches."""
+    work = simcache.Workload(trace, data.draw(st.integers(1, 3), label="batch"))
+    assume(work.steps.num_steps >= 2)
+    E, L = trace.num_experts, trace.num_layers
+    scope = data.draw(st.sampled_from(["layer", "global"]), label="scope")
+    capacity = data.draw(st.integers(1, E if scope == "layer" else L * E), label="capacity")
+    predictor = data.draw(st.sampled_from(["oracle", "markov"]), label="predictor")
+    width = data.draw(st.integers(1, E), label="width")
+    policy = data.draw(st.sampled_from(["lru", "fifo", "markov"]), label="policy")
+    rp = Replayer(trace, TINY, device="cpu", dtype="float32")
+    r = rp.run(policy, capacity, scope=scope, batch=work.batch, verify=True, bypass_buffers=1, warmup_steps=1,
+               prefetch=predictor, prefetch_width=width)
+    assert r.verified is True
+    rows = simcache.simulate(work, policy, capacity, scope=scope, record=True, expert_bytes=rp.expert_bytes,
+                             prefetch=predictor, prefetch_width=width).decisions.prefetch_schedule
+    assert r.extra["prefetches"] == int((rows[:, 0] >= L).sum())  # every group after the first step is timed
