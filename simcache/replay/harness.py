@@ -43,9 +43,10 @@ from simcache.replay.experts import (DTYPES, ExpertStore, gpu_free_bytes, host_a
                                      pick_device, stored_format)
 from simcache.replay.issue import ISSUERS, check_fast
 from simcache.replay.measure import Meter, Timings
+from simcache.replay import prefetch as rpf
 from simcache.replay.presets import Preset
 from simcache.replay.schedule import Schedule, build_schedule, check_ring, most_bypasses
-from simcache.simulator import BYPASS, CPU, FILL, FORCED_BYPASS, HIT
+from simcache.simulator import BYPASS, CPU, FILL, FORCED_BYPASS, HIT, PREFETCHED
 from simcache.workload import Workload
 
 # further simulate() settings a replay takes (a decision log's or a sweep cell's)
@@ -192,16 +193,22 @@ class Replayer:
             threshold: float | str = 0.1, evict: str | None = None, admit: str | None = None,
             steps: int | None = None, bypass_buffers: int = 4,
             calibration: simcache.Calibration | None = None, decisions_file=None, verify: bool = False,
-            warmup_steps: int = 2, keep_outputs: bool = False, miss: str = "load",
-            **simulate_options) -> ReplayResult:
+            warmup_steps: int = 2, keep_outputs: bool = False, miss: str = "load", prefetch: str = "none",
+            prefetch_width: int | None = None, **simulate_options) -> ReplayResult:
         """Simulate ``policy`` with the preset's expert size, then carry its decisions out and
         measure them. See the module docstring. ``miss`` is simulate's (``load``, ``cpu``,
         ``auto``, ``auto-cputime``); ``simulate_options`` (:data:`SIMULATE_OPTIONS`) go to
-        :func:`simcache.simulate`."""
+        :func:`simcache.simulate`. ``prefetch`` and ``prefetch_width`` are simulate's
+        (docs/prefetch.md); the replay issues the simulator's prefetches on the copy stream
+        (:mod:`simcache.replay.prefetch`, eager issue path only)."""
         check_ring(bypass_buffers)
         if miss != "load" and self.expert_dtype is not None:
             raise SimcacheError(f"--miss {miss} computes experts on the host in {self.dtype_name}; "
                                 f"it does not run with --expert-dtype {self.expert_dtype}")
+        if prefetch != "none" and self.issue != "eager":
+            raise SimcacheError(f"--prefetch {prefetch} replays on the eager issue path (the timeline prices "
+                                f"experts one by one): use --issue eager")
+        simulate_options = dict(simulate_options, miss=miss, prefetch=prefetch, prefetch_width=prefetch_width)
         sim, work, model = _decide(self, policy, capacity, scope, batch, threshold, evict, admit, calibration,
                                    decisions_file, dict(simulate_options, miss=miss))
         n_steps = work.steps.num_steps if steps is None else min(int(steps), work.steps.num_steps)
@@ -217,14 +224,23 @@ class Replayer:
             ring = max(bypass_buffers, most_bypasses(sim.decisions, groups))
         L = self.trace.num_layers
         n_slots = capacity * L if scope == "layer" else capacity
-        _check_gpu_memory(self, n_slots, ring)
-        weights = torch.empty((n_slots + ring, self.store.Q), dtype=self.store.host.dtype, device=self.dev)  # (B, Q)
+        pf_sched = rpf.replay_schedule(sim.decisions, self.layers, L, self.trace.num_experts, n_steps * L)
+        n_pf = pf_sched.buffers if pf_sched is not None else 0  # prefetch buffers: rows after the ring
+        _check_gpu_memory(self, n_slots, ring, n_pf)
+        weights = torch.empty((n_slots + ring + n_pf, self.store.Q), dtype=self.store.host.dtype,
+                              device=self.dev)  # (B, Q)
         x = _activations(work, self.preset.hidden, self.dtype, self.dev)  # (n, H)
+        delivery = None if pf_sched is None else rpf.Delivery(
+            pf_sched, weights, n_slots + ring, self.store.host, self.key_row, sim.decisions, work.demand.keys,
+            num_layers=L, num_experts=self.trace.num_experts, capacity=capacity, per_layer=scope == "layer",
+            device=self.dev)
+
+        late = None if pf_sched is None else rpf.delivered_accesses(sim.decisions, work.demand, pf_sched, n_steps * L)
 
         def schedule(gs):
             return build_schedule(work, sim.decisions, gs, self.key_row, num_experts=self.trace.num_experts,
                                   capacity=capacity, scope=scope, n_slots=n_slots, ring=ring,
-                                  experts=self._experts, weights=self._weights)
+                                  experts=self._experts, weights=self._weights, late=late)
 
         executor = None
         if sim.cpu_experts:
@@ -232,10 +248,22 @@ class Replayer:
             executor = self.host_executor(threads, x.shape[0] * self.trace.top_k)
         _preload(self, work, sim.decisions, weights, capacity, scope)
         issuer = ISSUERS[self.issue]
-        _issue(issuer(schedule(warm), weights, self.store.host, self.store, x, self.dev, executor), self.dev)
+
+        def copying(sched):  # an issue run of sched with the copies, prefetches included
+            it = issuer(sched, weights, self.store.host, self.store, x, self.dev, executor)
+            if delivery is not None:  # (the eager path, checked above)
+                delivery.bind(sched, it.copies.stream)
+                it.prefetch = delivery
+            return it
+
+        _issue(copying(schedule(warm)), self.dev)
         sched = schedule(timed)  # (the warm-up above is untimed)
-        timed_issuer = issuer(sched, weights, self.store.host, self.store, x, self.dev, executor)
+        timed_issuer = copying(sched)
         outputs, timings = _issue(timed_issuer, self.dev, keep=verify or keep_outputs)
+        pf_measured = None
+        if delivery is not None:  # waits on prefetches are stall too
+            pf_measured = delivery.measured()
+            timings = dataclasses.replace(timings, stall_s=timings.stall_s + pf_measured["stall_s"])
         verified = max_diff = rel_error = None
         if verify:
             del weights
@@ -260,6 +288,7 @@ class Replayer:
         if executor is not None:
             priced = calibration if calibration is not None else simcache.default_calibration()  # (simulate's)
             result.extra.update(_cpu_figures(self, sched, timed_issuer.cpu.tickets, priced, executor))
+        result.extra.update(_prefetch_extra(self, sim, work, timed, timings, pf_measured, calibration, model))
         if keep_outputs:
             result.outputs = [o.cpu() for o in outputs]
         return result
@@ -343,6 +372,7 @@ def _decide(rp: Replayer, policy, capacity, scope, batch, threshold, evict, admi
 
         log = read_decisions(decisions_file)
         log.check_trace(rp.trace)
+        rpf.check_logged(log.meta.get("prefetch"), sim.decisions)
         log.check_decisions(sim.decisions)
     if options.get("miss", "load") != "load":  # hybrid groups are priced expert by expert (hybrid.split)
         return sim, work, "per-expert, hybrid"
@@ -372,12 +402,13 @@ def _preload(rp: Replayer, work, dec, weights: torch.Tensor, capacity: int, scop
             weights[b].copy_(rp.store.host[rp.key_row[key]])
 
 
-def _check_gpu_memory(rp: Replayer, n_slots: int, ring: int) -> None:
+def _check_gpu_memory(rp: Replayer, n_slots: int, ring: int, prefetch: int = 0) -> None:
     eb = rp.expert_bytes
-    need = (n_slots + ring) * eb + (64 << 20)
+    need = (n_slots + ring + prefetch) * eb + (64 << 20)
     free = gpu_free_bytes(rp.dev)
     if need > free:
-        raise SimcacheError(f"{n_slots} slots + {ring} bypass buffers of {eb / 2**20:.0f} MiB need "
+        extra = f" + {prefetch} prefetch buffers" if prefetch else ""
+        raise SimcacheError(f"{n_slots} slots + {ring} bypass buffers{extra} of {eb / 2**20:.0f} MiB need "
                             f"{need / 2**30:.1f} GiB of GPU memory, {free / 2**30:.1f} GiB is free")
 
 
@@ -417,7 +448,7 @@ def _result(rp, sim, work, sched: Schedule, timed, t: Timings, capacity, scope, 
     group_pred = dec.group_time[timed_groups]
     acc = sched.access
     outcomes = dec.outcome[acc]
-    loads = int(((outcomes != HIT) & (outcomes != CPU)).sum())
+    loads = int(np.isin(outcomes, (FILL, BYPASS, FORCED_BYPASS)).sum())
     gbps = eb / t.copy_s / 1e9 if t.copy_s.size else np.zeros(0)
     decode = int(work.steps.step_ptr[n_steps] - work.steps.step_ptr[warmup_steps])
     cuda = dev.type == "cuda"
@@ -447,9 +478,34 @@ def _result(rp, sim, work, sched: Schedule, timed, t: Timings, capacity, scope, 
                "group_measured_s": t.gpu_s.tolist(), "group_host_s": t.host_s.tolist(),
                "group_idle_s": t.idle_s.tolist(), "group_stall_s": t.stall_s.tolist(),
                "group_predicted_s": group_pred.tolist(),
-               "group_loads": [int(((dec.outcome[lo:hi] != HIT) & (dec.outcome[lo:hi] != CPU)).sum())
+               "group_loads": [int(np.isin(dec.outcome[lo:hi], (FILL, BYPASS, FORCED_BYPASS)).sum())
                                for _, _, lo, hi in timed],
                "group_cpu_experts": [int((dec.outcome[lo:hi] == CPU).sum()) for _, _, lo, hi in timed],
                "group_experts": [hi - lo for _, _, lo, hi in timed],
                "group_tokens": [int(d.tokens[lo:hi].sum()) for _, _, lo, hi in timed]},
     )
+
+
+def _prefetch_extra(rp, sim, work, timed, t: Timings, measured, calibration, model) -> dict[str, Any]:
+    """The prefetch and stall columns of a result: prefetches issued in the timed groups (and
+    the simulator's count for them), their bytes and measured copy seconds, accesses served
+    from a prefetch buffer, and the predicted stall and group starts beside the measured ones
+    (starts relative to the first timed group's)."""
+    L = rp.trace.num_layers
+    ids = np.array([s * L + l for s, l, _, _ in timed], np.int64)
+    start, stall = rpf.predicted_timeline(sim.decisions, work, calibration, rp.expert_bytes, ids, model)
+    measured_start = np.cumsum(t.idle_s + t.gpu_s) - t.gpu_s  # (G,) compute stream, from the run's start
+    out = {"prefetch": sim.prefetch, "prefetch_width": sim.prefetch_width,
+           "predicted_stall_s": None if stall is None else float(stall.sum()),
+           "group_predicted_start_s": None if start is None else start.tolist(),
+           "group_predicted_stall_s": None if stall is None else stall.tolist(),
+           "group_measured_start_s": (measured_start - measured_start[:1]).tolist() if ids.size else [],
+           "prefetched": sum(int((sim.decisions.outcome[lo:hi] == PREFETCHED).sum()) for _, _, lo, hi in timed)}
+    if measured is None:
+        return dict(out, prefetches=0, prefetches_scheduled=0, prefetch_bytes=0, prefetch_copy_s=0.0,
+                    group_prefetches=[0] * len(timed))
+    rows = sim.decisions.prefetch_schedule
+    scheduled = int(np.isin(rows[:, 0], ids).sum()) if rows is not None else 0
+    n = len(measured["ids"])
+    return dict(out, prefetches=n, prefetches_scheduled=scheduled, prefetch_bytes=n * rp.expert_bytes,
+                prefetch_copy_s=float(measured["copy_s"].sum()), group_prefetches=measured["per_group"].tolist())

@@ -190,6 +190,7 @@ class EagerIssue:
         self.tok = torch.from_numpy(sched.route_token).to(device)  # (R,)
         self.gate = torch.from_numpy(sched.route_weight).to(device).to(x.dtype).unsqueeze(1)  # (R, 1)
         self.frees = [torch.cuda.Event() for _ in range(sched.ring)] if device.type == "cuda" else []
+        self.prefetch = None  # a simcache.replay.prefetch.Delivery, attached by the harness
 
     def group(self, g: int, meter: Meter) -> torch.Tensor:
         s, cp = self.sched, self.copies
@@ -207,6 +208,8 @@ class EagerIssue:
                 self._compute_loaded(out, x, g, pending.pop(0), meter)  # before its buffer is overwritten
             cp.copy(c, meter, first=c == loads.start)
             pending.append(c)
+        if self.prefetch is not None:  # the prefetches started during g queue behind its demand copies
+            self.prefetch.issue(g, cp.prev_done)
         for c in pending:
             self._compute_loaded(out, x, g, c, meter)
         self.cpu.finish(ticket, out)
@@ -218,6 +221,8 @@ class EagerIssue:
     def _compute(self, out, x, c):
         s = self.sched
         r = s.routes(c)
+        if self.prefetch is not None:
+            self.prefetch.wait(c)  # a prefetch delivered it: the compute stream waits for the copy
         w = self.store.weights(self.weights[int(s.buffer[c])])  # (W,)
         apply_expert(out, x, self.tok[r], self.gate[r], w, self.hidden, self.ffn)
 

@@ -1,10 +1,12 @@
 """What to run: the simulator's decisions as a schedule of (step, layer) groups.
 
 Built once, before anything is timed, from the decision log (hit / fill into slot s / bypass
-per access). Every group is a run of *computes* (one per demanded expert: hits first in
-access order, then loaded experts in load order) and each loaded compute is preceded by one
-*load* (one copy of one host row into one GPU buffer). GPU buffers are numbered in one weights
-tensor: slots first (``pool * capacity + slot``), then the bypass ring (``n_slots + r``).
+per access). Every group is a run of *computes* (one per demanded expert: hits and experts
+served from a prefetch buffer first, in access order, then loaded experts in load order) and
+each loaded compute is preceded by one *load* (one copy of one host row into one GPU buffer).
+GPU buffers are numbered in one weights tensor: slots first (``pool * capacity + slot``), then
+the bypass ring (``n_slots + r``), then the prefetch buffers (``n_slots + ring + b``,
+:mod:`simcache.replay.prefetch`).
 
 With hybrid execution (``--miss cpu|auto``, docs/design.md §11) a group's misses the simulator
 sent to the host CPU (outcome 4) are its last computes: they have no load and no GPU buffer
@@ -21,7 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from simcache.errors import SimcacheError
-from simcache.simulator import CPU, FILL, HIT
+from simcache.simulator import CPU, FILL, HIT, PREFETCHED
 
 
 @dataclass(frozen=True)
@@ -124,12 +126,14 @@ class Schedule:
 
 
 def build_schedule(work, decisions, groups, key_row, *, num_experts: int, capacity: int, scope: str,
-                   n_slots: int, ring: int, experts: np.ndarray, weights: np.ndarray) -> Schedule:
+                   n_slots: int, ring: int, experts: np.ndarray, weights: np.ndarray,
+                   late: np.ndarray | None = None) -> Schedule:
     """The schedule of ``groups`` ((step, layer, lo, hi) in issue order, lo:hi their accesses).
 
     ``experts`` (tokens, L, k) and ``weights`` (tokens, L, k) are the trace's routing;
     ``key_row`` maps an expert key to its host store row. Bypass buffers are handed out in
-    rotation over the whole run.
+    rotation over the whole run. ``late`` (accesses,) bool: hits computed after the group's
+    other hits (a prefetch delivered them, :func:`simcache.replay.prefetch.delivered_accesses`).
     """
     d, steps = work.demand, work.steps
     k = experts.shape[2]
@@ -144,15 +148,20 @@ def build_schedule(work, decisions, groups, key_row, *, num_experts: int, capaci
         ex = experts[toks, l, :]  # (n, k)
         pool_base = l * capacity if scope == "layer" else 0
         out = decisions.outcome[lo:hi]
-        order = [lo + i for i in np.flatnonzero(out == HIT)]
+        # no copy first: hits, and accesses served from a prefetch buffer (rows after the ring)
+        served = (out == HIT) | (out == PREFETCHED)
+        after = late[lo:hi] if late is not None else np.zeros(hi - lo, np.bool_)
+        order = [lo + i for i in np.flatnonzero(served & ~after)] + [lo + i for i in np.flatnonzero(served & after)]
         n_hits = len(order)
-        order += [lo + i for i in np.flatnonzero((out != HIT) & (out != CPU))]
+        order += [lo + i for i in np.flatnonzero((out != HIT) & (out != PREFETCHED) & (out != CPU))]
         on_cpu = [lo + i for i in np.flatnonzero(out == CPU)]
         order += on_cpu
         for i in order:
             outcome = decisions.outcome[i]
             if outcome == HIT or outcome == FILL:
                 buf = pool_base + int(decisions.slot[i])
+            elif outcome == PREFETCHED:
+                buf = n_slots + ring + int(decisions.slot[i])
             elif outcome == CPU:
                 buf = -1
             else:
