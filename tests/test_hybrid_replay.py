@@ -214,3 +214,17 @@ def test_replay_refuses_cpu_misses_with_quantised_experts():
     with pytest.raises(SimcacheError, match="--miss cpu computes experts on the host in float32; it does not run "
                                             "with --expert-dtype int4"):
         rp.run("lru", 2, miss="cpu")
+
+
+def test_replay_cpu_misses_need_a_cpu_table_and_static_needs_training_data():
+    import dataclasses
+
+    from simcache.replay.harness import Replayer
+
+    rp = Replayer(_tiny_trace(), TINY, device="cpu", dtype="float32")
+    bare = dataclasses.replace(simcache.default_calibration(), cpu_threads=[], cpu_tokens=[], cpu_seconds=[],
+                               cpu_busy_seconds=[], cpu_copy_slowdown=[])
+    with pytest.raises(SimcacheError, match="--miss cpu needs a CPU table"):
+        rp.run("lru", 2, miss="cpu", calibration=bare)
+    with pytest.raises(SimcacheError, match="eviction 'static' places the most-demanded experts of training data"):
+        rp.run("static", 2)
