@@ -694,7 +694,7 @@ def _prefetch_plan(work, prefetch, width, eviction, admission, expert_bytes, cal
 
 def _derived_times(layer_time, loads=None, t_copy=0.0):
     """The per-layer time columns that follow from the others, filled in once after the loop
-    instead of per group (two fewer writes per group: +5-10 % accesses/s on one-expert groups):
+    instead of per group (two fewer writes of ``layer_time`` per group; docs/performance.md):
     stall = time - compute (:data:`TIMES`), and, given each layer's ``loads`` (``--miss load``:
     every load is one copy of ``t_copy`` seconds), transfer = loads x t_copy. Hybrid groups
     price their copies at the concurrent rate, per group, in the loop."""
