@@ -10,6 +10,10 @@ The command line *reserves* every output before any work (:func:`reserve`): the 
 links included) and the temporary is created then, which also proves the folder writable. The
 writers (:func:`atomic_output`) then fill the reserved temporary; :func:`release` drops
 whatever was not committed.
+
+Once the command line has seen Ctrl-C or SIGTERM (:func:`note_interrupt`) no output is
+committed any more: a library that caught the ``KeyboardInterrupt`` the signal raised (some
+compiled code does) cannot make an interrupted run leave a file.
 """
 
 from __future__ import annotations
@@ -25,6 +29,16 @@ from pathlib import Path
 from simcache.errors import SimcacheError
 
 _RESERVED: dict[Path, "Output"] = {}
+_INTERRUPTED = [False]
+
+
+def note_interrupt():
+    """Record that the run was interrupted: every later :meth:`Output.commit` refuses."""
+    _INTERRUPTED[0] = True
+
+
+def interrupted() -> bool:
+    return _INTERRUPTED[0]
 
 
 def check_input(path, what: str = "file") -> Path:
@@ -121,6 +135,9 @@ class Output:
         """Move the temporary into place, with the permissions a plain open() would give.
         Without ``overwrite``, a target that appeared meanwhile (another run) is kept and
         this one refused."""
+        if _INTERRUPTED[0]:
+            self.discard()
+            raise KeyboardInterrupt
         mask = os.umask(0)
         os.umask(mask)
         try:

@@ -19,7 +19,7 @@ import numpy as np
 
 import simcache
 from simcache import _checks
-from simcache._files import check_input, release, reserve
+from simcache._files import check_input, interrupted, note_interrupt, release, reserve
 from simcache.analysis import MAX_NULL_SAMPLES
 from simcache.errors import SimcacheError
 from simcache.trace import INT16_MAX
@@ -40,7 +40,10 @@ def friendly(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            if interrupted():  # a library swallowed the KeyboardInterrupt: still an interruption
+                raise KeyboardInterrupt
+            return result
         except SimcacheError as exc:
             raise click.ClickException(str(exc)) from None
         except BrokenPipeError:  # output piped into head and the like: stop quietly
@@ -56,18 +59,18 @@ def friendly(fn):
 
 def _interrupt(signum, frame):
     """Ctrl-C and SIGTERM alike: a KeyboardInterrupt, so every command cleans up as on Ctrl-C
-    (temporaries removed; a sweep keeps the cells that finished). Inside llvmlite's ctypes
-    callbacks (numba loading its cache) an exception is printed and ignored and the run would
-    go on, so there it is raised 50 ms later instead."""
+    (temporaries removed; a sweep keeps the cells that finished) and click ends it with
+    ``Aborted!`` and exit status 1. Inside an import it is raised 50 ms later (a module left
+    half-initialised breaks every later import of it, and pyarrow's lazy pandas import
+    swallows the interrupt), and so it is inside llvmlite's ctypes callbacks (numba loading its
+    cache); where Python can only print and drop it (a finalizer), :func:`_unraisable` raises
+    it again. From the first signal on no output is committed, wherever it ends up."""
     if _interrupt.raised:  # once: a second interrupt would cut the clean-up of the first short
         return
-    f = frame
-    while f is not None:
-        if f"{os.sep}llvmlite{os.sep}" in f.f_code.co_filename:
-            signal.signal(signal.SIGALRM, _interrupt)
-            signal.setitimer(signal.ITIMER_REAL, 0.05)
-            return
-        f = f.f_back
+    note_interrupt()
+    if _unsafe_to_raise(frame):
+        _raise_later()
+        return
     signal.setitimer(signal.ITIMER_REAL, 0)
     _interrupt.raised = True
     raise KeyboardInterrupt
@@ -76,10 +79,34 @@ def _interrupt(signum, frame):
 _interrupt.raised = False
 
 
+def _unsafe_to_raise(frame) -> bool:
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith("<frozen importlib") or f"{os.sep}llvmlite{os.sep}" in name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _raise_later():
+    signal.signal(signal.SIGALRM, _interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.05)
+
+
+def _unraisable(info):
+    """The interrupt raised where Python prints and drops exceptions: silently, once more."""
+    if info.exc_type is KeyboardInterrupt and _interrupt.raised:
+        _interrupt.raised = False
+        _raise_later()
+        return
+    sys.__unraisablehook__(info)
+
+
 def run():
     """The ``simcache`` program: :func:`main` with Ctrl-C and SIGTERM handled alike."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
+    sys.unraisablehook = _unraisable
     main()
 
 

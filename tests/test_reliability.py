@@ -358,17 +358,34 @@ def tiny_model(tmp_path_factory):
     return folder, text
 
 
-def _interrupt(cmd, cwd, target, sig):
-    """Start ``cmd``, wait for its temporary beside ``target``, send ``sig``; return the exit
-    status and stderr."""
+MID_RUN = 0.3  # seconds after the temporary appears: inside the simulation / generation
+
+
+def _interrupt(cmd, cwd, target, sig, when):
+    """Start ``cmd``, send ``sig`` at ``when`` -- "early" (as soon as its temporary beside
+    ``target`` appears: imports and reading still under way), "mid" (:data:`MID_RUN` later)
+    or "writing" (once the temporary has its first bytes) -- and return the exit status and
+    stderr."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    pattern = f".{target.name}.{proc.pid}."
-    while not any(p.name.startswith(pattern) for p in target.parent.iterdir()):
-        assert proc.poll() is None, f"finished before its temporary was seen: {proc.communicate()}"
+    prefix = f".{target.name}.{proc.pid}."
+
+    def temporary():
+        return next((p for p in target.parent.iterdir() if p.name.startswith(prefix)), None)
+
+    def started():
+        tmp = temporary()
+        try:
+            return tmp is not None and (when != "writing" or tmp.stat().st_size > 0)
+        except FileNotFoundError:
+            return False
+
+    while not started():
+        assert proc.poll() is None, f"finished before the signal: {proc.communicate()}"
         assert time.monotonic() < deadline
-        time.sleep(0.005)
-    time.sleep(0.05)  # into the work
+        time.sleep(0.002)
+    if when == "mid":
+        time.sleep(MID_RUN)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     return proc.returncode, err
@@ -389,28 +406,27 @@ def _commands(kind, big, tiny_model):
             "--out", "c.parquet"], "c.parquet"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
-@pytest.mark.parametrize("kind", [
-    # simulate now runs through the sweep grid, whose late pandas import can be cut by the
-    # signal and print a traceback: a known defect, open in issue 9's note
-    pytest.param("simulate --out", marks=pytest.mark.xfail(reason="signal during a late import prints a traceback", strict=False)),
-    pytest.param("simulate --decisions", marks=pytest.mark.xfail(reason="signal during a late import prints a traceback", strict=False)),
-    "synth", "capture"])
-def test_interrupted_runs_leave_nothing(kind, sig, big, request, tmp_path):
+# (kind, signal, when): each handled signal early, mid-run and while the output is being
+# written (simulate --out writes a few kB in a millisecond: no "writing" point); SIGKILL once
+POINTS = [(kind, sig, when) for kind in ["simulate --out", "simulate --decisions", "synth", "capture"]
+          for sig in [signal.SIGINT, signal.SIGTERM]
+          for when in ["early", "mid", "writing"] if not (kind == "simulate --out" and when == "writing")]
+POINTS += [(kind, signal.SIGKILL, "mid") for kind in ["simulate --out", "simulate --decisions", "synth", "capture"]]
+
+
+@pytest.mark.parametrize("kind, sig, when", POINTS, ids=[f"{k}-{s.name}-{w}" for k, s, w in POINTS])
+def test_interrupted_runs_leave_nothing(kind, sig, when, big, request, tmp_path):
     model = request.getfixturevalue("tiny_model") if kind == "capture" else None
     args, name = _commands(kind, big, model)
     target = tmp_path / name
-    rc, err = _interrupt([sys.executable, "-m", "simcache", *args], tmp_path, target, sig)
+    rc, err = _interrupt([sys.executable, "-m", "simcache", *args], tmp_path, target, sig, when)
     state = (rc, temporaries(tmp_path), err)
-    assert rc != 0 and not target.exists(), state
-    assert "Traceback" not in err, state
-    if sig != signal.SIGKILL:  # handled: the temporary is gone at once
-        # exit status 1 (click's Abort); now and then -SIGINT after the same clean-up, cause not
-        # yet found: the contract asserted is no output, no temporary, one 'Aborted!'
-        assert rc in (1, -signal.SIGINT) and temporaries(tmp_path) == [], state
-        assert err.strip().endswith("Aborted!") and err.count("Aborted!") == 1, state
+    assert not target.exists(), state
+    if sig != signal.SIGKILL:  # handled: click's 'Aborted!', exit status 1, the temporary gone
+        assert rc == 1 and temporaries(tmp_path) == [], state
+        assert err.strip() == "Aborted!", state  # nothing else: no traceback, no warning
     else:
-        assert len(temporaries(tmp_path)) == 1  # nothing can run on SIGKILL...
+        assert rc == -signal.SIGKILL and len(temporaries(tmp_path)) == 1, state  # nothing runs on SIGKILL...
     done = subprocess.run([sys.executable, "-m", "simcache", *args], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
