@@ -590,8 +590,9 @@ def sweep(traces, config, out, workers, scheduler, calibration, progress, **knob
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write the curve as a PNG.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the curve (.csv/.parquet/.json).")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--force", is_flag=True, help="Replace --out and --plot if they exist.")
 @friendly
-def mrc(trace, scope, batch, prefill, plot, out, as_json):
+def mrc(trace, scope, batch, prefill, plot, out, as_json, force):
     """LRU's exact miss-ratio curve at every capacity, in one pass (stack distances; capacities
     below the largest (step, layer) group run directly). LRU only: FIFO, LFU, Belady and the
     bypassing rules are not stack algorithms."""
@@ -599,6 +600,8 @@ def mrc(trace, scope, batch, prefill, plot, out, as_json):
     from simcache.report import table, write_results
 
     path = trace or DEFAULT_TRACE
+    reserve(out, overwrite=force, inputs=[path], suffixes=RESULT_SUFFIXES, what="--out")
+    reserve(plot, overwrite=force, inputs=[path], suffixes=(".png",), what="--plot")
     t = simcache.read_trace(path)
     curve = lru_curve(t, scope=scope, batch=batch, prefill=prefill)
     frame = curve.to_frame()
@@ -631,12 +634,17 @@ def mrc(trace, scope, batch, prefill, plot, out, as_json):
 @click.argument("results", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for index.html (self-contained) and the PNGs.")
+@click.option("--force", is_flag=True, help="Replace a report already in --out.")
 @friendly
-def report(results, out):
+def report(results, out, force):
     """An HTML report of a sweep: hit ratio and ms/token against capacity and GPU memory, the
     gap LRU -> Belady -> Belady-with-bypass, and the winner per memory budget."""
-    from simcache.htmlreport import write_report
+    from simcache.htmlreport import report_files, write_report
     from simcache.sweeps import read_results
+
+    if out.is_dir():  # a folder written by write_report makes itself
+        for name in report_files():
+            reserve(out / name, overwrite=force, inputs=[results], what="report file")
 
     paths = write_report(read_results(results), out, source=_shown(results))
     for p in paths:

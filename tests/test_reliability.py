@@ -150,6 +150,9 @@ CASES = [
     (["simulate", "t.parquet", "--out", "r.parquet", "--decisions", "r.parquet"], "already another output"),
     (["synth", "t.parquet", "--force", "--transitions", "t.parquet"], "is the input"),
     (["import", "ids.jsonl", "ids.jsonl"], "must end in .parquet"),
+    (["mrc", "t.parquet", "--out", "t.parquet", "--force"], "is the input t.parquet"),
+    (["mrc", "t.parquet", "--plot", "t.parquet", "--force"], "--plot must end in .png"),
+    (["mrc", "t.parquet", "--out", "old.json"], "exists: old.json (use --force"),
     # hangs before
     (["replay", "t.parquet"], "needs --gpu N"),
     (["replay", "t.parquet", "--device", "cpu", "--preset", "mixtral-8x7b"], "--cpu-full-size"),
@@ -181,6 +184,7 @@ CASES = [
     (["simulate", "corrupt.parquet", "--out", "/proc/r.json"], "cannot write --out in /proc"),
     (["replay", "corrupt.parquet", "--device", "cpu", "--out", "nodir/r.json"], "directory does not exist"),
     (["probe", "--out", "nodir/cal.json"], "directory does not exist"),
+    (["mrc", "corrupt.parquet", "--out", "nodir/m.json"], "--out directory does not exist: nodir"),
     (["analyze", "corrupt.parquet", "--plots", "old.json"], "is a file", 2),
     (["analyze", "corrupt.parquet", "--plots", "figs"], "not a Parquet file"),
     # usage errors: click's three lines, exit 2
@@ -210,6 +214,17 @@ def test_existing_output_is_replaced_only_with_force(files):
     assert (files / "r.json").read_text() == first
     assert invoke("simulate", "t.parquet", "--out", "r.json", "--capacity", "3", "--force").exit_code == 0
     assert json.loads((files / "r.json").read_text())[0]["capacity"] == 3
+
+
+def test_existing_report_is_replaced_only_with_force(files):
+    assert invoke("sweep", "t.parquet", "--capacity", "2", "--workers", "0", "--out", "sw.parquet").exit_code == 0
+    assert invoke("report", "sw.parquet", "--out", "rep").exit_code == 0
+    first = snapshot(files / "rep")
+    (files / "rep" / "index.html").write_text("kept")
+    assert "rep/hit_ratio_vs_capacity.png (use --force" in error_of(invoke("report", "sw.parquet", "--out", "rep"))
+    assert (files / "rep" / "index.html").read_text() == "kept" and temporaries(files / "rep") == []
+    assert invoke("report", "sw.parquet", "--out", "rep", "--force").exit_code == 0
+    assert snapshot(files / "rep") == first
 
 
 def test_fifo_is_refused_without_blocking(files):
