@@ -13,7 +13,9 @@ whatever was not committed.
 
 Once the command line has seen Ctrl-C or SIGTERM (:func:`note_interrupt`) no output is
 committed any more: a library that caught the ``KeyboardInterrupt`` the signal raised (some
-compiled code does) cannot make an interrupted run leave a file.
+compiled code does) cannot make an interrupted run leave a file. The one exception is an
+output that records progress (``checkpoint=True``: a sweep's finished cells), written
+complete precisely because the run was cut short.
 """
 
 from __future__ import annotations
@@ -131,11 +133,11 @@ class Output:
         os.close(fd)
         self.tmp = Path(tmp)
 
-    def commit(self) -> Path:
+    def commit(self, checkpoint: bool = False) -> Path:
         """Move the temporary into place, with the permissions a plain open() would give.
         Without ``overwrite``, a target that appeared meanwhile (another run) is kept and
-        this one refused."""
-        if _INTERRUPTED[0]:
+        this one refused. After an interrupt only a ``checkpoint`` is committed."""
+        if _INTERRUPTED[0] and not checkpoint:
             self.discard()
             raise KeyboardInterrupt
         mask = os.umask(0)
@@ -207,15 +209,16 @@ def claim(path, overwrite: bool = True, inputs=(), suffixes=None, what: str = "o
 
 
 @contextlib.contextmanager
-def atomic_output(path, overwrite: bool = True, inputs=(), suffixes=None):
-    """``with atomic_output(p) as tmp: write(tmp)`` -> ``p`` appears only on success."""
+def atomic_output(path, overwrite: bool = True, inputs=(), suffixes=None, checkpoint: bool = False):
+    """``with atomic_output(p) as tmp: write(tmp)`` -> ``p`` appears only on success (and,
+    unless it is a ``checkpoint`` of progress, only if the run was not interrupted)."""
     out = claim(path, overwrite, inputs, suffixes)
     try:
         yield out.tmp
     except BaseException:
         out.discard()
         raise
-    out.commit()
+    out.commit(checkpoint)
 
 
 def atomic_write_text(path, text: str, overwrite: bool = True) -> Path:

@@ -461,7 +461,7 @@ def _write_part(parts: Path, g: Group, rows: list[dict]):
     import pandas as pd
 
     parts.mkdir(exist_ok=True)
-    with atomic_output(parts / f"group-{g.index:06d}-{g.hash}.parquet") as tmp:
+    with atomic_output(parts / f"group-{g.index:06d}-{g.hash}.parquet", checkpoint=True) as tmp:
         pd.DataFrame.from_records(rows).to_parquet(tmp, index=False)
 
 
@@ -513,13 +513,14 @@ def _merge(old, rows: list[dict], wanted: list[str]):
 
 
 def _write_results(frame, out: Path):
-    """Atomically, one row group per (trace, workload) group."""
+    """Atomically, one row group per (trace, workload) group; also when interrupted (what
+    finished is kept for the next run to resume from)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pandas(frame, preserve_index=False)
     keys = ["trace_hash"] + [k for k in WORKLOAD_KNOBS if k in frame.columns]
-    with atomic_output(out) as tmp:
+    with atomic_output(out, checkpoint=True) as tmp:
         with pq.ParquetWriter(tmp, table.schema) as writer:
             if len(frame) == 0:
                 writer.write_table(table)

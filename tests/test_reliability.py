@@ -448,6 +448,29 @@ def test_interrupted_runs_leave_nothing(kind, sig, when, big, request, tmp_path)
     assert target.exists() and temporaries(tmp_path) == []  # ...and the next run cleans up
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_interrupted_sweep_keeps_what_finished(sig, big, tmp_path):
+    """A sweep is the one command whose output survives an interrupt: the cells that finished,
+    for the next run to resume from; still no temporary and no traceback."""
+    cmd = [sys.executable, "-m", "simcache", "sweep", str(big), "--policy", "lru,fifo", "--capacity", "2,4",
+           "--batch", "1,2,4,8", "--workers", "0", "--out", "sw.parquet"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parts = tmp_path / ".sw.parquet.parts"
+    deadline = time.monotonic() + 120
+    while not (parts.is_dir() and any(parts.glob("*.parquet"))):
+        assert proc.poll() is None, f"finished before the signal: {proc.communicate()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err.strip() == "Aborted!", (proc.returncode, err)
+    kept = pq.read_table(tmp_path / "sw.parquet").num_rows
+    assert 0 < kept < 16 and not parts.exists() and temporaries(tmp_path) == []
+    done = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "16 cells" in done.stdout, done.stderr
+    assert pq.read_table(tmp_path / "sw.parquet").num_rows == 16 and temporaries(tmp_path) == []
+
+
 # ---- the trace reader under fuzzing: a valid trace or a SimcacheError, nothing else -------------
 
 INT_TYPES = [pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(), pa.uint16(), pa.uint32(), pa.uint64()]
