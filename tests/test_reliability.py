@@ -448,6 +448,55 @@ def test_interrupted_runs_leave_nothing(kind, sig, when, big, request, tmp_path)
     assert target.exists() and temporaries(tmp_path) == []  # ...and the next run cleans up
 
 
+@pytest.fixture
+def handler(monkeypatch):
+    """The command line's SIGINT handler and unraisable hook, installed for one test; its state
+    (interrupt seen, outputs refused) reset after it."""
+    from simcache import _files, cli
+
+    old = signal.signal(signal.SIGINT, cli._interrupt)
+    monkeypatch.setattr(sys, "unraisablehook", cli._unraisable)
+    yield cli
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGINT, old)
+    cli._interrupt.raised = False
+    _files._INTERRUPTED[0] = False
+
+
+def test_a_signal_inside_an_import_is_raised_after_it(handler, tmp_path, monkeypatch):
+    (tmp_path / "slow_module.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.3)\nCOMPLETE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "slow_module", raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        import slow_module  # noqa: F401  the signal arrives here...
+        time.sleep(5)  # ...and is raised here, once the module is whole
+    assert sys.modules["slow_module"].COMPLETE
+
+
+def test_a_signal_inside_a_finalizer_is_raised_again(handler):
+    class Dropped:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)  # the handler raises here, where Python can only print and drop it
+
+    with pytest.raises(KeyboardInterrupt):
+        Dropped()  # finalized at once
+        time.sleep(5)  # raised again here
+
+
+def test_no_output_is_committed_once_interrupted(handler, tmp_path):
+    from simcache._files import note_interrupt
+
+    note_interrupt()  # as if a library had caught the KeyboardInterrupt and gone on
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(tmp_path / "r.json") as tmp:
+            tmp.write_text("{}")
+    with atomic_output(tmp_path / "sweep.parquet", checkpoint=True) as tmp:  # progress is kept
+        tmp.write_text("cells")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.parquet"]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 def test_interrupted_sweep_keeps_what_finished(sig, big, tmp_path):
     """A sweep is the one command whose output survives an interrupt: the cells that finished,
