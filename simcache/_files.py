@@ -31,6 +31,7 @@ from pathlib import Path
 from simcache.errors import SimcacheError
 
 _RESERVED: dict[Path, "Output"] = {}
+_TARGETS: set[Path] = set()  # every target this process made a temporary for (see release)
 _INTERRUPTED = [False]
 
 
@@ -125,6 +126,7 @@ class Output:
         self.path = check_output(path, overwrite, inputs, suffixes, what)
         self.overwrite = overwrite
         clean_stale(self.path)
+        _TARGETS.add(_key(self.path))  # before the temporary exists: an interrupt may come between
         try:  # mkstemp opens with O_CREAT | O_EXCL
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.{os.getpid()}.", suffix=".tmp",
                                        dir=self.path.parent)
@@ -194,10 +196,17 @@ def reserve(path, *, overwrite: bool = False, inputs=(), suffixes=None, what: st
 
 
 def release():
-    """Drop every reserved temporary not committed (the command failed or did not write)."""
+    """Drop every temporary of this process not committed (the command failed, was
+    interrupted or did not write): the reserved ones, and any whose creation an interrupt cut
+    before it was recorded (found by the PID in its name)."""
     for out in list(_RESERVED.values()):
         out.discard()
     _RESERVED.clear()
+    for target in _TARGETS:
+        for tmp in target.parent.glob(f".{_glob_escape(target.name)}.{os.getpid()}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    _TARGETS.clear()
 
 
 def claim(path, overwrite: bool = True, inputs=(), suffixes=None, what: str = "output") -> Output:

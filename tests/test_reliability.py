@@ -322,6 +322,23 @@ def test_stale_temporaries_of_the_same_target_are_cleaned(files):
     other.unlink()
 
 
+def test_temporary_cut_off_by_an_interrupt_is_removed(tmp_path, monkeypatch):
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def interrupted_mkstemp(**kwargs):  # the signal lands just after the file is created
+        real(**kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tempfile, "mkstemp", interrupted_mkstemp)
+    with pytest.raises(KeyboardInterrupt):
+        reserve(tmp_path / "r.json", suffixes=(".json",))
+    assert len(temporaries(tmp_path)) == 1
+    release()
+    assert temporaries(tmp_path) == []
+
+
 def test_target_created_meanwhile_is_kept_without_force(tmp_path):
     target = tmp_path / "r.json"
     reserve(target, overwrite=False, suffixes=(".json",))
