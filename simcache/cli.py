@@ -707,7 +707,10 @@ def capture(model_name, out, texts, new_tokens, prompts, prompts_file, max_lengt
     else:
         if prompts_file is not None:
             check_input(prompts_file, "prompts file")
-            prompt_list += [l for l in prompts_file.read_text().splitlines() if l.strip()]
+            try:
+                prompt_list += [l for l in prompts_file.read_text().splitlines() if l.strip()]
+            except UnicodeDecodeError:
+                raise SimcacheError(f"prompts file {prompts_file} is not UTF-8 text") from None
         if not prompt_list:
             raise SimcacheError("--generate needs --prompt or --prompts-file")
     inputs = [prompts_file] + [f for _, f, _ in docs or []]

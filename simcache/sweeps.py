@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from simcache._files import atomic_output, check_output
+from simcache._files import atomic_output, check_input, check_output
 from simcache.errors import SimcacheError
 from simcache.hybrid import miss_code
 from simcache.policies import PRESETS, resolve
@@ -484,9 +484,7 @@ def read_results(path) -> "pandas.DataFrame":  # noqa: F821
     """A sweep's results file, checked to be one."""
     import pandas as pd
 
-    path = Path(path)
-    if not path.exists():
-        raise SimcacheError(f"results file not found: {path}")
+    path = check_input(path, "results file")
     try:
         frame = pd.read_parquet(path)
     except Exception as exc:
@@ -555,13 +553,13 @@ def load_config(path) -> dict:
         except ImportError:
             raise SimcacheError("TOML configs need Python >= 3.11 or the tomli package") from None
 
-    path = Path(path)
-    if not path.exists():
-        raise SimcacheError(f"config file not found: {path}")
+    path = check_input(path, "config file")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise SimcacheError(f"{path} is not valid TOML ({exc})") from None
+    except UnicodeDecodeError:
+        raise SimcacheError(f"{path} is not valid TOML (not UTF-8 text)") from None
     unknown = sorted(set(data) - set(KNOB) - set(SETTINGS))
     if unknown:
         raise SimcacheError(f"unknown parameter '{unknown[0]}' in {path} (known: {', '.join(list(KNOB) + list(SETTINGS))})")

@@ -176,6 +176,10 @@ CASES = [
     (["capture", "--model", "nowhere", "--text", "ids.jsonl", "--max-length", "8", "--prompt-tokens", "8"],
      "leaves no decode tokens"),
     (["analyze", "complex.npy"], "must hold real numbers, got dtype complex128"),
+    # binary where text goes, a pipe where a file goes
+    (["sweep", "t.parquet", "--config", "t.parquet", "--capacity", "2"], "t.parquet is not valid TOML (not UTF-8"),
+    (["capture", "--model", "nowhere", "--generate", "2", "--prompts-file", "t.parquet"],
+     "prompts file t.parquet is not UTF-8 text"),
     (["synth", "s.parquet", "--transitions", "complex.npy"], "must hold real numbers"),
     # late validation before: the output is refused before the (corrupt) trace is read
     (["simulate", "corrupt.parquet", "--out", "nodir/r.json"], "directory does not exist: nodir"),
@@ -230,8 +234,10 @@ def test_existing_report_is_replaced_only_with_force(files):
 def test_fifo_is_refused_without_blocking(files):
     os.mkfifo(files / "fifo.parquet")
     os.mkfifo(files / "fifo.npy")
+    os.mkfifo(files / "fifo.toml")
     for args in (["info", "fifo.parquet"], ["analyze", "fifo.npy"],
-                 ["simulate", "t.parquet", "--policy", "markov", "--prior", "fifo.npy"]):
+                 ["simulate", "t.parquet", "--policy", "markov", "--prior", "fifo.npy"],
+                 ["report", "fifo.parquet", "--out", "rep"], ["sweep", "t.parquet", "--config", "fifo.toml"]):
         proc = subprocess.run([sys.executable, "-m", "simcache", *args], cwd=files, env=_env(),
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
