@@ -7,7 +7,8 @@
 # capture --lookahead by recipes/gpu_capture_lookahead.sh) when present, else markov on the
 # shipped trace (its prior fitted on the other half of the requests is not
 # used here: replay scores all requests, so markov learns online only). The eager issue path
-# and its calibration (--issue eager): the timeline prices experts one by one. Budget: ~6 minutes.
+# and its calibration (--issue eager): the timeline prices experts one by one; then
+# --verify with prefetch at capacity 2, batch 4. Budget: ~7 minutes.
 #   OUT=/tmp/out bash recipes/gpu_prefetch.sh
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -25,15 +26,16 @@ for B in 1 16; do
   $S simulate $T --expert-bytes "$EB" $CAL --capacity 2,4 --batch $B --prefetch none,oracle,$THIRD \
      --prefetch-width 2 --json > "$OUT/predicted-b$B.json"
 done
-if $S replay --help | grep -q -- "--prefetch"; then
-  for P in none oracle $THIRD; do
-    timeout 100 $S replay $T --gpu 0 --preset mixtral-8x7b $CAL --policy lru --capacity 2,4 --batch 1,16 \
-       --issue eager --steps 24 --prefetch $P --prefetch-width 2 --out "$OUT/replay-prefetch-$P.json" 2>&1 | tail -12 \
-       | tee -a "$OUT/prefetch-log.txt"
-  done
-else
-  echo "replay has no --prefetch yet (simcache/replay/prefetch.py is not hooked into the harness):" \
-       "replaying none only" | tee -a "$OUT/prefetch-log.txt"
-  timeout 150 $S replay $T --gpu 0 --preset mixtral-8x7b $CAL --policy lru --capacity 2,4 --batch 1,16 \
-     --issue eager --steps 24 --out "$OUT/replay-prefetch-none.json" 2>&1 | tail -12 | tee -a "$OUT/prefetch-log.txt"
-fi
+# the measured timeline: the simulator's prefetches issued on the copy stream (docs/prefetch.md
+# "Replay"), one predictor per call so that a failure leaves the others' JSON
+for P in none oracle $THIRD; do
+  timeout 100 $S replay $T --gpu 0 --preset mixtral-8x7b $CAL --policy lru --capacity 2,4 --batch 1,16 \
+     --issue eager --steps 24 --prefetch $P --prefetch-width 2 --out "$OUT/replay-prefetch-$P.json" 2>&1 | tail -12 \
+     | tee -a "$OUT/prefetch-log.txt"
+done
+# outputs through the prefetch slots and buffers equal an all-resident run's (bitwise)
+for P in oracle $THIRD; do
+  timeout 60 $S replay $T --gpu 0 --preset mixtral-8x7b $CAL --policy lru --capacity 2 --batch 4 --issue eager \
+     --steps 12 --prefetch $P --prefetch-width 2 --verify --out "$OUT/verify-prefetch-$P.json" 2>&1 | tail -4 \
+     | tee -a "$OUT/prefetch-log.txt"
+done

@@ -969,6 +969,10 @@ def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, cpu
 @click.option("--layers", help="Replay only these MoE layers: 0-3 or 0,2,5 (host memory).")
 @click.option("--steps", type=int, help="Replay only the first N steps (2 of them untimed warm-up).")
 @click.option("--bypass-buffers", type=int, default=4, show_default=True)
+@click.option("--prefetch", "prefetches", default="none", callback=_csv(str), show_default=True,
+              help="Prefetch predictor(s), comma-separated: none, oracle, lookahead, markov; the simulator's "
+                   "prefetches are issued on the copy stream (--issue eager; docs/prefetch.md).")
+@click.option("--prefetch-width", type=int, help="Experts prefetched per predicted group (default: top-k).")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
               help="Calibration for the prediction (from 'simcache probe'); default: probe now.")
 @click.option("--decisions", type=click.Path(dir_okay=False, path_type=Path),
@@ -977,6 +981,13 @@ def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, cpu
                    "and TRACE must be the trace it was made from.")
 @click.option("--prior", type=click.Path(dir_okay=False, path_type=Path),
               help="With --decisions: the log's --prior file, if it has moved (checked by content hash).")
+@click.option("--miss", "misses", default="load", callback=_csv(str), show_default=True,
+              help="Who serves a miss (as simulate's): load, cpu (computed on the host CPU for real), auto, "
+                   "auto-cputime; a list replays each.")
+@click.option("--split", type=float,
+              help="Replay this fraction of the requests; the prior (markov) and the demand counts "
+                   "(static's hot set) come from the rest.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="For --split.")
 @click.option("--verify", is_flag=True, help="Also check outputs against an all-experts-resident run.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write results (.json/.csv/.parquet).")
@@ -989,8 +1000,8 @@ def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, cpu
 @click.pass_context
 @friendly
 def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, policies, capacities, batches,
-           scope, threshold, evict, admit, layers, steps, bypass_buffers, calibration, decisions, prior, verify,
-           as_json, out, from_results, budget, force, cpu_full_size):
+           scope, threshold, evict, admit, layers, steps, bypass_buffers, prefetches, prefetch_width, calibration,
+           decisions, prior, misses, split, seed, verify, as_json, out, from_results, budget, force, cpu_full_size):
     """Run a policy's decisions on a GPU with real-shaped expert tensors and compare the
     measured time with the simulator's prediction.
 
@@ -999,6 +1010,8 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
       simcache replay traces/trained-mixtral-8e.parquet --gpu 0 --preset mixtral-8x7b \
           --policy lru,markov --capacity 2,4 --batch 1,16 --steps 200
       simcache replay my.parquet --from results.parquet --budget 24GiB --gpu 0
+      simcache replay traces/trained-mixtral-8e.parquet --gpu 0 --preset mixtral-8x7b --layers 0-3 \
+          --policy lru,static --miss load,cpu,auto --split 0.5 --calibration calib.json
     """
     from simcache.sweeps import trace_hash, winning_settings
 
@@ -1017,8 +1030,16 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
             decisions, t, prior, policy=policies, capacity=capacities, batch=batches, scope=scope,
             threshold=threshold, evict=evict, admit=admit)
         scope, threshold, evict, admit = (extra.pop(k) for k in ("scope", "threshold", "evict", "admit"))
+        misses = [extra.pop("miss", "load")]
     elif prior is not None:
         raise SimcacheError("--prior is for a --decisions log made with one")
+    if split is not None:
+        if decisions is not None or from_results is not None:
+            raise SimcacheError("--split is for a plain replay (a decision log or a results cell sets its own)")
+        from simcache.transitions import demand_counts, split_requests, transition_counts
+
+        train, t = split_requests(t, split, seed)
+        extra = {"prior": transition_counts(train), "train_demand": demand_counts(train), "seed": seed}
     if from_results is not None:
         import inspect
 
@@ -1043,12 +1064,21 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
         policies, capacities, batches = [settings.pop("policy")], [settings.pop("capacity")], [settings.pop("batch")]
         scope, evict, admit = settings.pop("scope"), settings.pop("evict"), settings.pop("admit")
         threshold = settings.pop("threshold", threshold)
+        misses = [settings.pop("miss", "load")]
         extra = settings
         click.echo(f"winner from {_shown(from_results)}"
                    + (f" within {budget}" if budget else "") + f": {row['policy']}, capacity {row['capacity']}, "
                    f"scope {row['scope']}, batch {row['batch']} (cell {row['cell']}, trace {trace_hash(t)})", err=True)
     elif budget is not None:
         raise SimcacheError("--budget needs --from RESULTS")
+    if "prefetch" in extra:  # the decision log's or the sweep cell's prefetch
+        logged, width = extra.pop("prefetch"), extra.pop("prefetch_width", None)
+        width = None if width is None or width != width else int(width)  # (a results column: float, NaN)
+        if (ctx.get_parameter_source("prefetches") == click.core.ParameterSource.COMMANDLINE
+                and (prefetches != [logged] or prefetch_width not in (None, width))):
+            raise SimcacheError(f"--prefetch {','.join(prefetches)} differs from the replayed run's prefetch "
+                                f"{logged} (width {width}): drop the option")
+        prefetches, prefetch_width = [logged], width
     _torch()
     from simcache.replay.experts import DTYPES
     from simcache.replay.harness import Replayer
@@ -1061,9 +1091,11 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
         gib = t.num_layers * t.num_experts * shapes.expert_bytes(DTYPES[dtype].itemsize) / 2**30
         raise SimcacheError(f"{shapes.name} experts over all {t.num_layers} layers are {gib:,.1f} GiB: on the CPU "
                             f"pick --layers (e.g. --layers 0), --preset custom, or --cpu-full-size")
-    runs = [(p, c, b) for b in batches for p in policies for c in capacities]
+    runs = [(p, m, c, b, f) for b in batches for f in prefetches for p in policies for m in misses for c in capacities]
     for p in policies:
         simcache.policies.resolve(p, evict, admit)
+    for m in misses:
+        simcache.hybrid.miss_code(m)
     rp = Replayer(t, shapes, gpu=gpu, device=device, dtype=dtype, layers=layers,
                   expert_dtype=expert_dtype, issue=issue)
     if calibration is not None:
@@ -1078,10 +1110,12 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
         cal = run_probe(rp.dev, rp.preset, DTYPES[dtype], expert_dtype=expert_dtype, grouped=rp.issue == "fast")
     else:
         cal = None
+    if cal is not None and any(m != "load" for m in misses):
+        cal.require_cpu(next(m for m in misses if m != "load"))
     results = [rp.run(p, c, scope=scope, batch=b, threshold=threshold, evict=evict, admit=admit, steps=steps,
                       bypass_buffers=bypass_buffers, calibration=cal, decisions_file=decisions, verify=verify,
-                      **extra)
-               for p, c, b in runs]
+                      miss=m, prefetch=f, prefetch_width=prefetch_width, **extra)
+               for p, m, c, b, f in runs]
     records = [dict(r.to_dict(), trace=str(path)) for r in results]
     if out is not None:
         write_results(records, out)
@@ -1094,17 +1128,40 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
                f"prediction from {'the built-in default' if cal is None else cal.source} "
                f"({r0.extra['timing_model']} timing)")
     rows = []
+    hybrid = any(r.miss != "load" for r in results)
+    prefetching = any(r.extra["prefetch"] != "none" for r in results)
     for r in results:
-        rows.append([r.policy, r.capacity, r.batch, r.steps, r.hits, r.loads, r.bytes_moved / 1e9,
-                     r.measured_per_token_s * 1e3, r.predicted_per_token_s * 1e3, f"{r.error * 100:+.1f}%",
-                     r.copy_gbps_median, r.stall_s * 1e3, r.idle_s * 1e3,
-                     f"{r.extra['host_issue_us_first_groups']:.0f} / {r.host_issue_us_per_group:.0f}",
-                     None if r.verified is None else ("equal" if r.verified else f"DIFF {r.max_abs_diff:.3g}")])
-    click.echo(table(["policy", "cap", "batch", "steps", "hits", "loads", "GB moved", "measured ms/tok",
-                      "predicted ms/tok", "error", "copy GB/s", "stall ms", "GPU idle ms",
+        x = r.extra
+        cpu = [r.miss, r.cpu_experts, _ms(x.get("cpu_expert_measured_s_median")),
+               _ms(x.get("cpu_expert_predicted_s_median"))] if hybrid else []
+        pf = ["none" if x["prefetch"] == "none" else f"{x['prefetch']} w={x['prefetch_width']}"] if prefetching else []
+        pf_counts = [x["prefetches"], x["prefetched"], x["prefetch_bytes"] / 1e9] if prefetching else []
+        pred_stall = "-" if x["predicted_stall_s"] is None else f"{x['predicted_stall_s'] * 1e3:.3f}"
+        outputs = None
+        if r.verified is not None:
+            same = "equal" if r.cpu_experts == 0 else "close"
+            outputs = same if r.verified else f"DIFF {r.max_abs_diff:.3g}"
+        rows.append([r.policy, *cpu[:1], *pf, r.capacity, r.batch, r.steps, r.hits, r.loads, *cpu[1:], *pf_counts,
+                     r.bytes_moved / 1e9, r.measured_per_token_s * 1e3, r.predicted_per_token_s * 1e3,
+                     f"{r.error * 100:+.1f}%", r.copy_gbps_median, f"{r.stall_s * 1e3:.3f} / {pred_stall}",
+                     r.idle_s * 1e3, f"{x['host_issue_us_first_groups']:.0f} / {r.host_issue_us_per_group:.0f}",
+                     outputs])
+    cpu_heads = ["cpu experts", "cpu ms/expert measured", "cpu ms/expert predicted"] if hybrid else []
+    pf_heads = ["prefetches", "from buffer", "GB prefetched"] if prefetching else []
+    click.echo(table(["policy", *(["miss"] if hybrid else []), *(["prefetch"] if prefetching else []), "cap",
+                      "batch", "steps", "hits", "loads", *cpu_heads, *pf_heads, "GB moved", "measured ms/tok",
+                      "predicted ms/tok", "error", "copy GB/s", "stall ms measured / predicted", "GPU idle ms",
                       "host us/group first/mean", "outputs"], rows))
+    if hybrid:
+        click.echo("cpu ms/expert: the median CPU expert's round trip + host FFN, measured, and the calibration's "
+                   "price for it (its busy rate where the group also copies); outputs 'close': within "
+                   "||out - ref|| / ||ref|| <= 1e-2 against the all-resident GPU run (the host's GEMMs round differently)")
     click.echo("host us/group: the median of the first 4 groups (the host's own issue cost) and the mean "
                "(which includes time blocked behind a full launch queue); GPU idle: waiting for the host")
+
+
+def _ms(seconds):
+    return None if seconds is None else seconds * 1e3
 
 
 def _logged_run(path, trace, prior_path, **given):
@@ -1136,6 +1193,8 @@ def _logged_run(path, trace, prior_path, **given):
                                 f"(the log's settings are replayed; drop the option)")
     options = dict(st.simulate_options(), prior=prior_counts)
     options.setdefault("threshold", 0.1)
+    if log.meta.get("prefetch") is not None:  # (replay checks the log's prefetch schedule)
+        options.update(prefetch=log.meta["prefetch"]["predictor"], prefetch_width=log.meta["prefetch"]["width"])
     runs = [options.pop("policy")], [options.pop("capacity")], [options.pop("batch")]
     return scored, options, runs
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,7 @@ class Settings:
     trace_hash: str  # of the scored trace (after the split)
     calibration: str | None
     expert_bytes: int | None
+    miss: str = "load"  # who served a miss (--miss; CPU outcomes are decisions too)
 
     def simulate_options(self) -> dict:
         """Keyword arguments of :func:`simcache.simulate` that reproduce the decisions, given
@@ -75,7 +76,7 @@ class Settings:
         from simcache.policies import PRESETS
 
         out = {f: getattr(self, f) for f in ("capacity", "evict", "admit", "scope", "batch", "prefill",
-                                              "horizon", "decay", "decay_every", "seed")}
+                                              "horizon", "decay", "decay_every", "seed", "miss")}
         out["policy"] = self.policy if self.policy in PRESETS else None  # else evict + admit say it
         if self.threshold is not None:
             out["threshold"] = self.threshold
@@ -103,7 +104,9 @@ class DecisionLog:
 
     @property
     def settings(self) -> Settings:
-        return Settings(**{f.name: self.meta["settings"][f.name] for f in fields(Settings)})
+        logged = self.meta["settings"]
+        return Settings(**{f.name: logged[f.name] for f in fields(Settings)
+                          if f.name in logged or f.default is MISSING})  # (a v2 log before miss: load)
 
     def check_trace(self, trace: Trace) -> None:
         """Raise unless this log was made from ``trace`` (the scored one, after any split)."""
@@ -187,6 +190,7 @@ def write_decisions(work, result, path, options: dict | None = None, *, prior_so
         split=None if split is None else float(split),
         prior=None if prior_source is None else str(prior_source), prior_hash=prior_hash(prior),
         trace_hash=fingerprint(work.trace), calibration=result.calibration, expert_bytes=result.expert_bytes,
+        miss=result.miss,
     )
     meta = {
         "log_version": LOG_VERSION,

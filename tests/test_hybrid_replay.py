@@ -115,17 +115,116 @@ def test_probe_cli_on_the_cpu_writes_a_calibration_with_host_tables(tmp_path):
     assert r.exit_code == 1 and "measures only the host" in r.output
 
 
-def test_replay_refuses_a_cpu_decision_log_for_now(tmp_path):
+def _tiny_trace(seed=5):
     from .conftest import random_trace
 
-    t = random_trace(5, layers=2, experts=5, requests=3, length=(12, 12))
+    return random_trace(seed, layers=2, experts=5, requests=3, length=(12, 12))
+
+
+def _cpu_heavy():
+    """A calibration under which copies are slow and the host fast, so --miss auto sends
+    misses to the CPU even for tiny experts (every group's misses exercise both paths)."""
+    import dataclasses
+
+    cal = simcache.default_calibration()
+    return dataclasses.replace(cal, copy_gbps=[g / 1e6 for g in cal.copy_gbps])
+
+
+@pytest.mark.parametrize("issue", ["eager", "fast"])
+@pytest.mark.parametrize("miss", ["cpu", "auto"])
+@pytest.mark.parametrize("policy", ["lru", "static"])
+def test_replay_runs_cpu_experts_on_the_host_and_matches_the_simulator(issue, miss, policy):
+    """The schedule follows the simulator's outcome codes: every CPU-assigned access of a
+    replayed group runs on the host executor (one measured seconds figure each), the loads are
+    the rest of the misses, and the outputs equal an all-resident run's."""
+    if issue == "fast" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("no torch._grouped_mm")
+    from simcache.replay.harness import Replayer
+    from simcache.simulator import CPU as CPU_OUTCOME, HIT
+
+    t = _tiny_trace()
+    rp = Replayer(t, TINY, device="cpu", dtype="float32", issue=issue)
+    train = simcache.demand_counts(t)
+    cal = _cpu_heavy()
+    r = rp.run(policy, 2, batch=2, miss=miss, verify=True, calibration=cal, train_demand=train)
+    work = simcache.Workload(t, 2)
+    sim = simcache.simulate(work, policy, 2, miss=miss, calibration=cal, expert_bytes=rp.expert_bytes,
+                            train_demand=train, record=True)
+    gp, L = work.demand.group_ptr, t.num_layers
+    timed = slice(int(gp[2 * L]), int(gp[work.steps.num_steps * L]))  # after the 2 warm-up steps
+    out = sim.decisions.outcome[timed]
+    assert r.cpu_experts == int((out == CPU_OUTCOME).sum()) > 0
+    assert r.hits == int((out == HIT).sum())
+    assert r.loads == out.size - r.hits - r.cpu_experts
+    assert len(r.extra["cpu_expert_measured_s"]) == r.cpu_experts
+    assert sum(r.extra["group_cpu_experts"]) == r.cpu_experts
+    assert r.extra["cpu_tokens"] == int(work.demand.tokens[timed][out == CPU_OUTCOME].sum())
+    assert all(s > 0 for s in r.extra["cpu_expert_measured_s"])
+    assert r.verified and r.miss == miss
+    assert r.predicted_s == pytest.approx(float(sim.decisions.group_time[2 * L: work.steps.num_steps * L].sum()))
+
+
+def test_cpu_predicted_price_is_the_calibrations_per_expert():
+    from simcache.hybrid import luts
+    from simcache.replay.harness import Replayer
+
+    t = _tiny_trace(7)
+    rp = Replayer(t, TINY, device="cpu", dtype="float32")
+    cal = _cpu_heavy()
+    r = rp.run("lru", 2, batch=1, miss="cpu", calibration=cal)
+    _, alone, busy, _, _ = luts(cal, rp.expert_bytes, 8)
+    # --miss cpu never copies, so every CPU expert is priced at the alone rate
+    assert r.extra["cpu_expert_predicted_s"] == [pytest.approx(float(alone[n])) for n in r.extra["cpu_expert_tokens"]]
+
+
+def test_replay_follows_a_cpu_decision_log(tmp_path):
+    t = _tiny_trace()
     path = tmp_path / "t.parquet"
     simcache.write_trace(t, path)
     log = tmp_path / "d.parquet"
     r = CliRunner().invoke(main, ["simulate", str(path), "--policy", "lru", "--capacity", "2", "--miss", "cpu",
                                   "--decisions", str(log)])
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, ["replay", str(path), "--device", "cpu", "--preset", "custom", "--hidden", "16",
-                                  "--ffn", "24", "--dtype", "float32", "--policy", "lru", "--capacity", "2",
-                                  "--decisions", str(log), "--steps", "8"])
-    assert r.exit_code == 1 and "replay runs --miss load decisions; this log was made with --miss cpu" in r.output
+    cli = ["replay", str(path), "--device", "cpu", "--preset", "custom", "--hidden", "16", "--ffn", "24",
+           "--dtype", "float32", "--decisions", str(log), "--steps", "8"]
+    r = CliRunner().invoke(main, [*cli, "--json"])
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.output)["results"]
+    assert row["miss"] == "cpu" and row["cpu_experts"] > 0 and row["loads"] == 0
+
+
+def test_replay_cli_miss_list_and_split(tmp_path):
+    t = _tiny_trace()
+    path = tmp_path / "t.parquet"
+    simcache.write_trace(t, path)
+    cli = ["replay", str(path), "--device", "cpu", "--preset", "custom", "--hidden", "16", "--ffn", "24",
+           "--dtype", "float32", "--steps", "6", "--policy", "lru,static", "--miss", "load,cpu",
+           "--split", "0.5", "--capacity", "2"]
+    r = CliRunner().invoke(main, cli)
+    assert r.exit_code == 0, r.output
+    assert "cpu experts" in r.output and r.output.count("static") == 2
+    r = CliRunner().invoke(main, [*cli[:-6], "--miss", "sometimes"])
+    assert r.exit_code == 1 and "--miss must be one of load, cpu, auto" in r.output
+
+
+def test_replay_refuses_cpu_misses_with_quantised_experts():
+    from simcache.replay.harness import Replayer
+
+    rp = Replayer(_tiny_trace(), TINY, device="cpu", dtype="float32", expert_dtype="int4")
+    with pytest.raises(SimcacheError, match="--miss cpu computes experts on the host in float32; it does not run "
+                                            "with --expert-dtype int4"):
+        rp.run("lru", 2, miss="cpu")
+
+
+def test_replay_cpu_misses_need_a_cpu_table_and_static_needs_training_data():
+    import dataclasses
+
+    from simcache.replay.harness import Replayer
+
+    rp = Replayer(_tiny_trace(), TINY, device="cpu", dtype="float32")
+    bare = dataclasses.replace(simcache.default_calibration(), cpu_threads=[], cpu_tokens=[], cpu_seconds=[],
+                               cpu_busy_seconds=[], cpu_copy_slowdown=[])
+    with pytest.raises(SimcacheError, match="--miss cpu needs a CPU table"):
+        rp.run("lru", 2, miss="cpu", calibration=bare)
+    with pytest.raises(SimcacheError, match="eviction 'static' places the most-demanded experts of training data"):
+        rp.run("static", 2)

@@ -34,6 +34,17 @@ def test_outputs_equal_an_all_resident_run(policy, capacity, batch):
     assert r.groups == len(r.extra["group_predicted_s"]) == 2 * (min(25, sim.steps) - 2)
 
 
+@pytest.mark.parametrize("scope,capacity", [("layer", 2), ("global", 5)])
+def test_static_placement_is_loaded_before_the_first_step(scope, capacity):
+    """static's hot set is resident from the start (no fill ever loads it): the replay copies
+    it into its slots, untimed, before the warm-up, so hits read the right weights."""
+    t = random_trace(4, layers=2, experts=6, requests=5, length=(10, 20))
+    demand = simcache.demand_counts(t)
+    r = replay(t, TINY, "static", capacity, device="cpu", dtype="float32", scope=scope, verify=True,
+               steps=12, train_demand=demand)
+    assert r.verified is True and r.max_abs_diff == 0.0 and r.hits > 0
+
+
 def test_replay_counts_match_the_simulator_for_the_replayed_steps():
     t = random_trace(5, layers=3, experts=5, requests=3, length=(12, 12))
     rp = Replayer(t, TINY, device="cpu", dtype="float32", layers="0,2")

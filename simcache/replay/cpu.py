@@ -75,12 +75,15 @@ class Job:
 @dataclass
 class Ticket:
     """A group's CPU work in flight: its future and, once done, each expert's seconds (round
-    trip and host FFN) and the whole CPU path's seconds from submission."""
+    trip and host FFN; and the host FFN alone), the seconds the worker waited for the GPU to
+    gather the tokens, and the whole CPU path's seconds from then on."""
 
     future: Future
     jobs: list
     expert_s: list = field(default_factory=list)
+    ffn_s: list = field(default_factory=list)
     path_s: float = 0.0
+    wait_s: float = 0.0
 
 
 class HostExecutor:
@@ -100,8 +103,14 @@ class HostExecutor:
                  max_tokens: int = 4096, dtype: torch.dtype = torch.bfloat16):
         self.hidden, self.ffn_size, self.dev = hidden, ffn_size, device
         self.threads = set_host_threads(threads)
+        self.cpu_model = cpu_model()
+        self.max_rows = int(max_tokens)
         self.cuda = device.type == "cuda"
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simcache-host")
+        # the worker sets its own thread count: OpenMP's and MKL's are per calling thread, so
+        # the issuing thread's setting does not reach a thread the pool creates
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="simcache-host",
+                                        initializer=set_host_threads, initargs=(self.threads,))
+        self.worker_threads = self._pool.submit(torch.get_num_threads).result()  # (as the worker sees it)
         self._stream = torch.cuda.Stream(device) if self.cuda else None
         pin = self.cuda
         self._down = torch.empty((max_tokens, hidden), dtype=dtype, pin_memory=pin)  # (n, H) host
@@ -140,9 +149,11 @@ class HostExecutor:
         n = picked.shape[0]
         out = self._dev_out[:n]  # (sum T, H) on the device
         if self.cuda:
-            self._stream.wait_event(gathered)
+            gathered.synchronize()  # the compute stream reached this group: the CPU path starts
             if self._consumed is not None:  # the previous group's results were read
                 self._stream.wait_event(self._consumed)
+        ticket.wait_s = time.perf_counter() - t0
+        t0 += ticket.wait_s
         lo = 0
         for job in ticket.jobs:
             t = int(job.idx.numel())
@@ -154,7 +165,9 @@ class HostExecutor:
                 self._stream.synchronize()
             else:
                 down.copy_(picked[lo:lo + t])
+            f0 = time.perf_counter()
             up.copy_(ffn(down, job.weights, self.hidden, self.ffn_size))  # (T, H) on the host
+            ticket.ffn_s.append(time.perf_counter() - f0)
             if self.cuda:
                 with torch.cuda.stream(self._stream):
                     out[lo:lo + t].copy_(up, non_blocking=True)  # host -> device

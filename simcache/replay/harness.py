@@ -14,6 +14,11 @@ replay carries the decisions out and measures them, in three steps:
 3. **measure** (:mod:`simcache.replay.measure`): events per group and per copy, host clocks
    per group.
 
+With ``miss="cpu"|"auto"`` (docs/design.md §11) the simulator sends some misses to the host
+CPU; the replay computes them there for real (:class:`~simcache.replay.cpu.HostExecutor`, at
+the calibration's thread count, activations copied down and back) while the GPU streams
+proceed, and reports the CPU path's measured seconds per expert beside the probe's.
+
 It reports measured time per token, bytes moved, achieved GB/s per copy, the time compute
 waited for copies, the host time spent issuing each (step, layer) and the GPU's idle time
 between groups, beside the simulator's prediction for exactly the replayed steps and layers.
@@ -38,13 +43,14 @@ from simcache.replay.experts import (DTYPES, ExpertStore, gpu_free_bytes, host_a
                                      pick_device, stored_format)
 from simcache.replay.issue import ISSUERS, check_fast
 from simcache.replay.measure import Meter, Timings
+from simcache.replay import prefetch as rpf
 from simcache.replay.presets import Preset
 from simcache.replay.schedule import Schedule, build_schedule, check_ring, most_bypasses
-from simcache.simulator import BYPASS, FORCED_BYPASS, HIT
+from simcache.simulator import BYPASS, CPU, FILL, FORCED_BYPASS, HIT, PREFETCHED
 from simcache.workload import Workload
 
 # further simulate() settings a replay takes (a decision log's or a sweep cell's)
-SIMULATE_OPTIONS = ("prefill", "prior", "seed", "horizon", "decay", "decay_every")
+SIMULATE_OPTIONS = ("prefill", "prior", "seed", "horizon", "decay", "decay_every", "train_demand")
 
 
 @dataclass
@@ -72,6 +78,8 @@ class ReplayResult:
     copy_gbps_all: float
     host_issue_us_per_group: float
     issue: str = "eager"
+    miss: str = "load"
+    cpu_experts: int = 0
     expert_dtype: str | None = None
     idle_s: float = 0.0
     verified: bool | None = None
@@ -165,18 +173,44 @@ class Replayer:
         self.store = ExpertStore(preset, len(self.layers) * E, self.dtype, self.dev, seed, expert_dtype)
         self.setup_s = time.perf_counter() - t0
         self.key_row = {l * E + e: i * E + e for i, l in enumerate(self.layers) for e in range(E)}
+        self._executor = None  # the host CPU executor, made on the first --miss cpu|auto run
+
+    def host_executor(self, threads: int, max_tokens: int):
+        """The :class:`~simcache.replay.cpu.HostExecutor` for CPU-assigned experts (one, kept)."""
+        from simcache.replay.cpu import HostExecutor
+
+        from simcache.replay.cpu import _cores
+
+        ex = self._executor
+        if ex is None or ex.threads != (threads or _cores()) or ex.max_rows < max_tokens:
+            if ex is not None:
+                ex.close()
+            ex = self._executor = HostExecutor(self.preset.hidden, self.preset.ffn, self.dev, threads,
+                                               max_tokens=max(max_tokens, 256), dtype=self.dtype)
+        return ex
 
     def run(self, policy: str = "lru", capacity: int = 2, *, scope: str = "layer", batch: int = 1,
             threshold: float | str = 0.1, evict: str | None = None, admit: str | None = None,
             steps: int | None = None, bypass_buffers: int = 4,
             calibration: simcache.Calibration | None = None, decisions_file=None, verify: bool = False,
-            warmup_steps: int = 2, keep_outputs: bool = False, **simulate_options) -> ReplayResult:
+            warmup_steps: int = 2, keep_outputs: bool = False, miss: str = "load", prefetch: str = "none",
+            prefetch_width: int | None = None, **simulate_options) -> ReplayResult:
         """Simulate ``policy`` with the preset's expert size, then carry its decisions out and
-        measure them. See the module docstring. ``simulate_options`` (:data:`SIMULATE_OPTIONS`)
-        go to :func:`simcache.simulate`."""
+        measure them. See the module docstring. ``miss`` is simulate's (``load``, ``cpu``,
+        ``auto``, ``auto-cputime``); ``simulate_options`` (:data:`SIMULATE_OPTIONS`) go to
+        :func:`simcache.simulate`. ``prefetch`` and ``prefetch_width`` are simulate's
+        (docs/prefetch.md); the replay issues the simulator's prefetches on the copy stream
+        (:mod:`simcache.replay.prefetch`, eager issue path only)."""
         check_ring(bypass_buffers)
+        if miss != "load" and self.expert_dtype is not None:
+            raise SimcacheError(f"--miss {miss} computes experts on the host in {self.dtype_name}; "
+                                f"it does not run with --expert-dtype {self.expert_dtype}")
+        if prefetch != "none" and self.issue != "eager":
+            raise SimcacheError(f"--prefetch {prefetch} replays on the eager issue path (the timeline prices "
+                                f"experts one by one): use --issue eager")
+        simulate_options = dict(simulate_options, miss=miss, prefetch=prefetch, prefetch_width=prefetch_width)
         sim, work, model = _decide(self, policy, capacity, scope, batch, threshold, evict, admit, calibration,
-                                   decisions_file, simulate_options)
+                                   decisions_file, dict(simulate_options, miss=miss))
         n_steps = work.steps.num_steps if steps is None else min(int(steps), work.steps.num_steps)
         if n_steps <= warmup_steps:
             raise SimcacheError(f"replay needs more than {warmup_steps} steps (warm-up), got {n_steps}")
@@ -190,21 +224,47 @@ class Replayer:
             ring = max(bypass_buffers, most_bypasses(sim.decisions, groups))
         L = self.trace.num_layers
         n_slots = capacity * L if scope == "layer" else capacity
-        _check_gpu_memory(self, n_slots, ring)
-        weights = torch.empty((n_slots + ring, self.store.Q), dtype=self.store.host.dtype, device=self.dev)  # (B, Q)
+        pf_sched = rpf.replay_schedule(sim.decisions, self.layers, L, self.trace.num_experts, n_steps * L)
+        n_pf = pf_sched.buffers if pf_sched is not None else 0  # prefetch buffers: rows after the ring
+        _check_gpu_memory(self, n_slots, ring, n_pf)
+        weights = torch.empty((n_slots + ring + n_pf, self.store.Q), dtype=self.store.host.dtype,
+                              device=self.dev)  # (B, Q)
         x = _activations(work, self.preset.hidden, self.dtype, self.dev)  # (n, H)
+        delivery = None if pf_sched is None else rpf.Delivery(
+            pf_sched, weights, n_slots + ring, self.store.host, self.key_row, sim.decisions, work.demand.keys,
+            num_layers=L, num_experts=self.trace.num_experts, capacity=capacity, per_layer=scope == "layer",
+            device=self.dev)
+
+        late = None if pf_sched is None else rpf.delivered_accesses(sim.decisions, work.demand, pf_sched, n_steps * L)
 
         def schedule(gs):
             return build_schedule(work, sim.decisions, gs, self.key_row, num_experts=self.trace.num_experts,
                                   capacity=capacity, scope=scope, n_slots=n_slots, ring=ring,
-                                  experts=self._experts, weights=self._weights)
+                                  experts=self._experts, weights=self._weights, late=late)
 
+        executor = None
+        if sim.cpu_experts:
+            threads = calibration.cpu_thread_choice if calibration is not None else 0
+            executor = self.host_executor(threads, x.shape[0] * self.trace.top_k)
+        _preload(self, work, sim.decisions, weights, capacity, scope)
         issuer = ISSUERS[self.issue]
-        _issue(issuer(schedule(warm), weights, self.store.host, self.store, x, self.dev), self.dev)  # untimed
-        sched = schedule(timed)
-        outputs, timings = _issue(issuer(sched, weights, self.store.host, self.store, x, self.dev), self.dev,
-                                  keep=verify or keep_outputs)
-        verified = max_diff = None
+
+        def copying(sched):  # an issue run of sched with the copies, prefetches included
+            it = issuer(sched, weights, self.store.host, self.store, x, self.dev, executor)
+            if delivery is not None:  # (the eager path, checked above)
+                delivery.bind(sched, it.copies.stream)
+                it.prefetch = delivery
+            return it
+
+        _issue(copying(schedule(warm)), self.dev)
+        sched = schedule(timed)  # (the warm-up above is untimed)
+        timed_issuer = copying(sched)
+        outputs, timings = _issue(timed_issuer, self.dev, keep=verify or keep_outputs)
+        pf_measured = None
+        if delivery is not None:  # waits on prefetches are stall too
+            pf_measured = delivery.measured()
+            timings = dataclasses.replace(timings, stall_s=timings.stall_s + pf_measured["stall_s"])
+        verified = max_diff = rel_error = None
         if verify:
             del weights
             resident = self.store.host.to(self.dev)  # (N, Q): every expert, no copies
@@ -212,10 +272,23 @@ class Replayer:
                                   keep=True)
             diffs = [float((a.float() - b.float()).abs().max()) for a, b in zip(outputs, reference)]
             max_diff = max(diffs) if diffs else 0.0
-            verified = all(torch.equal(a, b) for a, b in zip(outputs, reference))
+            if int(sched.cpu.sum()):  # the host's GEMMs round differently from the GPU's
+                num = sum(float((a.double() - b.double()).square().sum()) for a, b in zip(outputs, reference))
+                den = sum(float(b.double().square().sum()) for b in reference)
+                rel_error = (num / den) ** 0.5 if den > 0 else 0.0
+                verified = rel_error <= CPU_TOLERANCE
+            else:
+                verified = all(torch.equal(a, b) for a, b in zip(outputs, reference))
             del resident
         result = _result(self, sim, work, sched, timed, timings, capacity, scope, n_steps, warmup_steps,
                          verified, max_diff, model)
+        result.miss = miss
+        if rel_error is not None:
+            result.extra["verify_rel_error"] = rel_error
+        if executor is not None:
+            priced = calibration if calibration is not None else simcache.default_calibration()  # (simulate's)
+            result.extra.update(_cpu_figures(self, sched, timed_issuer.cpu.tickets, priced, executor))
+        result.extra.update(_prefetch_extra(self, sim, work, timed, timings, pf_measured, calibration, model))
         if keep_outputs:
             result.outputs = [o.cpu() for o in outputs]
         return result
@@ -231,6 +304,48 @@ class Replayer:
         if t.weights is not None:
             return t.weights.reshape(t.num_tokens, L, k)  # (tokens, L, k)
         return np.full((t.num_tokens, L, k), 1.0 / k, np.float32)
+
+
+# --verify with CPU-computed experts: the host's GEMMs accumulate in another order than the
+# GPU's, so outputs agree to rounding, not bitwise: ||out - ref|| / ||ref|| over the timed
+# groups must stay within this (bf16 operands land between 1e-3 and 1e-2)
+CPU_TOLERANCE = 1e-2
+
+
+def _cpu_figures(rp: Replayer, sched: Schedule, tickets, cal, executor) -> dict:
+    """The CPU path measured per expert and per group, beside the calibration's prices (its
+    busy rate where the group also copies, alone otherwise)."""
+    from simcache.hybrid import luts
+
+    counts = np.diff(sched.route_ptr)  # (C,) tokens per compute
+    top = int(counts.max(initial=1))
+    pred_alone = pred_busy = None
+    if cal is not None and cal.has_cpu:
+        _, pred_alone, pred_busy, _, _ = luts(cal, rp.expert_bytes, top)
+    tokens, measured, ffn_s, predicted = [], [], [], []
+    group_cpu, group_wait = np.zeros(sched.num_groups), np.zeros(sched.num_groups)
+    for g, ticket in tickets:
+        busy = len(sched.loads(g)) > 0
+        ffn_s += ticket.ffn_s
+        group_wait[g] = ticket.wait_s
+        for c, s in zip(sched.cpu_computes(g), ticket.expert_s):
+            t = int(counts[c])
+            tokens.append(t)
+            measured.append(s)
+            if pred_alone is not None:
+                predicted.append(float((pred_busy if busy else pred_alone)[t]))
+        group_cpu[g] = ticket.path_s
+    m = np.asarray(measured)
+    return {"cpu_threads": executor.threads, "cpu_worker_threads": executor.worker_threads,
+            "cpu_model": executor.cpu_model,
+            "cpu_expert_measured_s_median": float(np.median(m)) if m.size else float("nan"),
+            "cpu_expert_predicted_s_median": float(np.median(predicted)) if predicted else float("nan"),
+            "cpu_expert_ffn_s_median": float(np.median(ffn_s)) if ffn_s else float("nan"),
+            "cpu_tokens": int(sum(tokens)),
+            "cpu_expert_tokens": tokens, "cpu_expert_measured_s": measured, "cpu_expert_predicted_s": predicted,
+            "cpu_expert_ffn_s": ffn_s,
+            # per timed group: the CPU path from the gather, and the wait for the gather
+            "group_cpu_path_s": group_cpu.tolist(), "group_cpu_wait_s": group_wait.tolist()}
 
 
 def replay(trace, preset, policy="lru", capacity=2, *, gpu=None, device=None, dtype="bfloat16",
@@ -257,10 +372,10 @@ def _decide(rp: Replayer, policy, capacity, scope, batch, threshold, evict, admi
 
         log = read_decisions(decisions_file)
         log.check_trace(rp.trace)
-        if log.meta.get("predicted", {}).get("miss", "load") != "load":  # (replay/cpu.py is not wired in yet)
-            raise SimcacheError("replay runs --miss load decisions; this log was made with --miss "
-                                f"{log.meta['predicted']['miss']}")
+        rpf.check_logged(log.meta.get("prefetch"), sim.decisions)
         log.check_decisions(sim.decisions)
+    if options.get("miss", "load") != "load":  # hybrid groups are priced expert by expert (hybrid.split)
+        return sim, work, "per-expert, hybrid"
     return sim, work, "grouped" if cal is not None and cal.group_ffn else "per-expert"
 
 
@@ -270,12 +385,30 @@ def _groups(work, layers, n_steps, L) -> list[tuple[int, int, int, int]]:
     return [(s, l, int(gp[s * L + l]), int(gp[s * L + l + 1])) for s in range(n_steps) for l in layers]
 
 
-def _check_gpu_memory(rp: Replayer, n_slots: int, ring: int) -> None:
+def _preload(rp: Replayer, work, dec, weights: torch.Tensor, capacity: int, scope: str) -> None:
+    """Untimed: copy the experts a rule places before the first step (static placement) into
+    their slots. A slot whose first use in the decisions is a hit held its key from the start."""
+    E = rp.trace.num_experts
+    keys = work.demand.keys
+    used = np.flatnonzero(dec.outcome <= FILL)  # hits and fills: they name a slot
+    pool = keys[used] // E if scope == "layer" else np.zeros(used.size, np.int64)
+    buf = pool * capacity + dec.slot[used]
+    _, first = np.unique(buf, return_index=True)
+    warm = used[first[dec.outcome[used[first]] == HIT]]
+    for i in warm:
+        key = int(keys[i])
+        if key in rp.key_row:  # (a layer not replayed: its slots are never read)
+            b = (key // E if scope == "layer" else 0) * capacity + int(dec.slot[i])
+            weights[b].copy_(rp.store.host[rp.key_row[key]])
+
+
+def _check_gpu_memory(rp: Replayer, n_slots: int, ring: int, prefetch: int = 0) -> None:
     eb = rp.expert_bytes
-    need = (n_slots + ring) * eb + (64 << 20)
+    need = (n_slots + ring + prefetch) * eb + (64 << 20)
     free = gpu_free_bytes(rp.dev)
     if need > free:
-        raise SimcacheError(f"{n_slots} slots + {ring} bypass buffers of {eb / 2**20:.0f} MiB need "
+        extra = f" + {prefetch} prefetch buffers" if prefetch else ""
+        raise SimcacheError(f"{n_slots} slots + {ring} bypass buffers{extra} of {eb / 2**20:.0f} MiB need "
                             f"{need / 2**30:.1f} GiB of GPU memory, {free / 2**30:.1f} GiB is free")
 
 
@@ -315,7 +448,7 @@ def _result(rp, sim, work, sched: Schedule, timed, t: Timings, capacity, scope, 
     group_pred = dec.group_time[timed_groups]
     acc = sched.access
     outcomes = dec.outcome[acc]
-    loads = int((outcomes != HIT).sum())
+    loads = int(np.isin(outcomes, (FILL, BYPASS, FORCED_BYPASS)).sum())
     gbps = eb / t.copy_s / 1e9 if t.copy_s.size else np.zeros(0)
     decode = int(work.steps.step_ptr[n_steps] - work.steps.step_ptr[warmup_steps])
     cuda = dev.type == "cuda"
@@ -325,6 +458,7 @@ def _result(rp, sim, work, sched: Schedule, timed, t: Timings, capacity, scope, 
         batch=work.batch, layers=rp.layers, steps=n_steps - warmup_steps, decode_tokens=decode,
         groups=len(timed), hits=int((outcomes == HIT).sum()), loads=loads,
         bypasses=int(((outcomes == BYPASS) | (outcomes == FORCED_BYPASS)).sum()),
+        cpu_experts=int((outcomes == CPU).sum()),
         expert_bytes=eb, measured_s=t.total_s, predicted_s=float(group_pred.sum()),
         copy_s=float(t.copy_s.sum()), stall_s=float(t.stall_s.sum()),
         copy_gbps_median=float(np.median(gbps)) if gbps.size else float("nan"),
@@ -344,7 +478,34 @@ def _result(rp, sim, work, sched: Schedule, timed, t: Timings, capacity, scope, 
                "group_measured_s": t.gpu_s.tolist(), "group_host_s": t.host_s.tolist(),
                "group_idle_s": t.idle_s.tolist(), "group_stall_s": t.stall_s.tolist(),
                "group_predicted_s": group_pred.tolist(),
-               "group_loads": [int((dec.outcome[lo:hi] != HIT).sum()) for _, _, lo, hi in timed],
+               "group_loads": [int(np.isin(dec.outcome[lo:hi], (FILL, BYPASS, FORCED_BYPASS)).sum())
+                               for _, _, lo, hi in timed],
+               "group_cpu_experts": [int((dec.outcome[lo:hi] == CPU).sum()) for _, _, lo, hi in timed],
                "group_experts": [hi - lo for _, _, lo, hi in timed],
                "group_tokens": [int(d.tokens[lo:hi].sum()) for _, _, lo, hi in timed]},
     )
+
+
+def _prefetch_extra(rp, sim, work, timed, t: Timings, measured, calibration, model) -> dict[str, Any]:
+    """The prefetch and stall columns of a result: prefetches issued in the timed groups (and
+    the simulator's count for them), their bytes and measured copy seconds, accesses served
+    from a prefetch buffer, and the predicted stall and group starts beside the measured ones
+    (starts relative to the first timed group's)."""
+    L = rp.trace.num_layers
+    ids = np.array([s * L + l for s, l, _, _ in timed], np.int64)
+    start, stall = rpf.predicted_timeline(sim.decisions, work, calibration, rp.expert_bytes, ids, model)
+    measured_start = np.cumsum(t.idle_s + t.gpu_s) - t.gpu_s  # (G,) compute stream, from the run's start
+    out = {"prefetch": sim.prefetch, "prefetch_width": sim.prefetch_width,
+           "predicted_stall_s": None if stall is None else float(stall.sum()),
+           "group_predicted_start_s": None if start is None else start.tolist(),
+           "group_predicted_stall_s": None if stall is None else stall.tolist(),
+           "group_measured_start_s": (measured_start - measured_start[:1]).tolist() if ids.size else [],
+           "prefetched": sum(int((sim.decisions.outcome[lo:hi] == PREFETCHED).sum()) for _, _, lo, hi in timed)}
+    if measured is None:
+        return dict(out, prefetches=0, prefetches_scheduled=0, prefetch_bytes=0, prefetch_copy_s=0.0,
+                    group_prefetches=[0] * len(timed))
+    rows = sim.decisions.prefetch_schedule
+    scheduled = int(np.isin(rows[:, 0], ids).sum()) if rows is not None else 0
+    n = len(measured["ids"])
+    return dict(out, prefetches=n, prefetches_scheduled=scheduled, prefetch_bytes=n * rp.expert_bytes,
+                prefetch_copy_s=float(measured["copy_s"].sum()), group_prefetches=measured["per_group"].tolist())

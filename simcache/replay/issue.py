@@ -4,6 +4,10 @@ Tensor dimensions used in shape comments (see also :mod:`simcache.replay.experts
     n  token rows of a step    k  top-k              B  GPU buffers (slots, then bypass ring)
     R  routes of a group (token, expert) pairs       G  experts of one grouped call
 
+Both paths share the copies and the host CPU side (``--miss cpu|auto``): a group's CPU
+computes go to a :class:`~simcache.replay.cpu.HostExecutor` first, run on the host while the
+GPU computes and copies, and their results are added into the group's output last.
+
 Both paths share the copies: each load is one copy of one contiguous pinned host row into one
 GPU buffer, on a copy stream, between two events; a group's copies start once the previous
 group's compute is done (they may overwrite what it reads).
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from simcache.errors import SimcacheError
+from simcache.replay.cpu import Job
 from simcache.replay.experts import apply_expert
 from simcache.replay.measure import Meter
 from simcache.replay.schedule import Schedule, grouped_calls
@@ -134,23 +139,64 @@ class _Copies:
             meter.wait_after(j)
 
 
+class _CpuSide:
+    """The host CPU side, shared by both paths: per group, the :class:`Job` of each CPU compute
+    (its host weights row, token rows and gate weights, made once)."""
+
+    def __init__(self, sched: Schedule, host, executor, x: torch.Tensor, device):
+        self.executor = executor
+        self.jobs: list[list[Job]] = []
+        if executor is None or not int(sched.cpu.sum()):
+            self.jobs = [[] for _ in range(sched.num_groups)]
+            return
+        if host is None:
+            raise SimcacheError("the schedule has CPU computes but no host expert store")
+        tok = torch.from_numpy(sched.route_token).to(device)  # (R,)
+        gate = torch.from_numpy(sched.route_weight).to(device).to(x.dtype).unsqueeze(1)  # (R, 1)
+        for g in range(sched.num_groups):
+            self.jobs.append([Job(host[int(sched.store_row[c])], tok[sched.routes(c)], gate[sched.routes(c)])
+                              for c in sched.cpu_computes(g)])
+        self.tickets: list = []  # per group with CPU work: its Ticket (per-expert and path seconds)
+
+    def start(self, g: int, x: torch.Tensor):
+        if not self.jobs[g]:
+            return None
+        ticket = self.executor.submit(x, self.jobs[g])
+        self.tickets.append((g, ticket))
+        return ticket
+
+    def finish(self, ticket, out: torch.Tensor) -> None:
+        if ticket is not None:
+            self.executor.finish(ticket, out)
+
+
+def _check_cpu(sched: Schedule, executor) -> None:
+    if executor is None and sched.cpu.size and int(sched.cpu.sum()):
+        raise SimcacheError("the schedule sends experts to the host CPU: pass a HostExecutor")
+
+
 class EagerIssue:
     """One expert at a time (the harness before the fast path; kept for comparison)."""
 
-    def __init__(self, sched: Schedule, weights: torch.Tensor, host, store, x: torch.Tensor, device):
+    def __init__(self, sched: Schedule, weights: torch.Tensor, host, store, x: torch.Tensor, device,
+                 executor=None):
+        _check_cpu(sched, executor)
         self.sched, self.store, self.x = sched, store, x
         self.copies = _Copies(sched, weights, host, device)
+        self.cpu = _CpuSide(sched, host, executor, x, device)
         self.weights = weights
         p = store.preset
         self.hidden, self.ffn = p.hidden, p.ffn
         self.tok = torch.from_numpy(sched.route_token).to(device)  # (R,)
         self.gate = torch.from_numpy(sched.route_weight).to(device).to(x.dtype).unsqueeze(1)  # (R, 1)
         self.frees = [torch.cuda.Event() for _ in range(sched.ring)] if device.type == "cuda" else []
+        self.prefetch = None  # a simcache.replay.prefetch.Delivery, attached by the harness
 
     def group(self, g: int, meter: Meter) -> torch.Tensor:
         s, cp = self.sched, self.copies
         meter.group_start(g)
         x = self.x[: int(s.rows[g])]  # (n, H)
+        ticket = self.cpu.start(g, x)
         out = torch.zeros_like(x)  # (n, H)
         loads = s.loads(g)
         for c in range(s.compute_ptr[g], loads.start):
@@ -162,8 +208,11 @@ class EagerIssue:
                 self._compute_loaded(out, x, g, pending.pop(0), meter)  # before its buffer is overwritten
             cp.copy(c, meter, first=c == loads.start)
             pending.append(c)
+        if self.prefetch is not None:  # the prefetches started during g queue behind its demand copies
+            self.prefetch.issue(g, cp.prev_done)
         for c in pending:
             self._compute_loaded(out, x, g, c, meter)
+        self.cpu.finish(ticket, out)
         meter.group_done(g)
         if cp.cuda:
             cp.prev_done = meter.g_done[g]
@@ -172,6 +221,8 @@ class EagerIssue:
     def _compute(self, out, x, c):
         s = self.sched
         r = s.routes(c)
+        if self.prefetch is not None:
+            self.prefetch.wait(c)  # a prefetch delivered it: the compute stream waits for the copy
         w = self.store.weights(self.weights[int(s.buffer[c])])  # (W,)
         apply_expert(out, x, self.tok[r], self.gate[r], w, self.hidden, self.ffn)
 
@@ -202,9 +253,12 @@ class _Call(NamedTuple):
 class FastIssue:
     """A constant number of host calls per group (see the module docstring)."""
 
-    def __init__(self, sched: Schedule, weights: torch.Tensor, host, store, x: torch.Tensor, device):
+    def __init__(self, sched: Schedule, weights: torch.Tensor, host, store, x: torch.Tensor, device,
+                 executor=None):
+        _check_cpu(sched, executor)
         self.sched, self.store, self.x, self.weights = sched, store, x, weights
         self.copies = _Copies(sched, weights, host, device)
+        self.cpu = _CpuSide(sched, host, executor, x, device)
         p = store.preset
         self.hidden, self.ffn, self.k = p.hidden, p.ffn, sched.top_k
         self.quantised = store.expert_dtype is not None
@@ -234,6 +288,7 @@ class FastIssue:
         meter.group_start(g)
         x = self.rows[g]  # (n, H)
         n = x.shape[0]
+        ticket = self.cpu.start(g, x)
         xs = x.index_select(0, self.tok[g])  # (R, H) the group's rows, hits then loads
         acc = torch.zeros((n * self.k, self.hidden), dtype=torch.float32, device=x.device)  # (n k, H)
         loads = s.loads(g)
@@ -244,6 +299,7 @@ class FastIssue:
             cp.wait(g, loads.stop - 1, meter)  # copies land in order: the last one covers all
         self._call(acc, xs, self.calls[2 * g + 1])  # the loaded experts
         out = acc.view(n, self.k, self.hidden).sum(1).to(x.dtype)  # (n, H)
+        self.cpu.finish(ticket, out)
         meter.group_done(g)
         if cp.cuda:
             cp.prev_done = meter.g_done[g]

@@ -338,31 +338,49 @@ class _Copies:
 
 
 def host_ffn_seconds(preset: Preset, dtype, tokens=CPU_TOKENS, copies: "_Copies | None" = None,
-                     min_seconds=0.05, max_calls=20):
+                     min_seconds=0.05, max_calls=400, min_calls=5):
     """Host seconds of one expert's SwiGLU FFN by token count, at torch's current thread count:
-    four distinct experts in rotation (so no expert stays in the CPU caches), an untimed call
-    first, then calls until ``min_seconds`` or ``max_calls``; mean per call. With ``copies``,
-    expert copies run on a background thread meanwhile."""
+    distinct experts in rotation, together at least 1 GiB (:func:`rotation`: no expert stays in
+    the CPU caches between its calls, as in a replay's expert store), two untimed calls
+    first, then timed calls until ``min_seconds`` have passed and at least ``min_calls`` ran
+    (at most ``max_calls``); the median call. With ``copies``, expert copies run on a
+    background thread meanwhile. (A mean of at most 20 calls let one slow call -- a thread
+    pool waking, a page fault -- set a small expert's figure: 3.0 ms for a 0.7 ms FFN.)"""
     from simcache.replay.experts import ffn
 
     gen = torch.Generator().manual_seed(0)
+    n = rotation(preset.expert_elements() * torch.tensor([], dtype=dtype).element_size())
     experts = [(torch.randn(preset.expert_elements(), generator=gen) * preset.hidden ** -0.5).to(dtype)
-               for _ in range(4)]
+               for _ in range(n)]
     out = []
     ctx = copies if copies is not None else _Null()
     with ctx:
         for t in tokens:
             x = torch.randn((t, preset.hidden), generator=gen).to(dtype)  # (T, H)
-            ffn(x, experts[0], preset.hidden, preset.ffn)
-            calls, t0 = 0, time.perf_counter()
+            for e in (1, 2):
+                ffn(x, experts[e], preset.hidden, preset.ffn)
+            times, t0 = [], time.perf_counter()
             while True:
-                ffn(x, experts[calls % 4], preset.hidden, preset.ffn)
-                calls += 1
-                elapsed = time.perf_counter() - t0
-                if elapsed >= min_seconds or calls >= max_calls:
+                c0 = time.perf_counter()
+                ffn(x, experts[len(times) % n], preset.hidden, preset.ffn)
+                times.append(time.perf_counter() - c0)
+                if len(times) >= max_calls or (len(times) >= min_calls and c0 - t0 >= min_seconds):
                     break
-            out.append(elapsed / calls)
+            out.append(float(np.median(times)))
     return out
+
+
+def rotation(expert_bytes: int, floor: int = 4, ceiling: int = 64, total: int = 1 << 30) -> int:
+    """Experts the host probe rotates through: enough that together they exceed the CPU caches
+    (``total`` bytes), at least ``floor``, at most ``ceiling``. Four 16.5 MiB DeepSeek-V2-Lite
+    experts (66 MiB) can sit in a server's last-level cache; with four, the probe's FFN ran 1.6x
+    faster than the same FFN on the replay's 8 GiB expert store (docs/hybrid.md, run 4), the
+    cache the likely cause.
+
+    >>> rotation(352 * 2**20), rotation(int(16.5 * 2**20)), rotation(1000)
+    (4, 63, 64)
+    """
+    return int(min(ceiling, max(floor, -(-total // max(int(expert_bytes), 1)))))
 
 
 class _Null:
@@ -432,7 +450,7 @@ def host_threads(spec: str) -> list[int]:
 
 
 def probe_host(dev, preset: Preset, dtype, threads: str = "8,12,all", tokens=CPU_TOKENS,
-               min_seconds=0.05) -> dict:
+               min_seconds=0.1) -> dict:
     """The host CPU's part of a calibration (the ``cpu_*`` and ``act_*`` fields of
     :class:`simcache.Calibration`): for each thread count, the expert FFN by token count alone
     and while expert copies run, and the copies' slowdown; the thread count that serves misses

@@ -1,10 +1,16 @@
 """What to run: the simulator's decisions as a schedule of (step, layer) groups.
 
 Built once, before anything is timed, from the decision log (hit / fill into slot s / bypass
-per access). Every group is a run of *computes* (one per demanded expert: hits first in
-access order, then loaded experts in load order) and each loaded compute is preceded by one
-*load* (one copy of one host row into one GPU buffer). GPU buffers are numbered in one weights
-tensor: slots first (``pool * capacity + slot``), then the bypass ring (``n_slots + r``).
+per access). Every group is a run of *computes* (one per demanded expert: hits and experts
+served from a prefetch buffer first, in access order, then loaded experts in load order) and
+each loaded compute is preceded by one *load* (one copy of one host row into one GPU buffer).
+GPU buffers are numbered in one weights tensor: slots first (``pool * capacity + slot``), then
+the bypass ring (``n_slots + r``), then the prefetch buffers (``n_slots + ring + b``,
+:mod:`simcache.replay.prefetch`).
+
+With hybrid execution (``--miss cpu|auto``, docs/design.md §11) a group's misses the simulator
+sent to the host CPU (outcome 4) are its last computes: they have no load and no GPU buffer
+(``buffer`` -1); the host executor (:mod:`simcache.replay.cpu`) runs them.
 
 All arrays are flat numpy columns, cut into groups and computes by ``*_ptr`` offsets (CSR), so
 the issue paths (:mod:`simcache.replay.issue`) only read them.
@@ -17,7 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from simcache.errors import SimcacheError
-from simcache.simulator import HIT, FILL
+from simcache.simulator import CPU, FILL, HIT, PREFETCHED
 
 
 @dataclass(frozen=True)
@@ -33,11 +39,14 @@ class Schedule:
     compute_ptr : (G + 1,) int64
         Computes of group g: ``compute_ptr[g]:compute_ptr[g + 1]``.
     hits : (G,) int64
-        How many of the group's computes (its first ones) are hits; the rest are loads.
+        How many of the group's computes (its first ones) are hits; then come the loads.
+    cpu : (G,) int64
+        How many of the group's computes (its last ones) run on the host CPU (no load).
     access : (C,) int64
         Index of the compute's access in the decision log.
     buffer : (C,) int64
-        Row of the GPU weights tensor the compute reads (and, for a load, writes).
+        Row of the GPU weights tensor the compute reads (and, for a load, writes); -1 for a
+        CPU compute.
     store_row : (C,) int64
         Row of the host expert store holding the expert.
     route_ptr : (C + 1,) int64
@@ -58,6 +67,7 @@ class Schedule:
     rows: np.ndarray
     compute_ptr: np.ndarray
     hits: np.ndarray
+    cpu: np.ndarray
     access: np.ndarray
     buffer: np.ndarray
     store_row: np.ndarray
@@ -82,13 +92,17 @@ class Schedule:
 
     def loads(self, g: int) -> range:
         """Computes of group g that are loads, in load order."""
-        return range(int(self.compute_ptr[g] + self.hits[g]), int(self.compute_ptr[g + 1]))
+        return range(int(self.compute_ptr[g] + self.hits[g]), int(self.compute_ptr[g + 1] - self.cpu[g]))
+
+    def cpu_computes(self, g: int) -> range:
+        """Computes of group g that run on the host CPU."""
+        return range(int(self.compute_ptr[g + 1] - self.cpu[g]), int(self.compute_ptr[g + 1]))
 
     def is_load(self) -> np.ndarray:
         """(C,) bool: the compute follows a load."""
         c = np.arange(self.access.shape[0])
         g = np.searchsorted(self.compute_ptr, c, side="right") - 1
-        return c >= self.compute_ptr[g] + self.hits[g]
+        return (c >= self.compute_ptr[g] + self.hits[g]) & (c < self.compute_ptr[g + 1] - self.cpu[g])
 
     def ring_of(self, c: int) -> int:
         """Bypass buffer of compute c, -1 for a slot."""
@@ -99,10 +113,11 @@ class Schedule:
         return slice(int(self.route_ptr[c]), int(self.route_ptr[c + 1]))
 
     def resident(self) -> Schedule:
-        """The same computes with every expert resident: buffer = store row, no loads (the
-        reference of ``--verify``; its weights tensor is the whole store)."""
-        return replace(self, hits=np.diff(self.compute_ptr), buffer=self.store_row.copy(),
-                       n_slots=0, ring=0)
+        """The same computes with every expert resident on the GPU: buffer = store row, no
+        loads, no CPU computes (the reference of ``--verify``; its weights tensor is the whole
+        store)."""
+        return replace(self, hits=np.diff(self.compute_ptr), cpu=np.zeros_like(self.cpu),
+                       buffer=self.store_row.copy(), n_slots=0, ring=0)
 
     def window(self, g: int, first: int, last: int) -> tuple[int, int]:
         """Lowest and one past the highest buffer of computes first..last-1 of group g."""
@@ -111,16 +126,18 @@ class Schedule:
 
 
 def build_schedule(work, decisions, groups, key_row, *, num_experts: int, capacity: int, scope: str,
-                   n_slots: int, ring: int, experts: np.ndarray, weights: np.ndarray) -> Schedule:
+                   n_slots: int, ring: int, experts: np.ndarray, weights: np.ndarray,
+                   late: np.ndarray | None = None) -> Schedule:
     """The schedule of ``groups`` ((step, layer, lo, hi) in issue order, lo:hi their accesses).
 
     ``experts`` (tokens, L, k) and ``weights`` (tokens, L, k) are the trace's routing;
     ``key_row`` maps an expert key to its host store row. Bypass buffers are handed out in
-    rotation over the whole run.
+    rotation over the whole run. ``late`` (accesses,) bool: hits computed after the group's
+    other hits (a prefetch delivered them, :func:`simcache.replay.prefetch.delivered_accesses`).
     """
     d, steps = work.demand, work.steps
     k = experts.shape[2]
-    step, layer, rows, hits = [], [], [], []
+    step, layer, rows, hits, cpu = [], [], [], [], []
     compute_ptr = [0]
     access, buffer, store_row = [], [], []
     route_ptr = [0]
@@ -130,13 +147,23 @@ def build_schedule(work, decisions, groups, key_row, *, num_experts: int, capaci
         toks = steps.step_tokens[steps.step_ptr[s]: steps.step_ptr[s + 1]]
         ex = experts[toks, l, :]  # (n, k)
         pool_base = l * capacity if scope == "layer" else 0
-        order = [i for i in range(lo, hi) if decisions.outcome[i] == HIT]
+        out = decisions.outcome[lo:hi]
+        # no copy first: hits, and accesses served from a prefetch buffer (rows after the ring)
+        served = (out == HIT) | (out == PREFETCHED)
+        after = late[lo:hi] if late is not None else np.zeros(hi - lo, np.bool_)
+        order = [lo + i for i in np.flatnonzero(served & ~after)] + [lo + i for i in np.flatnonzero(served & after)]
         n_hits = len(order)
-        order += [i for i in range(lo, hi) if decisions.outcome[i] != HIT]
+        order += [lo + i for i in np.flatnonzero((out != HIT) & (out != PREFETCHED) & (out != CPU))]
+        on_cpu = [lo + i for i in np.flatnonzero(out == CPU)]
+        order += on_cpu
         for i in order:
             outcome = decisions.outcome[i]
             if outcome == HIT or outcome == FILL:
                 buf = pool_base + int(decisions.slot[i])
+            elif outcome == PREFETCHED:
+                buf = n_slots + ring + int(decisions.slot[i])
+            elif outcome == CPU:
+                buf = -1
             else:
                 buf = n_slots + ring_next
                 ring_next = (ring_next + 1) % ring
@@ -153,12 +180,13 @@ def build_schedule(work, decisions, groups, key_row, *, num_experts: int, capaci
         layer.append(l)
         rows.append(toks.size)
         hits.append(n_hits)
+        cpu.append(len(on_cpu))
         compute_ptr.append(len(access))
     cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))
     i64 = np.int64
     return Schedule(
         step=np.array(step, i64), layer=np.array(layer, i64), rows=np.array(rows, i64),
-        compute_ptr=np.array(compute_ptr, i64), hits=np.array(hits, i64), access=np.array(access, i64),
+        compute_ptr=np.array(compute_ptr, i64), hits=np.array(hits, i64), cpu=np.array(cpu, i64), access=np.array(access, i64),
         buffer=np.array(buffer, i64), store_row=np.array(store_row, i64), route_ptr=np.array(route_ptr, i64),
         route_token=cat(r_tok, i64), route_dest=cat(r_dest, i64), route_weight=cat(r_w, np.float32),
         top_k=int(k), n_slots=int(n_slots), ring=int(ring))
@@ -242,7 +270,7 @@ def most_bypasses(decisions, groups) -> int:
     most = 0
     for _, _, lo, hi in groups:
         out = decisions.outcome[lo:hi]
-        most = max(most, int(((out != HIT) & (out != FILL)).sum()))
+        most = max(most, int(((out != HIT) & (out != FILL) & (out != CPU)).sum()))
     return most
 
 
