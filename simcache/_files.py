@@ -10,6 +10,12 @@ The command line *reserves* every output before any work (:func:`reserve`): the 
 links included) and the temporary is created then, which also proves the folder writable. The
 writers (:func:`atomic_output`) then fill the reserved temporary; :func:`release` drops
 whatever was not committed.
+
+Once the command line has seen Ctrl-C or SIGTERM (:func:`note_interrupt`) no output is
+committed any more: a library that caught the ``KeyboardInterrupt`` the signal raised (some
+compiled code does) cannot make an interrupted run leave a file. The one exception is an
+output that records progress (``checkpoint=True``: a sweep's finished cells), written
+complete precisely because the run was cut short.
 """
 
 from __future__ import annotations
@@ -25,6 +31,17 @@ from pathlib import Path
 from simcache.errors import SimcacheError
 
 _RESERVED: dict[Path, "Output"] = {}
+_TARGETS: set[Path] = set()  # every target this process made a temporary for (see release)
+_INTERRUPTED = [False]
+
+
+def note_interrupt():
+    """Record that the run was interrupted: every later :meth:`Output.commit` refuses."""
+    _INTERRUPTED[0] = True
+
+
+def interrupted() -> bool:
+    return _INTERRUPTED[0]
 
 
 def check_input(path, what: str = "file") -> Path:
@@ -109,6 +126,7 @@ class Output:
         self.path = check_output(path, overwrite, inputs, suffixes, what)
         self.overwrite = overwrite
         clean_stale(self.path)
+        _TARGETS.add(_key(self.path))  # before the temporary exists: an interrupt may come between
         try:  # mkstemp opens with O_CREAT | O_EXCL
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.{os.getpid()}.", suffix=".tmp",
                                        dir=self.path.parent)
@@ -117,10 +135,13 @@ class Output:
         os.close(fd)
         self.tmp = Path(tmp)
 
-    def commit(self) -> Path:
+    def commit(self, checkpoint: bool = False) -> Path:
         """Move the temporary into place, with the permissions a plain open() would give.
         Without ``overwrite``, a target that appeared meanwhile (another run) is kept and
-        this one refused."""
+        this one refused. After an interrupt only a ``checkpoint`` is committed."""
+        if _INTERRUPTED[0] and not checkpoint:
+            self.discard()
+            raise KeyboardInterrupt
         mask = os.umask(0)
         os.umask(mask)
         try:
@@ -175,10 +196,17 @@ def reserve(path, *, overwrite: bool = False, inputs=(), suffixes=None, what: st
 
 
 def release():
-    """Drop every reserved temporary not committed (the command failed or did not write)."""
+    """Drop every temporary of this process not committed (the command failed, was
+    interrupted or did not write): the reserved ones, and any whose creation an interrupt cut
+    before it was recorded (found by the PID in its name)."""
     for out in list(_RESERVED.values()):
         out.discard()
     _RESERVED.clear()
+    for target in _TARGETS:
+        for tmp in target.parent.glob(f".{_glob_escape(target.name)}.{os.getpid()}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    _TARGETS.clear()
 
 
 def claim(path, overwrite: bool = True, inputs=(), suffixes=None, what: str = "output") -> Output:
@@ -190,15 +218,16 @@ def claim(path, overwrite: bool = True, inputs=(), suffixes=None, what: str = "o
 
 
 @contextlib.contextmanager
-def atomic_output(path, overwrite: bool = True, inputs=(), suffixes=None):
-    """``with atomic_output(p) as tmp: write(tmp)`` -> ``p`` appears only on success."""
+def atomic_output(path, overwrite: bool = True, inputs=(), suffixes=None, checkpoint: bool = False):
+    """``with atomic_output(p) as tmp: write(tmp)`` -> ``p`` appears only on success (and,
+    unless it is a ``checkpoint`` of progress, only if the run was not interrupted)."""
     out = claim(path, overwrite, inputs, suffixes)
     try:
         yield out.tmp
     except BaseException:
         out.discard()
         raise
-    out.commit()
+    out.commit(checkpoint)
 
 
 def atomic_write_text(path, text: str, overwrite: bool = True) -> Path:

@@ -19,7 +19,7 @@ import numpy as np
 
 import simcache
 from simcache import _checks
-from simcache._files import check_input, release, reserve
+from simcache._files import check_input, interrupted, note_interrupt, release, reserve
 from simcache.analysis import MAX_NULL_SAMPLES
 from simcache.errors import SimcacheError
 from simcache.trace import INT16_MAX
@@ -40,7 +40,10 @@ def friendly(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            if interrupted():  # a library swallowed the KeyboardInterrupt: still an interruption
+                raise KeyboardInterrupt
+            return result
         except SimcacheError as exc:
             raise click.ClickException(str(exc)) from None
         except BrokenPipeError:  # output piped into head and the like: stop quietly
@@ -56,18 +59,18 @@ def friendly(fn):
 
 def _interrupt(signum, frame):
     """Ctrl-C and SIGTERM alike: a KeyboardInterrupt, so every command cleans up as on Ctrl-C
-    (temporaries removed; a sweep keeps the cells that finished). Inside llvmlite's ctypes
-    callbacks (numba loading its cache) an exception is printed and ignored and the run would
-    go on, so there it is raised 50 ms later instead."""
+    (temporaries removed; a sweep keeps the cells that finished) and click ends it with
+    ``Aborted!`` and exit status 1. Inside an import it is raised 50 ms later (a module left
+    half-initialised breaks every later import of it, and pyarrow's lazy pandas import
+    swallows the interrupt), and so it is inside llvmlite's ctypes callbacks (numba loading its
+    cache); where Python can only print and drop it (a finalizer), :func:`_unraisable` raises
+    it again. From the first signal on no output is committed, wherever it ends up."""
     if _interrupt.raised:  # once: a second interrupt would cut the clean-up of the first short
         return
-    f = frame
-    while f is not None:
-        if f"{os.sep}llvmlite{os.sep}" in f.f_code.co_filename:
-            signal.signal(signal.SIGALRM, _interrupt)
-            signal.setitimer(signal.ITIMER_REAL, 0.05)
-            return
-        f = f.f_back
+    note_interrupt()
+    if _unsafe_to_raise(frame):
+        _raise_later()
+        return
     signal.setitimer(signal.ITIMER_REAL, 0)
     _interrupt.raised = True
     raise KeyboardInterrupt
@@ -76,10 +79,34 @@ def _interrupt(signum, frame):
 _interrupt.raised = False
 
 
+def _unsafe_to_raise(frame) -> bool:
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith("<frozen importlib") or f"{os.sep}llvmlite{os.sep}" in name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _raise_later():
+    signal.signal(signal.SIGALRM, _interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.05)
+
+
+def _unraisable(info):
+    """The interrupt raised where Python prints and drops exceptions: silently, once more."""
+    if info.exc_type is KeyboardInterrupt and _interrupt.raised:
+        _interrupt.raised = False
+        _raise_later()
+        return
+    sys.__unraisablehook__(info)
+
+
 def run():
     """The ``simcache`` program: :func:`main` with Ctrl-C and SIGTERM handled alike."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
+    sys.unraisablehook = _unraisable
     main()
 
 
@@ -563,8 +590,9 @@ def sweep(traces, config, out, workers, scheduler, calibration, progress, **knob
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write the curve as a PNG.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the curve (.csv/.parquet/.json).")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--force", is_flag=True, help="Replace --out and --plot if they exist.")
 @friendly
-def mrc(trace, scope, batch, prefill, plot, out, as_json):
+def mrc(trace, scope, batch, prefill, plot, out, as_json, force):
     """LRU's exact miss-ratio curve at every capacity, in one pass (stack distances; capacities
     below the largest (step, layer) group run directly). LRU only: FIFO, LFU, Belady and the
     bypassing rules are not stack algorithms."""
@@ -572,6 +600,8 @@ def mrc(trace, scope, batch, prefill, plot, out, as_json):
     from simcache.report import table, write_results
 
     path = trace or DEFAULT_TRACE
+    reserve(out, overwrite=force, inputs=[path], suffixes=RESULT_SUFFIXES, what="--out")
+    reserve(plot, overwrite=force, inputs=[path], suffixes=(".png",), what="--plot")
     t = simcache.read_trace(path)
     curve = lru_curve(t, scope=scope, batch=batch, prefill=prefill)
     frame = curve.to_frame()
@@ -604,12 +634,17 @@ def mrc(trace, scope, batch, prefill, plot, out, as_json):
 @click.argument("results", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for index.html (self-contained) and the PNGs.")
+@click.option("--force", is_flag=True, help="Replace a report already in --out.")
 @friendly
-def report(results, out):
+def report(results, out, force):
     """An HTML report of a sweep: hit ratio and ms/token against capacity and GPU memory, the
     gap LRU -> Belady -> Belady-with-bypass, and the winner per memory budget."""
-    from simcache.htmlreport import write_report
+    from simcache.htmlreport import report_files, write_report
     from simcache.sweeps import read_results
+
+    if out.is_dir():  # a folder written by write_report makes itself
+        for name in report_files():
+            reserve(out / name, overwrite=force, inputs=[results], what="report file")
 
     paths = write_report(read_results(results), out, source=_shown(results))
     for p in paths:
@@ -672,7 +707,10 @@ def capture(model_name, out, texts, new_tokens, prompts, prompts_file, max_lengt
     else:
         if prompts_file is not None:
             check_input(prompts_file, "prompts file")
-            prompt_list += [l for l in prompts_file.read_text().splitlines() if l.strip()]
+            try:
+                prompt_list += [l for l in prompts_file.read_text().splitlines() if l.strip()]
+            except UnicodeDecodeError:
+                raise SimcacheError(f"prompts file {prompts_file} is not UTF-8 text") from None
         if not prompt_list:
             raise SimcacheError("--generate needs --prompt or --prompts-file")
     inputs = [prompts_file] + [f for _, f, _ in docs or []]

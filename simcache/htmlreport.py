@@ -158,6 +158,14 @@ def winners(sub):
     return out
 
 
+# the report's figures: file name (without .png) -> (title, drawing function)
+FIGURES = {
+    "hit_ratio_vs_capacity": ("Hit ratio against capacity", fig_hit_ratio),
+    "ms_per_token_vs_memory": ("Predicted ms/token against GPU memory", fig_time_memory),
+    "gap_decomposition": ("Gap decomposition", fig_gap),
+}
+
+
 def _size(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
 
@@ -173,6 +181,11 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def report_files() -> list[str]:
+    """The files :func:`write_report` writes into its folder."""
+    return [f"{name}.png" for name in FIGURES] + ["index.html"]
+
+
 def write_report(frame, folder, source: str = "results") -> list[Path]:
     """Write ``index.html`` and the PNGs into ``folder``; returns their paths."""
     if frame is None or len(frame) == 0:
@@ -183,9 +196,7 @@ def write_report(frame, folder, source: str = "results") -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     plt = _plt()
     panels = settings(frame)
-    figures = [("hit_ratio_vs_capacity", "Hit ratio against capacity", fig_hit_ratio(plt, panels)),
-               ("ms_per_token_vs_memory", "Predicted ms/token against GPU memory", fig_time_memory(plt, panels)),
-               ("gap_decomposition", "Gap decomposition", fig_gap(plt, panels))]
+    figures = [(name, title, draw(plt, panels)) for name, (title, draw) in FIGURES.items()]
     written, body = [], []
     body.append(f"<h1>simcache sweep report</h1><p>{html.escape(source)}: {len(frame):,} cells, "
                 f"{len(panels)} setting(s) (trace x workload x scope).</p>")

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from simcache._files import atomic_output, check_output
+from simcache._files import atomic_output, check_input, check_output
 from simcache.errors import SimcacheError
 from simcache.hybrid import miss_code
 from simcache.policies import PRESETS, resolve
@@ -461,7 +461,7 @@ def _write_part(parts: Path, g: Group, rows: list[dict]):
     import pandas as pd
 
     parts.mkdir(exist_ok=True)
-    with atomic_output(parts / f"group-{g.index:06d}-{g.hash}.parquet") as tmp:
+    with atomic_output(parts / f"group-{g.index:06d}-{g.hash}.parquet", checkpoint=True) as tmp:
         pd.DataFrame.from_records(rows).to_parquet(tmp, index=False)
 
 
@@ -484,9 +484,7 @@ def read_results(path) -> "pandas.DataFrame":  # noqa: F821
     """A sweep's results file, checked to be one."""
     import pandas as pd
 
-    path = Path(path)
-    if not path.exists():
-        raise SimcacheError(f"results file not found: {path}")
+    path = check_input(path, "results file")
     try:
         frame = pd.read_parquet(path)
     except Exception as exc:
@@ -513,13 +511,14 @@ def _merge(old, rows: list[dict], wanted: list[str]):
 
 
 def _write_results(frame, out: Path):
-    """Atomically, one row group per (trace, workload) group."""
+    """Atomically, one row group per (trace, workload) group; also when interrupted (what
+    finished is kept for the next run to resume from)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pandas(frame, preserve_index=False)
     keys = ["trace_hash"] + [k for k in WORKLOAD_KNOBS if k in frame.columns]
-    with atomic_output(out) as tmp:
+    with atomic_output(out, checkpoint=True) as tmp:
         with pq.ParquetWriter(tmp, table.schema) as writer:
             if len(frame) == 0:
                 writer.write_table(table)
@@ -554,13 +553,13 @@ def load_config(path) -> dict:
         except ImportError:
             raise SimcacheError("TOML configs need Python >= 3.11 or the tomli package") from None
 
-    path = Path(path)
-    if not path.exists():
-        raise SimcacheError(f"config file not found: {path}")
+    path = check_input(path, "config file")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise SimcacheError(f"{path} is not valid TOML ({exc})") from None
+    except UnicodeDecodeError:
+        raise SimcacheError(f"{path} is not valid TOML (not UTF-8 text)") from None
     unknown = sorted(set(data) - set(KNOB) - set(SETTINGS))
     if unknown:
         raise SimcacheError(f"unknown parameter '{unknown[0]}' in {path} (known: {', '.join(list(KNOB) + list(SETTINGS))})")
