@@ -133,6 +133,13 @@ def curve_bench(accesses, spread, layers=4):
             "stack_only_speedup": float(np.mean(runs)) * stack_caps / max(one_pass - float(np.mean(runs)) * (curve.smallest_stack - 1), 1e-9)}
 
 
+def _warm(trace_path, policies, scopes):
+    trace = simcache.read_trace(trace_path)
+    for p in policies:
+        for sc in scopes:
+            simcache.simulate(trace, p, 2, scope=sc)
+
+
 def sweep_bench(trace_path, cells_target):
     """1,000 cells: batch 1..20 (20 groups) x 5 policies (none of them LRU, which the one-pass
     curve would make nearly free) x capacities 1..5 x 2 scopes."""
@@ -155,6 +162,9 @@ def sweep_bench(trace_path, cells_target):
         try:
             with Client(cluster) as client:
                 client.run(lambda: __import__("simcache").simulate)  # import on every worker
+                # untimed: one cell per policy and scope on every worker first, so that no
+                # worker's first numba compile (or cache load) lands in the timed sweep
+                client.run(_warm, trace_path, grid["policy"].split(","), grid["scope"].split(","))
                 t0 = time.perf_counter()
                 frame = simcache.sweep([trace_path], scheduler=cluster.scheduler_address, **grid)
                 wall = time.perf_counter() - t0
