@@ -179,8 +179,9 @@ def heap_max_unpinned(S, pool, stamp):
 
 
 @jit
-def scan_min_unpinned(S, pool, stamp, primary):
-    """The unpinned slot with the smallest ``primary[key]``, ties by least recent access."""
+def scan_min_unpinned(S, pool, stamp, primary, keyed=False):
+    """The unpinned slot with the smallest ``primary`` value, ties by least recent access;
+    ``primary`` is indexed by slot, or with ``keyed`` by the slot's key."""
     best = -1
     for slot in range(S.base[pool], S.base[pool] + S.used[pool]):
         if S.pin[slot] == stamp:
@@ -188,8 +189,8 @@ def scan_min_unpinned(S, pool, stamp, primary):
         if best < 0:
             best = slot
             continue
-        a = primary[slot]
-        c = primary[best]
+        a = primary[S.slot_key[slot]] if keyed else primary[slot]
+        c = primary[S.slot_key[best]] if keyed else primary[best]
         if a < c:
             best = slot
         elif a == c:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from simcache.errors import SimcacheError
-from simcache.simulator import CPU, FILL, HIT, PREFETCHED
+from simcache.simulator import BYPASS, CPU, FILL, FORCED_BYPASS, HIT, PREFETCHED
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,7 @@ def most_bypasses(decisions, groups) -> int:
     most = 0
     for _, _, lo, hi in groups:
         out = decisions.outcome[lo:hi]
-        most = max(most, int(((out != HIT) & (out != FILL) & (out != CPU)).sum()))
+        most = max(most, int(np.isin(out, (BYPASS, FORCED_BYPASS)).sum()))
     return most
 
 

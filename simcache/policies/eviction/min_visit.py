@@ -12,7 +12,7 @@ every access since the start of the run, which is that count at batch 1 summed o
 import numpy as np
 
 from simcache._jit import kernel as jit
-from simcache.policies._order import RECENCY_STATE, noop_evict, note_access
+from simcache.policies._order import RECENCY_STATE, noop_evict, note_access, scan_min_unpinned
 from simcache.policies.registry import Eviction, Field
 
 
@@ -24,18 +24,7 @@ def on_access(S, M, slot, i, fill):
 
 @jit
 def victim(S, M, pool, i, stamp):
-    best = -1
-    for slot in range(S.base[pool], S.base[pool] + S.used[pool]):
-        if S.pin[slot] == stamp:
-            continue
-        if best < 0:
-            best = slot
-            continue
-        a = S.visits[S.slot_key[slot]]
-        c = S.visits[S.slot_key[best]]
-        if a < c or (a == c and S.last[slot] < S.last[best]):
-            best = slot
-    return best
+    return scan_min_unpinned(S, pool, stamp, S.visits, True)
 
 
 POLICY = Eviction(

@@ -11,17 +11,8 @@ never from the scored requests (:func:`simcache.demand_counts`).
 import numpy as np
 
 from simcache._jit import kernel as jit
+from simcache.policies._order import noop_access, noop_evict
 from simcache.policies.registry import Eviction
-
-
-@jit
-def on_access(S, M, slot, i, fill):
-    pass
-
-
-@jit
-def on_evict(S, M, slot, i):
-    pass
 
 
 @jit
@@ -49,7 +40,7 @@ def place(S, demand, per_layer):
 
 
 POLICY = Eviction(
-    "static", victim=victim, on_access=on_access, on_evict=on_evict, place=place,
+    "static", victim=victim, on_access=noop_access, on_evict=noop_evict, place=place,
     summary="none: the C most-demanded experts of training data stay resident (static placement)",
     notes="llama.cpp `-ot` / `--n-cpu-moe`; Fiddler (Kamahori et al., 2024) keeps its "
           "popular experts on the GPU",
