@@ -1154,8 +1154,10 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
                       "predicted ms/tok", "error", "copy GB/s", "stall ms measured / predicted", "GPU idle ms",
                       "host us/group first/mean", "outputs"], rows))
     if hybrid:
-        click.echo("cpu ms/expert: the median CPU expert's round trip + host FFN, measured, and the calibration's "
-                   "price for it (its busy rate where the group also copies); outputs 'close': within "
+        click.echo("cpu ms/expert: the median CPU expert's share of its group's CPU path (its host FFN and result "
+                   "upload; the first also the group's copy down, the last the final wait), measured, and the "
+                   "calibration's price for it (its busy rate where the group also copies; each group's hand-off "
+                   "is priced apart); outputs 'close': within "
                    "||out - ref|| / ||ref|| <= 1e-2 against the all-resident GPU run (the host's GEMMs round differently)")
     click.echo("host us/group: the median of the first 4 groups (the host's own issue cost) and the mean "
                "(which includes time blocked behind a full launch queue); GPU idle: waiting for the host")

@@ -200,7 +200,8 @@ class Calibration:
             raise SimcacheError(f"{where}: cpu_copy_slowdown factors must be positive")
         if self.cpu_expert_bytes <= 0 or self.cpu_call_s < 0:
             raise SimcacheError(f"{where}: cpu_expert_bytes must be positive and cpu_call_s non-negative")
-        if not (math.isfinite(self.cpu_group_s) and self.cpu_group_s >= 0):
+        if not (isinstance(self.cpu_group_s, (int, float)) and not isinstance(self.cpu_group_s, bool)
+                and math.isfinite(self.cpu_group_s) and self.cpu_group_s >= 0):
             raise SimcacheError(f"{where}: cpu_group_s must be a non-negative number of seconds, "
                                 f"got {self.cpu_group_s!r}")
         if self.act_latency_s < 0 or self.act_gbps < 0 or self.act_token_bytes < 0:

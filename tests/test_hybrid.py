@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -144,6 +145,13 @@ def test_rtx4090_reference_reproduces_the_published_figures():
 def test_calibration_round_trips_through_json(tmp_path):
     path = rtx4090_calibration().save(tmp_path / "c.json")
     assert load_calibration(path) == rtx4090_calibration()
+    with_handoff = dataclasses.replace(rtx4090_calibration(), cpu_group_s=1.25e-3)
+    assert load_calibration(with_handoff.save(tmp_path / "h.json")).cpu_group_s == 1.25e-3
+    # a calibration written before the hand-off was measured reads as 0
+    data = json.loads(rtx4090_calibration().to_json())
+    del data["cpu_group_s"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert load_calibration(tmp_path / "old.json").cpu_group_s == 0.0
 
 
 @pytest.mark.parametrize("change, message", [
@@ -154,6 +162,8 @@ def test_calibration_round_trips_through_json(tmp_path):
     ({"cpu_copy_slowdown": [0.0]}, "slowdown factors must be positive"),
     ({"act_latency_s": -1.0}, "must be non-negative"),
     ({"cpu_group_s": -1e-4}, "cpu_group_s must be a non-negative number"),
+    ({"cpu_group_s": None}, "cpu_group_s must be a non-negative number"),
+    ({"cpu_group_s": "1ms"}, "cpu_group_s must be a non-negative number"),
 ])
 def test_bad_cpu_tables_are_one_line_errors(tmp_path, change, message):
     data = json.loads(rtx4090_calibration().to_json())
@@ -308,6 +318,25 @@ def test_auto_needs_expert_bytes():
         simcache.simulate(t, "lru", 2, miss="auto")
     r = simcache.simulate(t, "lru", 2, miss="cpu")  # who serves a miss needs no price
     assert r.cpu_experts == r.accesses and r.time_s is None
+
+
+def test_the_hand_off_is_paid_once_per_group_with_a_cpu_expert():
+    """--miss cpu sends the same misses to the CPU whatever the hand-off, so its cpu_s grows by
+    the hand-off times the groups that computed on the CPU, and by nothing else."""
+    t = random_trace(3, prompt=2)
+    base = _cheap_cpu(default_calibration())
+    h = 0.37 * base.copy_seconds(1 << 20)
+    runs = [simcache.simulate(t, "lru", 2, batch=3, miss="cpu", record=True,
+                              calibration=dataclasses.replace(base, cpu_group_s=x)) for x in (0.0, h)]
+    np.testing.assert_array_equal(runs[0].decisions.outcome, runs[1].decisions.outcome)
+    work = simcache.Workload(t, 3)
+    cpu = runs[0].decisions.outcome == 4
+    gp = work.demand.group_ptr
+    groups = np.array([cpu[gp[g]:gp[g + 1]].any() for g in range(gp.size - 1)])
+    assert groups.sum() > 0
+    assert runs[1].cpu_s - runs[0].cpu_s == pytest.approx(h * groups.sum(), rel=1e-9)
+    with_ = runs[1].decisions.group_time - runs[0].decisions.group_time
+    assert (with_[~groups] == 0).all() and (with_[groups] > 0).all()
 
 
 def test_load_is_todays_model_and_auto_never_loses_a_group():

@@ -115,6 +115,41 @@ def test_reader_names_the_problem(tmp_path, mutate, message):
         simcache.read_trace(tmp_path / "bad.parquet")
 
 
+def test_reader_gives_arrows_memory_pool_back_on_success_and_error(tmp_path):
+    """read_trace reads through the system allocator, then restores the caller's default pool."""
+    before = pa.default_memory_pool().backend_name
+    simcache.write_trace(small(), tmp_path / "ok.parquet")
+    simcache.read_trace(tmp_path / "ok.parquet")
+    assert pa.default_memory_pool().backend_name == before
+    (tmp_path / "x.parquet").write_text("hello")
+    with pytest.raises(SimcacheError):
+        simcache.read_trace(tmp_path / "x.parquet")
+    assert pa.default_memory_pool().backend_name == before
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7])
+def test_row_order_check_compares_every_adjacent_pair_across_chunks(chunk):
+    """The chunked order check agrees with a whole-array reference for every single swap of
+    adjacent rows, wherever the swap falls against the chunk edges."""
+    from simcache.trace import _in_order
+
+    n = 3 * chunk + 2
+    r = np.repeat(np.arange(n // 2 + 1), 2)[:n]
+    p = np.arange(n) % 2
+    l = np.zeros(n, np.int16)
+
+    def reference(r, p, l):
+        key = list(zip(r.tolist(), p.tolist(), l.tolist()))
+        return all(a <= b for a, b in zip(key, key[1:]))
+
+    assert _in_order(r, p, l, chunk) and reference(r, p, l)
+    for i in range(n - 1):
+        order = np.arange(n)
+        order[[i, i + 1]] = order[[i + 1, i]]
+        args = (r[order], p[order], l[order])
+        assert _in_order(*args, chunk) == reference(*args) is False, i
+
+
 def test_reader_refuses_missing_and_non_parquet_files(tmp_path):
     with pytest.raises(SimcacheError, match="not found"):
         simcache.read_trace(tmp_path / "nope.parquet")

@@ -500,6 +500,16 @@ def host_handoff_seconds(dev, hidden: int, dtype, threads: int, min_seconds=0.2,
     return max(float(np.median(left[2:])), 0.0)  # (two untimed)
 
 
+def _median_of_passes(times) -> list[list[float]]:
+    """[thread count][token count][pass] -> lists of calls; the median of each pass's median
+    (each pass runs for a fixed time, so pooling the calls would weigh a fast pass more).
+
+    >>> _median_of_passes([[[[1.0, 1.0, 1.0], [5.0], [2.0, 9.0, 2.0]]]])
+    [[2.0]]
+    """
+    return [[float(np.median([np.median(p) for p in cell])) for cell in row] for row in times]
+
+
 def probe_host(dev, preset: Preset, dtype, threads: str = "8,12,all", tokens=CPU_TOKENS,
                min_seconds=0.05, rounds: int = 3) -> dict:
     """The host CPU's part of a calibration (the ``cpu_*`` and ``act_*`` fields of
@@ -521,7 +531,7 @@ def probe_host(dev, preset: Preset, dtype, threads: str = "8,12,all", tokens=CPU
     experts = host_experts(preset, dtype, pin=dev.type == "cuda")
     copy_alone = float(np.median([copies.one() for _ in range(12)][3:]))  # 3 untimed
     k = len(tokens)
-    alone_t = [[[] for _ in range(k)] for _ in threads]
+    alone_t = [[[] for _ in range(k)] for _ in threads]  # [thread count][token count]: each pass's calls
     busy_t = [[[] for _ in range(k)] for _ in threads]
     copy_t = [[] for _ in threads]
     try:
@@ -530,14 +540,14 @@ def probe_host(dev, preset: Preset, dtype, threads: str = "8,12,all", tokens=CPU
                 set_host_threads(n)
                 for row, times in zip(alone_t[i], host_ffn_seconds(preset, dtype, tokens, min_seconds=min_seconds,
                                                                    experts=experts, raw=True)):
-                    row.extend(times)
+                    row.append(times)
                 for row, times in zip(busy_t[i], host_ffn_seconds(preset, dtype, tokens, copies=copies,
                                                                   min_seconds=min_seconds, experts=experts, raw=True)):
-                    row.extend(times)
-                copy_t[i].extend(copies.times)
-        alone = [[float(np.median(c)) for c in row] for row in alone_t]
-        busy = [[float(np.median(c)) for c in row] for row in busy_t]
-        slow = [float(np.median(c)) / copy_alone if c else 1.0 for c in copy_t]
+                    row.append(times)
+                copy_t[i].append(copies.times)
+        alone, busy = _median_of_passes(alone_t), _median_of_passes(busy_t)
+        slow = [float(np.median([np.median(c) for c in passes if c])) / copy_alone
+                if any(passes) else 1.0 for passes in copy_t]
         choice = choose_threads(threads, [row[0] for row in busy], slow, copy_alone)
         handoff = host_handoff_seconds(dev, preset.hidden, dtype, choice)
     finally:
@@ -552,6 +562,6 @@ def probe_host(dev, preset: Preset, dtype, threads: str = "8,12,all", tokens=CPU
         act_token_bytes=token_bytes, act_latency_s=latency, act_gbps=gbps,
         extra={"host_copy_alone_s": copy_alone, "roundtrip_tokens": list(ROUNDTRIP_TOKENS),
                "roundtrip_seconds": rt, "cpu_rounds": rounds,
-               "cpu_seconds_spread": [[[float(np.percentile(c, 10)), float(np.percentile(c, 90))] for c in row]
+               "cpu_seconds_spread": [[[float(np.percentile(np.concatenate(c), q)) for q in (10, 90)] for c in row]
                                       for row in alone_t]},
     )
