@@ -115,18 +115,6 @@ def test_reader_names_the_problem(tmp_path, mutate, message):
         simcache.read_trace(tmp_path / "bad.parquet")
 
 
-def test_reader_gives_arrows_memory_pool_back_on_success_and_error(tmp_path):
-    """read_trace reads through the system allocator, then restores the caller's default pool."""
-    before = pa.default_memory_pool().backend_name
-    simcache.write_trace(small(), tmp_path / "ok.parquet")
-    simcache.read_trace(tmp_path / "ok.parquet")
-    assert pa.default_memory_pool().backend_name == before
-    (tmp_path / "x.parquet").write_text("hello")
-    with pytest.raises(SimcacheError):
-        simcache.read_trace(tmp_path / "x.parquet")
-    assert pa.default_memory_pool().backend_name == before
-
-
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7])
 def test_row_order_check_compares_every_adjacent_pair_across_chunks(chunk):
     """The chunked order check agrees with a whole-array reference for every single swap of
