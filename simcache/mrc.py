@@ -268,33 +268,50 @@ def _group_times(group_ptr, tokens, dist, L, capacities, lut, t_copy, overlap, l
     """The simulator's time arithmetic at each capacity, in its order (bit-identical sums):
     per group, compute over its accesses, loads = accesses at depth >= c or cold, the last
     miss's compute; ``layer_time[c, l] += (compute, time)`` (transfer and stall follow, as in
-    :func:`simcache.simulator._derived_times`)."""
-    n_groups = group_ptr.shape[0] - 1
+    :func:`simcache.simulator._derived_times`). The capacities are the inner loop, over
+    contiguous arrays (one vector instruction serves several); compute is the same sum at
+    every capacity, so it is added once per layer."""
     n_caps = capacities.shape[0]
-    for g in range(n_groups):
+    loads = np.zeros(n_caps, np.int64)
+    last_miss = np.zeros(n_caps, np.float64)
+    time_s = np.zeros((L, n_caps), np.float64)
+    compute_s = np.zeros(L, np.float64)
+    cold = np.int64(1) << 62
+    l = -1
+    for g in range(group_ptr.shape[0] - 1):
+        l += 1
+        if l == L:
+            l = 0
         lo = group_ptr[g]
         hi = group_ptr[g + 1]
         if lo == hi:
             continue
-        l = g % L
         for j in range(n_caps):
-            c = capacities[j]
-            loads = 0
-            compute = 0.0
-            last_miss = 0.0
-            for i in range(lo, hi):
-                cost = lut[tokens[i]]
-                compute += cost
-                if dist[i] < 0 or dist[i] >= c:
-                    loads += 1
-                    last_miss = cost
-            transfer = loads * t_copy
+            loads[j] = 0
+            last_miss[j] = 0.0
+        compute = 0.0
+        for i in range(lo, hi):
+            cost = lut[tokens[i]]
+            compute += cost
+            d = np.int64(dist[i])
+            if d < 0:
+                d = cold
+            for j in range(n_caps):
+                miss = d >= capacities[j]
+                loads[j] += miss
+                last_miss[j] = cost if miss else last_miss[j]
+        compute_s[l] += compute
+        for j in range(n_caps):
+            transfer = loads[j] * t_copy
             if overlap:
-                t = max(compute, transfer + last_miss)
+                t = max(compute, transfer + last_miss[j])
             else:
                 t = compute + transfer
-            layer_time[j, l, COMPUTE_S] += compute
-            layer_time[j, l, TIME_S] += t
+            time_s[l, j] += t
+    for j in range(n_caps):
+        for l in range(L):
+            layer_time[j, l, COMPUTE_S] += compute_s[l]
+            layer_time[j, l, TIME_S] += time_s[l, j]
 
 
 @jit
