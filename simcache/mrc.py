@@ -530,7 +530,9 @@ class MissRatioCurve:
     hits: np.ndarray  # (capacities, layers)
     accesses: np.ndarray  # (layers,)
     smallest_stack: int
-    elapsed_s: float
+    elapsed_s: float  # in all, the workload build included when given a Trace
+    stack_s: float = 0.0  # the stack pass (capacities >= smallest_stack)
+    direct_s: float = 0.0  # the direct pass (capacities below)
 
     @property
     def hit_ratio(self) -> np.ndarray:
@@ -576,9 +578,11 @@ def lru_curve(trace: Trace | Workload, *, scope: str = "layer", batch: int = 1,
     hits = np.zeros((caps.size, L), np.int64)
     cum = np.cumsum(stack.histogram, axis=1)
     direct = caps < stack.smallest
+    direct_s = 0.0
     if direct.any():  # hits only: no time (no FFN or copy seconds)
-        counters, _, _ = _direct_runs(work, scope, caps[direct], np.zeros(work.max_tokens + 1), 0.0, False)
+        counters, _, direct_s = _direct_runs(work, scope, caps[direct], np.zeros(work.max_tokens + 1), 0.0, False)
         hits[direct] = counters[:, :, HITS]
     hits[~direct] = cum[:, caps[~direct] - 1].T
     accesses = stack.histogram.sum(axis=1) + stack.cold
-    return MissRatioCurve(scope, caps, hits, accesses, stack.smallest, time.perf_counter() - start)
+    return MissRatioCurve(scope, caps, hits, accesses, stack.smallest, time.perf_counter() - start,
+                          stack.elapsed_s, direct_s)
