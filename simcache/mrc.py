@@ -14,7 +14,8 @@ simulator's LRU group by group at each of them.
 
 A pool of at most 64 experts keeps its stack as bitsets (:func:`_distances_bits`): each
 expert's set of the experts used since its own last use, so a depth is a popcount and a group
-one OR over the pool; larger pools move keys to the front of an array (:func:`_distances`).
+one OR over the pool; a larger pool stamps each use and counts the stamps above a key's in a
+Fenwick tree (:func:`_distances`).
 
 FIFO, LFU, random, Belady with pinning, Markov admission and every rule that bypasses are
 not stack algorithms (their cache at c is not a subset of their cache at c + 1): they run
@@ -210,56 +211,83 @@ def _distances_bits(group_ptr, keys, L, E, per_layer, dist, hist, cold, cold_lay
 
 @jit
 def _distances(group_ptr, keys, L, E, per_layer, dist, hist, cold, cold_layers):
-    """Move-to-front stacks, one per pool: a group reads its keys' depths, then moves them
-    to the top in access order (the last accessed on top). Cost per group: the depth of its
-    deepest key. Returns the number of cold accesses."""
+    """Stack distances by timestamps: each key of a pool holds the stamp of its last use, and
+    a Fenwick tree counts the pool's live stamps, so a depth is the number of live stamps
+    above the key's (O(log) per access, whatever the depth). A group reads its depths, then
+    stamps its keys in access order (the last accessed on top). When a pool runs out of
+    stamps its live ones are renumbered in order. Returns the number of cold accesses."""
     n_pools = L if per_layer else 1
     size = E if per_layer else L * E
-    stack = np.empty((n_pools, size), np.int32)  # stack[pool, depth] = key
-    depth = np.full(L * E, -1, np.int64)
-    used = np.zeros(n_pools, np.int64)
-    mark = np.full(L * E, -1, np.int64)
+    T = 4 * size + 64
+    tree = np.zeros((n_pools, T + 1), np.int32)  # Fenwick tree over each pool's stamps (1-based)
+    owner = np.full((n_pools, T), -1, np.int32)  # key that took each stamp
+    stamp = np.full(L * E, -1, np.int64)
+    clock = np.zeros(n_pools, np.int64)
+    live = np.zeros(n_pools, np.int64)
     n_cold = 0
-    n_groups = group_ptr.shape[0] - 1
-    for g in range(n_groups):
+    l = -1
+    for g in range(group_ptr.shape[0] - 1):
+        l += 1
+        if l == L:
+            l = 0
         lo = group_ptr[g]
         hi = group_ptr[g + 1]
         if lo == hi:
             continue
-        l = g % L
         p = l if per_layer else 0
-        deepest = -1
-        new = 0
+        if clock[p] + (hi - lo) > T:  # renumber the live stamps 0..live-1, in order
+            w = 0
+            for s in range(clock[p]):
+                key = owner[p, s]
+                if key >= 0 and stamp[key] == s:
+                    owner[p, w] = key
+                    stamp[key] = w
+                    w += 1
+            for s in range(w, T):
+                owner[p, s] = -1
+            for s in range(1, T + 1):
+                tree[p, s] = 1 if s <= w else 0
+            for s in range(1, T + 1):  # linear build
+                parent = s + (s & -s)
+                if parent <= T:
+                    tree[p, parent] += tree[p, s]
+            clock[p] = w
+        n_live = live[p]
         for i in range(lo, hi):
             key = keys[i]
-            dd = depth[key]
-            dist[i] = dd
-            mark[key] = g
-            if dd < 0:
-                new += 1
+            s = stamp[key]
+            if s < 0:
+                dist[i] = -1
                 cold[l] += 1
                 cold_layers[n_cold] = l
                 n_cold += 1
             else:
+                below = 0  # live stamps <= s
+                q = s + 1
+                while q > 0:
+                    below += tree[p, q]
+                    q -= q & -q
+                dd = n_live - below
+                dist[i] = dd
                 hist[l, dd] += 1
-                if dd > deepest:
-                    deepest = dd
-        if new > 0:
-            deepest = used[p] - 1
-        # shift the keys above the deepest one down past the group, then put the group on top
-        w = deepest + new
-        for pos in range(deepest, -1, -1):
-            key = stack[p, pos]
-            if mark[key] != g:
-                stack[p, w] = key
-                depth[key] = w
-                w -= 1
-        k = hi - lo
-        for j in range(k):
-            key = keys[lo + j]
-            stack[p, k - 1 - j] = key
-            depth[key] = k - 1 - j
-        used[p] += new
+        for i in range(lo, hi):
+            key = keys[i]
+            s = stamp[key]
+            if s >= 0:
+                q = s + 1
+                while q <= T:
+                    tree[p, q] -= 1
+                    q += q & -q
+            else:
+                live[p] += 1
+            s = clock[p]
+            clock[p] = s + 1
+            stamp[key] = s
+            owner[p, s] = key
+            q = s + 1
+            while q <= T:
+                tree[p, q] += 1
+                q += q & -q
     return n_cold
 
 

@@ -16,7 +16,7 @@ from . import naive
 from .conftest import TRACES
 from .strategies import traces
 
-# small pools, and pools wider than 64 keys (several bitset words; the move-to-front stack)
+# small pools, and pools wider than 64 keys (several bitset words; the Fenwick-tree stack)
 SMALL_AND_WIDE = st.one_of(traces(max_layers=3, max_experts=7),
                            traces(max_layers=2, max_experts=80, max_k=6, max_requests=3, max_len=6))
 
@@ -106,6 +106,21 @@ def test_direct_pass_equals_separate_runs(trace, batch, prefill, scope, overlap)
         r = simcache.simulate(work, "lru", c, scope=scope, overlap=overlap)
         assert np.array_equal(layer_time[j, :, COMPUTE_S], r.per_layer["compute_s"]), c
         assert np.array_equal(layer_time[j, :, TIME_S], r.per_layer["time_s"]), c
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_stack_kernels_agree_on_a_long_trace(scope):
+    # thousands of accesses per pool: the Fenwick-tree kernel renumbers its stamps many times
+    t = simcache.synth(6, 40, num_layers=2, num_experts=9, top_k=3, seed=5)
+    work = Workload(t, 3)
+    want, _ = naive.stack_distances(t, 3, scope=scope)
+    L, E = t.num_layers, t.num_experts
+    for kernel in (_distances, _distances_bits):
+        dist, cold = np.empty(len(want), np.int32), np.zeros(L, np.int64)
+        hist = np.zeros((L, E if scope == "layer" else L * E), np.int64)
+        kernel(work.demand.group_ptr, work.demand.keys, L, E, scope == "layer", dist, hist, cold,
+               np.empty(L * E, np.int16))
+        assert dist.tolist() == want, kernel
 
 
 def test_stack_distance_example():
