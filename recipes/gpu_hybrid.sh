@@ -8,6 +8,7 @@
 # requests (--split 0.5), never from the scored ones. Results as JSON under $OUT.
 #   OUT=/tmp/out bash recipes/gpu_hybrid.sh              # everything, ~8 minutes on one H200
 #   PARTS=mixtral OUT=/tmp/out bash recipes/gpu_hybrid.sh  # probe + Mixtral grid + headline, ~6 minutes
+#   PARTS=grid OUT=/tmp/out bash recipes/gpu_hybrid.sh     # probe + Mixtral grid, ~4 minutes
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:?set OUT}
@@ -21,6 +22,7 @@ date -u +%T
 $S replay $M --policy lru,static --miss load,cpu,auto --capacity 2,4 --batch 1,16 --split 0.5 --steps 30 \
   --out "$OUT/hybrid-replay-mixtral-8x7b.json" | cut -c1-200
 date -u +%T
+[ "$PARTS" = grid ] && exit 0
 # the headline: 2 of 8 experts per layer, batch 1 -- the best copy-only schedule (belady-bypass
 # included) against the best hybrid one
 $S replay $M --policy belady-bypass,lru,static --miss load,cpu,auto,auto-cputime --capacity 2 --batch 1 \

@@ -3,12 +3,21 @@ recipes bring back (``simcache replay --out X.json``).
 
     python recipes/gpu_tables.py hybrid docs/replay-data/hybrid/hybrid-replay-mixtral-8x7b.json
     python recipes/gpu_tables.py prefetch docs/replay-data/prefetch/replay-prefetch-*.json
+    python recipes/gpu_tables.py cpu-groups docs/replay-data/hybrid/run5/hybrid-replay-mixtral-8x7b.json.gz
+    python recipes/gpu_tables.py host-diag docs/replay-data/hybrid/run5/diag-*.json
 
 ``hybrid``: per run, measured and predicted ms/token, the error, and the CPU path per expert
 (median of the round trip + host FFN, of the host FFN alone, and the calibration's price);
 ``prefetch``: per run, measured and predicted ms/token, the error, prefetches issued, GB
 prefetched, and stall measured beside predicted. The last line of each table counts the runs
-whose prediction is within 10 % of the measured time.
+whose prediction is within 10 % of the measured time. ``cpu-groups``: per hybrid run, where a
+group with CPU experts spends its measured time (means over those groups): the worker waiting
+for the GPU to gather the tokens, the host FFN, the rest of the executor's path (copies down
+and up, and uploads queued behind weight copies), and the rest of the group (the issuing thread
+picking the results up and issuing the next group), beside the model's CPU price per group
+(host FFN and round trips).
+``host-diag``: the median and range of each condition of ``recipes/gpu_host_diag.py``'s
+windows.
 """
 
 from __future__ import annotations
@@ -62,6 +71,45 @@ def prefetch(records: list[dict]) -> list[str]:
     return out + [_within(records)]
 
 
+def cpu_groups(records: list[dict]) -> list[str]:
+    out = ["| policy | miss | cap | batch | CPU groups | CPU experts per group | group ms measured "
+           "| wait for gather ms | host FFN ms | rest of the executor ms | rest of the group ms "
+           "| CPU priced ms (FFN + round trips) | hand-off (wait + both rests) ms |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        if not r.get("cpu_experts"):
+            continue
+        g = np.asarray(r["group_cpu_experts"]) > 0
+        measured = np.asarray(r["group_measured_s"])[g]
+        path = np.asarray(r["group_cpu_path_s"])[g]
+        wait = np.asarray(r["group_cpu_wait_s"])[g]
+        n = int(g.sum())
+        ffn = float(np.sum(r["cpu_expert_ffn_s"])) / n
+        priced = float(np.sum(r["cpu_expert_predicted_s"])) / n
+        rest_ex, rest_group = path.mean() - ffn, (measured - path - wait).mean()
+        out.append(f"| {r['policy']} | {r['miss']} | {r['capacity']} | {r['batch']} | {n} "
+                   f"| {r['cpu_experts'] / n:.2f} | {_ms(measured.mean())} | {_ms(wait.mean())} | {_ms(ffn)} "
+                   f"| {_ms(rest_ex)} | {_ms(rest_group)} | {_ms(priced)} | {_ms(wait.mean() + rest_ex + rest_group)} |")
+    return out
+
+
+def host_diag(paths: list[Path]) -> list[str]:
+    keys = ("alone_ms", "executor_ms", "busy_one_ms", "busy_rotate_ms", "executor_busy_rotate_ms")
+    out = ["| preset | threads | binding | tokens | windows | " + " | ".join(k[:-3].replace("_", " ") for k in keys)
+           + " | copy ms (one / rotating) |",
+           "|---|---:|---|---:|---:|" + "---:|" * len(keys) + "---:|"]
+    for p in paths:
+        d = json.loads(p.read_text())
+        for t in sorted({r["tokens"] for r in d["rows"]}):
+            rs = [r for r in d["rows"] if r["tokens"] == t]
+            cell = [f"{np.median([r[k] for r in rs]):.2f} ({min(r[k] for r in rs):.2f}–{max(r[k] for r in rs):.2f})"
+                    for k in keys]
+            copy = f"{np.median([r['copy_one_ms'] for r in rs]):.2f} / {np.median([r['copy_rotate_ms'] for r in rs]):.2f}"
+            bind = d["env"].get("OMP_PROC_BIND") or "none"
+            out.append(f"| {d['preset']} | {d['threads']} | {bind} | {t} | {len(rs)} | " + " | ".join(cell) + f" | {copy} |")
+    return out
+
+
 def _within(records) -> str:
     ok = sum(abs(r["prediction_error"]) <= 0.10 for r in records)
     worst = max(records, key=lambda r: abs(r["prediction_error"]))
@@ -70,11 +118,15 @@ def _within(records) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] not in ("hybrid", "prefetch"):
-        print("usage: python recipes/gpu_tables.py hybrid|prefetch FILE.json...", file=sys.stderr)
+    tables = {"hybrid": hybrid, "prefetch": prefetch, "cpu-groups": cpu_groups}
+    if len(argv) < 2 or argv[0] not in (*tables, "host-diag"):
+        print("usage: python recipes/gpu_tables.py hybrid|prefetch|cpu-groups|host-diag FILE.json...", file=sys.stderr)
         return 2
+    if argv[0] == "host-diag":
+        print("\n".join(host_diag([Path(p) for p in argv[1:]])))
+        return 0
     records = [r for p in argv[1:] for r in rows(Path(p))]
-    print("\n".join((hybrid if argv[0] == "hybrid" else prefetch)(records)))
+    print("\n".join(tables[argv[0]](records)))
     return 0
 
 

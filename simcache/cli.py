@@ -951,7 +951,8 @@ def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, cpu
             f"{n} threads x{s:.3f}" for n, s in zip(cal.cpu_threads, cal.cpu_copy_slowdown))
             + f" (alone {x['host_copy_alone_s'] * 1e3:.2f} ms)")
         click.echo(f"chosen: {cal.cpu_thread_choice} threads; activation round trip: "
-                   f"{cal.act_latency_s * 1e6:.1f} us + {cal.act_token_bytes} B/token at {cal.act_gbps:.1f} GB/s each way")
+                   f"{cal.act_latency_s * 1e6:.1f} us + {cal.act_token_bytes} B/token at {cal.act_gbps:.1f} GB/s each way; "
+                   f"hand-off per CPU group {cal.cpu_group_s * 1e6:.1f} us")
     if out is not None:
         click.echo(f"wrote {out}")
 

@@ -8,9 +8,11 @@ sends its activations down and its results back). The group takes
     max(GPU path, CPU path)
     GPU path = max(gpu_s, copy_s + FFN of the last copied expert)   (a copy stream: overlap)
              = gpu_s + copy_s                                        (serial copies)
-    CPU path = cpu_s = sum over CPU experts of (host FFN + activation round trip)
+    CPU path = cpu_s = hand-off + sum over CPU experts of (host FFN + activation round trip)
 
-with ``gpu_s`` the GPU FFN of hits and copied experts and ``copy_s`` = copies x copy time.
+with ``gpu_s`` the GPU FFN of hits and copied experts and ``copy_s`` = copies x copy time. The
+hand-off (the calibration's ``cpu_group_s``) is paid once by a group with any CPU expert: the
+CPU side waking for the group's tokens and the GPU side picking its results up.
 Each path is priced at its *concurrent* rate: the CPU at its while-copies-run rate when a copy
 runs beside it, a copy at its while-the-CPU-computes rate when a CPU expert runs beside it.
 
@@ -55,7 +57,7 @@ def miss_code(miss: str) -> int:
 
 
 @jit
-def split(miss_tok, m, hit_s, gpu_lut, cpu_lut, cpu_busy_lut, t_copy, t_copy_busy, overlap,
+def split(miss_tok, m, hit_s, gpu_lut, cpu_lut, cpu_busy_lut, t_copy, t_copy_busy, cpu_group, overlap,
           mode, order, suffix, out):
     """Assign a group's ``m`` misses to the copy path or the CPU; return j, the number copied.
     (The caller's bookkeeping does the rest: copied misses go through admission, §4.)
@@ -71,6 +73,8 @@ def split(miss_tok, m, hit_s, gpu_lut, cpu_lut, cpu_busy_lut, t_copy, t_copy_bus
         alone and while copies run.
     t_copy, t_copy_busy : float
         One expert copy's seconds, alone and while the CPU computes.
+    cpu_group : float
+        The CPU path's fixed seconds per group with any CPU expert (the hand-off).
     overlap : bool
         Copies run on a side stream, concurrently with GPU compute.
     mode : int
@@ -96,11 +100,12 @@ def split(miss_tok, m, hit_s, gpu_lut, cpu_lut, cpu_busy_lut, t_copy, t_copy_bus
             order[b] = order[b - 1]
             b -= 1
         order[b] = a
-    # CPU path of the misses order[k:], alone (no copy runs: k = 0) and while copies run
-    suffix[m] = 0.0
+    # CPU path of the misses order[k:] (k < m), alone (no copy runs: k = 0) and while copies
+    # run, the hand-off first
+    suffix[m] = cpu_group
     for k in range(m - 1, -1, -1):
         suffix[k] = suffix[k + 1] + cpu_busy_lut[miss_tok[order[k]]]
-    cpu_alone = 0.0
+    cpu_alone = cpu_group
     for k in range(m - 1, -1, -1):
         cpu_alone += cpu_lut[miss_tok[order[k]]]
     best_j = 0
@@ -118,7 +123,7 @@ def split(miss_tok, m, hit_s, gpu_lut, cpu_lut, cpu_busy_lut, t_copy, t_copy_bus
         gpu += gpu_lut[miss_tok[a]]
         if a > last:
             last = a
-        cpu = suffix[j]
+        cpu = suffix[j] if j < m else 0.0
         copy = j * (t_copy_busy if j < m else t_copy)
         if overlap:
             path = max(gpu, copy + gpu_lut[miss_tok[last]])
@@ -140,6 +145,7 @@ Hybrid = namedtuple("Hybrid", [
     "cpu_lut",  # (max tokens + 1,) float64: CPU path seconds of one expert, no copy beside it
     "cpu_busy_lut",  # (max tokens + 1,) float64: the same while copies run
     "t_copy_busy",  # float: one copy's seconds while the CPU computes
+    "cpu_group",  # float: the CPU path's hand-off, once per group with a CPU expert
     "miss_tok",  # (max group,) int64: tokens of the group's misses, in expert order
     "order",  # (max group,) int64: split's ranking; order[:j] are copied
     "suffix",  # (max group + 1,) float64
@@ -154,11 +160,12 @@ def new_hybrid(cal, expert_bytes, max_tokens: int, max_group: int, miss: str) ->
     n = max(int(max_group), 1)
     if cal is None or miss == "load":
         cpu = busy = np.zeros(max_tokens + 1)
-        t_busy = 0.0
+        t_busy = group = 0.0
     else:
         cal.require_cpu(miss)
         _, cpu, busy, _, t_busy = luts(cal, expert_bytes, max_tokens)
-    return Hybrid(cpu, busy, float(t_busy), np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n + 1),
+        group = cal.cpu_group_s
+    return Hybrid(cpu, busy, float(t_busy), float(group), np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n + 1),
                   np.zeros(n, np.bool_), np.zeros(4))
 
 
@@ -177,7 +184,7 @@ def plan(H, S, tokens, lo, hi, stamp, gpu_lut, t_copy, overlap, mode):
         else:
             H.miss_tok[m] = tokens[i]
             m += 1
-    j = split(H.miss_tok, m, hit_s, gpu_lut, H.cpu_lut, H.cpu_busy_lut, t_copy, H.t_copy_busy, overlap,
+    j = split(H.miss_tok, m, hit_s, gpu_lut, H.cpu_lut, H.cpu_busy_lut, t_copy, H.t_copy_busy, H.cpu_group, overlap,
               mode, H.order, H.suffix, H.out)
     for a in range(m):
         H.to_cpu[a] = True
@@ -226,5 +233,6 @@ def group_split(hit_tokens, miss_tokens, cal, expert_bytes: int, miss: str = "au
     out = np.zeros(4)
     ov = cal.overlap if overlap is None else bool(overlap)
     hit_s = float(sum(gpu[t] for t in hit_tokens))
-    j = split(miss_tokens, m, hit_s, gpu, cpu, cpu_busy, t_copy, t_busy, ov, code, order, suffix, out)
+    j = split(miss_tokens, m, hit_s, gpu, cpu, cpu_busy, t_copy, t_busy, cal.cpu_group_s, ov, code, order,
+              suffix, out)
     return sorted(order[:j].tolist()), dict(zip(("gpu_s", "copy_s", "cpu_s", "time_s"), out.tolist()))

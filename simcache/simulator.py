@@ -61,7 +61,7 @@ HIT, FILL, BYPASS, FORCED_BYPASS, CPU = HITS, FILLS, BYPASSES, FORCED_BYPASSES, 
 TIMES = {
     "compute_s": "GPU FFN time of the experts the GPU computes (hits and copied misses; gpu_s)",
     "transfer_s": "copy-engine time of every load, at its concurrent rate beside CPU work (copy_s)",
-    "cpu_s": "CPU path time: host FFN and activation round trip of each CPU expert",
+    "cpu_s": "CPU path time: host FFN and activation round trip of each CPU expert, and each CPU group's hand-off",
     "time_s": "predicted time of the groups (max of the GPU path, copies overlapping compute if "
               "the calibration says so, and the CPU path)",
     "stall_s": "time the GPU waited on copies on the prefetch timeline (time_s - compute_s)",

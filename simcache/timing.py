@@ -85,6 +85,7 @@ class Calibration:
     cpu_busy_seconds: list = field(default_factory=list)
     cpu_copy_slowdown: list = field(default_factory=list)
     cpu_thread_choice: int = 0
+    cpu_group_s: float = 0.0
     act_token_bytes: int = 0
     act_latency_s: float = 0.0
     act_gbps: float = 0.0
@@ -125,7 +126,10 @@ class Calibration:
     # cpu_threads[i] threads for cpu_tokens[k] tokens, alone / while copies run;
     # cpu_copy_slowdown[i]: copy time factor while the CPU computes with cpu_threads[i] threads;
     # cpu_call_s: the part of an FFN that does not scale with the expert's bytes (per-call cost),
-    # the rest streams the weights from host memory and scales with them, as on the GPU.
+    # the rest streams the weights from host memory and scales with them, as on the GPU;
+    # cpu_group_s: the CPU path's hand-off, paid once by a group with any CPU expert (the host
+    # side waking for its tokens, the GPU side resuming on its results; the probe measures it
+    # through the replay's executor); 0 in calibrations made before it was measured.
 
     @property
     def has_cpu(self) -> bool:
@@ -196,6 +200,9 @@ class Calibration:
             raise SimcacheError(f"{where}: cpu_copy_slowdown factors must be positive")
         if self.cpu_expert_bytes <= 0 or self.cpu_call_s < 0:
             raise SimcacheError(f"{where}: cpu_expert_bytes must be positive and cpu_call_s non-negative")
+        if not (math.isfinite(self.cpu_group_s) and self.cpu_group_s >= 0):
+            raise SimcacheError(f"{where}: cpu_group_s must be a non-negative number of seconds, "
+                                f"got {self.cpu_group_s!r}")
         if self.act_latency_s < 0 or self.act_gbps < 0 or self.act_token_bytes < 0:
             raise SimcacheError(f"{where}: act_latency_s, act_gbps and act_token_bytes must be non-negative")
         self._cpu_row()

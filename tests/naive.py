@@ -666,7 +666,7 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
     """Returns dict(outcome=[...], slot=[...], victim=[...], counters={name: [per layer]}).
 
     ``miss`` "cpu" / "auto" / "auto-cputime" (docs/design.md §11) needs ``tables`` = (gpu, cpu,
-    cpu_busy, t_copy, t_copy_busy, overlap) as :func:`group_split` takes them, and adds
+    cpu_busy, t_copy, t_copy_busy, overlap[, cpu_group]) as :func:`group_split` takes them, and adds
     ``group_time`` (per group: gpu_s, copy_s, cpu_s, time_s). ``placed``: keys resident before
     the first step, in slot order per pool (static placement)."""
     steps = schedule(trace, batch, prefill)
@@ -702,7 +702,7 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
         pinned = {k for k, _ in acc if k in c.where}
         to_cpu = set()
         if miss != "load":
-            gpu, cpu, cpu_busy, t_copy, t_copy_busy, overlap = tables
+            gpu, cpu, cpu_busy, t_copy, t_copy_busy, overlap, *group = tables
             hit_s = 0.0
             for k, n in acc:
                 if k in c.where:
@@ -710,7 +710,8 @@ def simulate(trace, evict, admit, capacity, *, scope="layer", batch=1, prefill="
             missing = [(k, n) for k, n in acc if k not in c.where]
             j, copied, times = group_split(hit_s, [n for _, n in missing], gpu, cpu, cpu_busy, t_copy,
                                            t_copy_busy, overlap, auto=miss != "cpu",
-                                           rank=by_cpu_time if miss == "auto-cputime" else by_tokens)
+                                           rank=by_cpu_time if miss == "auto-cputime" else by_tokens,
+                                           cpu_group=group[0] if group else 0.0)
             to_cpu = {k for a, (k, _) in enumerate(missing) if a not in copied}
             group_time.append(times)
         base_i = i
@@ -876,15 +877,17 @@ def as_arrays(result):
 # ---- hybrid execution (docs/design.md §11) ---------------------------------------------------------
 
 
-def group_time(hit_s, miss_tokens, copied, rest, gpu, cpu, cpu_busy, t_copy, t_copy_busy, overlap):
+def group_time(hit_s, miss_tokens, copied, rest, gpu, cpu, cpu_busy, t_copy, t_copy_busy, overlap,
+               cpu_group=0.0):
     """(gpu_s, copy_s, cpu_s, time_s) of one group, written from docs/design.md §11: the misses at
     positions ``copied`` are copied (issued in expert order, so the highest position is the last
-    to arrive), those at ``rest`` are computed on the CPU (summed from the end of ``rest``). Each
-    path runs at its concurrent rate when the other path has work."""
+    to arrive), those at ``rest`` are computed on the CPU (summed from the end of ``rest``), after
+    the CPU path's hand-off ``cpu_group`` when there are any. Each path runs at its concurrent
+    rate when the other path has work."""
     g = hit_s
     for a in copied:
         g += gpu[miss_tokens[a]]
-    c = 0.0
+    c = cpu_group if rest else 0.0
     for a in reversed(rest):
         c += (cpu_busy if copied else cpu)[miss_tokens[a]]
     copy = len(copied) * (t_copy_busy if rest else t_copy)
@@ -908,8 +911,8 @@ def by_cpu_time(miss_tokens, cpu_busy):
     return sorted(range(len(miss_tokens)), key=lambda a: -cpu_busy[miss_tokens[a]])
 
 
-def group_split(hit_s, miss_tokens, gpu, cpu, cpu_busy, t_copy, t_copy_busy, overlap, auto=True,
-                rank=by_tokens):
+def group_split(hit_s, miss_tokens, gpu, cpu, cpu_busy, t_copy, t_copy_busy, overlap, cpu_group=0.0,
+                auto=True, rank=by_tokens):
     """A ranking rule by enumeration: for every j, the first j of the ranking copied and the
     rest on the CPU; the least time wins, ties to the larger j (``auto=False``: j = 0).
     Returns (j, sorted copied positions, (gpu_s, copy_s, cpu_s, time_s))."""
@@ -917,13 +920,13 @@ def group_split(hit_s, miss_tokens, gpu, cpu, cpu_busy, t_copy, t_copy_busy, ove
     best = None
     for j in range(len(order) + 1) if auto else [0]:
         times = group_time(hit_s, miss_tokens, order[:j], order[j:], gpu, cpu, cpu_busy,
-                           t_copy, t_copy_busy, overlap)
+                           t_copy, t_copy_busy, overlap, cpu_group)
         if best is None or times[3] <= best[2][3]:
             best = (j, sorted(order[:j]), times)
     return best
 
 
-def best_subset(hit_s, miss_tokens, gpu, cpu, cpu_busy, t_copy, t_copy_busy, overlap):
+def best_subset(hit_s, miss_tokens, gpu, cpu, cpu_busy, t_copy, t_copy_busy, overlap, cpu_group=0.0):
     """The least group time over every subset of the misses copied (2^m: small groups only)."""
     from itertools import combinations
 
@@ -933,7 +936,7 @@ def best_subset(hit_s, miss_tokens, gpu, cpu, cpu_busy, t_copy, t_copy_busy, ove
         for copied in combinations(range(m), j):
             rest = [a for a in range(m) if a not in copied]
             t = group_time(hit_s, miss_tokens, list(copied), rest, gpu, cpu, cpu_busy, t_copy,
-                           t_copy_busy, overlap)[3]
+                           t_copy_busy, overlap, cpu_group)[3]
             best = min(best, t)
     return best
 

@@ -31,21 +31,24 @@ def groups(draw, max_misses=7, max_tokens=12):
     cpu = np.array([0.0] + draw(st.lists(ms, min_size=max_tokens, max_size=max_tokens)))
     slow = draw(st.floats(1.0, 2.5))
     t_copy = draw(ms)
+    group = draw(st.one_of(st.just(0.0), st.floats(0.0, 5.0)))  # the CPU path's hand-off
     return dict(hit_s=draw(st.floats(0.0, 5.0)), miss_tokens=tokens, gpu=gpu, cpu=cpu, cpu_busy=cpu * slow,
-                t_copy=t_copy, t_copy_busy=t_copy * draw(st.floats(1.0, 1.2)), overlap=draw(st.booleans()))
+                t_copy=t_copy, t_copy_busy=t_copy * draw(st.floats(1.0, 1.2)), overlap=draw(st.booleans()),
+                cpu_group=group)
 
 
 def kernel_split(g, mode=hybrid.AUTO):
     m = len(g["miss_tokens"])
     order, suffix, out = np.zeros(max(m, 1), np.int64), np.zeros(m + 1), np.zeros(4)
     j = hybrid.split(np.array(g["miss_tokens"] or [0], np.int64), m, g["hit_s"], g["gpu"], g["cpu"],
-                     g["cpu_busy"], g["t_copy"], g["t_copy_busy"], g["overlap"], mode, order, suffix, out)
+                     g["cpu_busy"], g["t_copy"], g["t_copy_busy"], g["cpu_group"], g["overlap"], mode, order,
+                     suffix, out)
     return j, sorted(order[:j].tolist()), tuple(out.tolist())
 
 
 def args(g):
     return (g["hit_s"], g["miss_tokens"], g["gpu"], g["cpu"], g["cpu_busy"], g["t_copy"],
-            g["t_copy_busy"], g["overlap"])
+            g["t_copy_busy"], g["overlap"], g["cpu_group"])
 
 
 RANKS = {hybrid.CPU: naive.by_tokens, hybrid.AUTO: naive.by_tokens, hybrid.AUTO_CPUTIME: naive.by_cpu_time}
@@ -150,6 +153,7 @@ def test_calibration_round_trips_through_json(tmp_path):
     ({"cpu_thread_choice": 7}, "cpu_thread_choice 7 is not one of"),
     ({"cpu_copy_slowdown": [0.0]}, "slowdown factors must be positive"),
     ({"act_latency_s": -1.0}, "must be non-negative"),
+    ({"cpu_group_s": -1e-4}, "cpu_group_s must be a non-negative number"),
 ])
 def test_bad_cpu_tables_are_one_line_errors(tmp_path, change, message):
     data = json.loads(rtx4090_calibration().to_json())
@@ -189,15 +193,16 @@ HYBRID_CASES = [("lru", "all", "cpu"), ("lru", "all", "auto"), ("lru", "all", "a
 def _tables(trace, batch, cal, overlap=None):
     work = simcache.Workload(trace, batch)
     gpu, cpu, busy, tc, tb = hybrid.luts(cal, trace.expert_bytes, work.max_tokens)
-    return gpu, cpu, busy, tc, tb, cal.overlap if overlap is None else overlap
+    return gpu, cpu, busy, tc, tb, cal.overlap if overlap is None else overlap, cal.cpu_group_s
 
 
 def _cheap_cpu(cal):
-    """A calibration whose CPU is as fast as a copy, so auto sends experts both ways."""
+    """A calibration whose CPU is as fast as a copy, so auto sends experts both ways; its
+    hand-off is a fifth of a copy."""
     import dataclasses
 
     t = cal.copy_seconds(1 << 20)
-    return dataclasses.replace(cal, cpu_expert_bytes=1 << 20, cpu_call_s=0.0,
+    return dataclasses.replace(cal, cpu_expert_bytes=1 << 20, cpu_call_s=0.0, cpu_group_s=0.2 * t,
                                cpu_seconds=[[t, 2 * t, 6 * t] for _ in cal.cpu_threads],
                                cpu_busy_seconds=[[1.2 * t, 2.4 * t, 7 * t] for _ in cal.cpu_threads])
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -84,6 +86,25 @@ def test_probe_host_on_tiny_shapes_gives_a_valid_cpu_table():
     assert cal.cpu_expert_bytes == TINY.expert_bytes(4) and cal.act_token_bytes == TINY.hidden * 4
     assert len(cal.cpu_seconds[0]) == 3 and len(extra["roundtrip_seconds"]) == 4
     assert cal.cpu_dtype == "float32" and "cores available" in cal.cpu_model
+    assert 0 <= cal.cpu_group_s < 0.05 and extra["cpu_rounds"] == 3
+    assert np.shape(extra["cpu_seconds_spread"]) == (2, 3, 2)
+
+
+def test_handoff_probe_measures_the_executor_path_not_the_ffn(monkeypatch):
+    """A hand-off slowed by 5 ms (the worker sleeps before the group's work) shows in the
+    probe's figure; a slower FFN does not (the executor's own FFN clock is taken out)."""
+    from simcache.replay import cpu as cpu_mod
+    from simcache.replay.probe import host_handoff_seconds
+
+    quick = host_handoff_seconds(CPU, TINY.hidden, torch.float32, 1, min_seconds=0.01, ffn_size=TINY.ffn)
+    work = cpu_mod.HostExecutor._work
+    monkeypatch.setattr(cpu_mod.HostExecutor, "_work", lambda self, *a: (time.sleep(5e-3), work(self, *a))[1])
+    slow = host_handoff_seconds(CPU, TINY.hidden, torch.float32, 1, min_seconds=0.01, ffn_size=TINY.ffn)
+    assert slow - quick == pytest.approx(5e-3, abs=2e-3)
+    monkeypatch.setattr(cpu_mod.HostExecutor, "_work", work)
+    real_ffn = cpu_mod.ffn
+    monkeypatch.setattr(cpu_mod, "ffn", lambda *a: (time.sleep(5e-3), real_ffn(*a))[1])
+    assert host_handoff_seconds(CPU, TINY.hidden, torch.float32, 1, min_seconds=0.01, ffn_size=TINY.ffn) < quick + 2e-3
 
 
 def test_fit_roundtrip_recovers_latency_and_bandwidth():

@@ -2,10 +2,11 @@
 
 For a (step, layer) the schedule sends some misses to the CPU. :class:`HostExecutor` runs them
 on one worker thread while the GPU streams proceed: the issuing thread gathers the CPU experts'
-tokens on the device; the worker, one expert at a time, copies its tokens down to a pinned host
-buffer (device -> host, on the executor's own stream), computes the SwiGLU FFN on the host with
-torch at the probed thread count and copies the result back up -- one activation round trip per
-expert, as the timing model prices it (docs/design.md §11). The compute stream waits for the CPU's
+tokens on the device; the worker copies them down to a pinned host buffer in one copy (device ->
+host, on the executor's own stream), then, one expert at a time, computes the SwiGLU FFN on the
+host with torch at the probed thread count and sends its result back up without waiting for the
+copy (docs/design.md §11; the timing model prices one activation round trip per expert, a
+little more than the one per group this costs). The compute stream waits for the CPU's
 results only when it adds them into the layer output, so the GPU computes its own experts
 meanwhile. On a CPU-only run (tests) the same code runs with host tensors and no streams.
 
@@ -74,9 +75,11 @@ class Job:
 
 @dataclass
 class Ticket:
-    """A group's CPU work in flight: its future and, once done, each expert's seconds (round
-    trip and host FFN; and the host FFN alone), the seconds the worker waited for the GPU to
-    gather the tokens, and the whole CPU path's seconds from then on."""
+    """A group's CPU work in flight: its future and, once done, each expert's seconds (its
+    host FFN and the sending of its result; the first expert's also the group's copy down, the
+    last's the wait for the last copy up: they sum to the path), its host FFN alone, the
+    seconds the worker waited for the GPU to gather the tokens, and the whole CPU path's
+    seconds from then on."""
 
     future: Future
     jobs: list
@@ -148,35 +151,39 @@ class HostExecutor:
     def _work(self, picked, gathered, ticket, t0):
         n = picked.shape[0]
         out = self._dev_out[:n]  # (sum T, H) on the device
+        down, up = self._down[:n], self._up[:n]  # (sum T, H) host
         if self.cuda:
             gathered.synchronize()  # the compute stream reached this group: the CPU path starts
             if self._consumed is not None:  # the previous group's results were read
                 self._stream.wait_event(self._consumed)
         ticket.wait_s = time.perf_counter() - t0
         t0 += ticket.wait_s
-        lo = 0
+        # every CPU expert's tokens down in one copy; each result goes back up as soon as it
+        # is computed, with no wait, so the round trip costs one copy's latency each way per
+        # group, not per expert
+        if self.cuda:
+            with torch.cuda.stream(self._stream):
+                down.copy_(picked, non_blocking=True)  # device -> host
+            self._stream.synchronize()
+        else:
+            down.copy_(picked)
+        lo, e0 = 0, t0
         for job in ticket.jobs:
             t = int(job.idx.numel())
-            down, up = self._down[lo:lo + t], self._up[lo:lo + t]  # (T, H) host
-            e0 = time.perf_counter()
-            if self.cuda:
-                with torch.cuda.stream(self._stream):
-                    down.copy_(picked[lo:lo + t], non_blocking=True)  # device -> host
-                self._stream.synchronize()
-            else:
-                down.copy_(picked[lo:lo + t])
             f0 = time.perf_counter()
-            up.copy_(ffn(down, job.weights, self.hidden, self.ffn_size))  # (T, H) on the host
+            up[lo:lo + t].copy_(ffn(down[lo:lo + t], job.weights, self.hidden, self.ffn_size))  # (T, H) host
             ticket.ffn_s.append(time.perf_counter() - f0)
             if self.cuda:
                 with torch.cuda.stream(self._stream):
-                    out[lo:lo + t].copy_(up, non_blocking=True)  # host -> device
+                    out[lo:lo + t].copy_(up[lo:lo + t], non_blocking=True)  # host -> device
             else:
-                out[lo:lo + t].copy_(up)
-            ticket.expert_s.append(time.perf_counter() - e0)
+                out[lo:lo + t].copy_(up[lo:lo + t])
             lo += t
-        if self.cuda:
-            self._stream.synchronize()
+            if lo == n and self.cuda:
+                self._stream.synchronize()  # the last result is up
+            e1 = time.perf_counter()
+            ticket.expert_s.append(e1 - e0)  # (the first includes the copy down, the last the final copy up)
+            e0 = e1
         ticket.path_s = time.perf_counter() - t0
         return out
 

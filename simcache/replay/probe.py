@@ -289,31 +289,38 @@ def probe(dev: torch.device, preset: Preset, dtype: torch.dtype, sizes=COPY_SIZE
 
 CPU_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
 ROUNDTRIP_TOKENS = [1, 16, 256, 2048]
+HANDOFF_FFN = 256  # the FFN size of the hand-off probe's expert (3 x 256 x hidden weights)
 
 
 class _Copies:
     """Expert-sized copies back to back on a background thread while the block runs: pinned
-    host -> device on a side stream on a GPU, host -> host on a CPU-only run (tests). Records
-    the seconds of each copy."""
+    host -> device on a side stream on a GPU, host -> host on a CPU-only run (tests). Each copy
+    reads the next of distinct source rows, together at least 1 GiB (:func:`rotation`), as a
+    replay's copies read distinct experts: copies of one buffer can be served from the host's
+    last-level cache and then leave the CPU's memory bandwidth alone. Records the seconds of
+    each copy."""
 
     def __init__(self, dev, nbytes):
         self.dev = dev
         cuda = dev.type == "cuda"
-        self.src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+        self.src = torch.empty((rotation(nbytes), nbytes), dtype=torch.uint8, pin_memory=cuda)  # (n, bytes)
         self.src.fill_(1)
         self.dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         self.stream = torch.cuda.Stream(dev) if cuda else None
         self.times: list[float] = []
+        self._next = 0
         self._stop = None
 
     def one(self):
+        src = self.src[self._next % self.src.shape[0]]
+        self._next += 1
         t0 = time.perf_counter()
         if self.stream is not None:
             with torch.cuda.stream(self.stream):
-                self.dst.copy_(self.src, non_blocking=True)
+                self.dst.copy_(src, non_blocking=True)
             self.stream.synchronize()
         else:
-            self.dst.copy_(self.src)
+            self.dst.copy_(src)
         return time.perf_counter() - t0
 
     def __enter__(self):
@@ -338,20 +345,23 @@ class _Copies:
 
 
 def host_ffn_seconds(preset: Preset, dtype, tokens=CPU_TOKENS, copies: "_Copies | None" = None,
-                     min_seconds=0.05, max_calls=400, min_calls=5):
+                     min_seconds=0.05, max_calls=400, min_calls=5, experts: torch.Tensor | None = None,
+                     raw: bool = False):
     """Host seconds of one expert's SwiGLU FFN by token count, at torch's current thread count:
     distinct experts in rotation, together at least 1 GiB (:func:`rotation`: no expert stays in
     the CPU caches between its calls, as in a replay's expert store), two untimed calls
     first, then timed calls until ``min_seconds`` have passed and at least ``min_calls`` ran
     (at most ``max_calls``); the median call. With ``copies``, expert copies run on a
-    background thread meanwhile. (A mean of at most 20 calls let one slow call -- a thread
-    pool waking, a page fault -- set a small expert's figure: 3.0 ms for a 0.7 ms FFN.)"""
+    background thread meanwhile. ``experts`` (:func:`host_experts`; made here if not given) are
+    the rows in rotation. With ``raw``, every timed call's seconds per token count instead of
+    the median. (A mean of at most 20 calls let one slow call -- a thread pool waking, a page
+    fault -- set a small expert's figure: 3.0 ms for a 0.7 ms FFN.)"""
     from simcache.replay.experts import ffn
 
-    gen = torch.Generator().manual_seed(0)
-    n = rotation(preset.expert_elements() * torch.tensor([], dtype=dtype).element_size())
-    experts = [(torch.randn(preset.expert_elements(), generator=gen) * preset.hidden ** -0.5).to(dtype)
-               for _ in range(n)]
+    gen = torch.Generator().manual_seed(1)
+    if experts is None:
+        experts = host_experts(preset, dtype)
+    n = experts.shape[0]
     out = []
     ctx = copies if copies is not None else _Null()
     with ctx:
@@ -366,8 +376,19 @@ def host_ffn_seconds(preset: Preset, dtype, tokens=CPU_TOKENS, copies: "_Copies 
                 times.append(time.perf_counter() - c0)
                 if len(times) >= max_calls or (len(times) >= min_calls and c0 - t0 >= min_seconds):
                     break
-            out.append(float(np.median(times)))
+            out.append(times if raw else float(np.median(times)))
     return out
+
+
+def host_experts(preset: Preset, dtype, pin: bool = False) -> torch.Tensor:
+    """Experts for :func:`host_ffn_seconds`, (n, W): :func:`rotation`'s count of random rows of
+    one buffer, pinned with ``pin`` (the memory a replay's expert store is on a GPU machine)."""
+    gen = torch.Generator().manual_seed(0)
+    n = rotation(preset.expert_elements() * torch.tensor([], dtype=dtype).element_size())
+    experts = torch.empty((n, preset.expert_elements()), dtype=dtype, pin_memory=pin)  # (n, W)
+    for row in experts:
+        row.copy_(torch.randn(preset.expert_elements(), generator=gen) * preset.hidden ** -0.5)
+    return experts
 
 
 def rotation(expert_bytes: int, floor: int = 4, ceiling: int = 64, total: int = 1 << 30) -> int:
@@ -449,12 +470,47 @@ def host_threads(spec: str) -> list[int]:
     return sorted(out)
 
 
+def host_handoff_seconds(dev, hidden: int, dtype, threads: int, min_seconds=0.2, min_calls=20,
+                         ffn_size: int = HANDOFF_FFN) -> float:
+    """The CPU path's fixed cost per group (the calibration's ``cpu_group_s``), measured through
+    the replay's own :class:`~simcache.replay.cpu.HostExecutor`: one 1-token expert submitted,
+    finished into a device output and synchronised, over and over; per call its seconds less
+    the expert's host FFN (the executor's own clock of it) and less one activation round trip
+    (which the model prices per expert); the median. What remains is the hand-off: the worker
+    waking and waiting for the gather, the issuing thread waking for the result and adding it.
+    A small expert (``ffn_size``) keeps the FFN, and its noise, out of the figure."""
+    from simcache.replay.cpu import HostExecutor, Job
+
+    w = (torch.randn(3 * ffn_size * hidden, generator=torch.Generator().manual_seed(2)) * hidden ** -0.5).to(dtype)
+    w = w.pin_memory() if dev.type == "cuda" else w  # (W,)
+    x = torch.randn((1, hidden), device=dev).to(dtype)  # (1, H)
+    job = Job(w, torch.zeros(1, dtype=torch.long, device=dev), torch.ones((1, 1), dtype=dtype, device=dev))
+    rt = roundtrip_seconds(dev, hidden, dtype, tokens=[1])[0]
+    out = torch.zeros_like(x)
+    left = []
+    with HostExecutor(hidden, ffn_size, dev, threads, max_tokens=1, dtype=dtype) as ex:
+        t0 = time.perf_counter()
+        while len(left) < min_calls + 2 or time.perf_counter() - t0 < min_seconds:
+            c0 = time.perf_counter()
+            ticket = ex.submit(x, [job])
+            ex.finish(ticket, out)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            left.append(time.perf_counter() - c0 - ticket.ffn_s[0] - rt)
+    return max(float(np.median(left[2:])), 0.0)  # (two untimed)
+
+
 def probe_host(dev, preset: Preset, dtype, threads: str = "8,12,all", tokens=CPU_TOKENS,
-               min_seconds=0.1) -> dict:
+               min_seconds=0.05, rounds: int = 3) -> dict:
     """The host CPU's part of a calibration (the ``cpu_*`` and ``act_*`` fields of
     :class:`simcache.Calibration`): for each thread count, the expert FFN by token count alone
     and while expert copies run, and the copies' slowdown; the thread count that serves misses
-    fastest (:func:`simcache.timing.choose_threads`); the activation round trip."""
+    fastest (:func:`simcache.timing.choose_threads`); the activation round trip; the CPU path's
+    hand-off per group at the chosen thread count (:func:`host_handoff_seconds`). The FFN
+    figures are medians over ``rounds`` passes through every thread count and token count,
+    alone and busy in turn (``min_seconds`` each): the host's FFN rate drifts by a third over
+    seconds (docs/hybrid.md), and one pass would price a token count by whichever rate held
+    while it ran."""
     from simcache.replay.cpu import cpu_model, set_host_threads
     from simcache.timing import choose_threads
 
@@ -462,25 +518,40 @@ def probe_host(dev, preset: Preset, dtype, threads: str = "8,12,all", tokens=CPU
     before = torch.get_num_threads()
     eb = preset.expert_bytes(torch.tensor([], dtype=dtype).element_size())
     copies = _Copies(dev, eb)
+    experts = host_experts(preset, dtype, pin=dev.type == "cuda")
     copy_alone = float(np.median([copies.one() for _ in range(12)][3:]))  # 3 untimed
-    alone, busy, slow = [], [], []
+    k = len(tokens)
+    alone_t = [[[] for _ in range(k)] for _ in threads]
+    busy_t = [[[] for _ in range(k)] for _ in threads]
+    copy_t = [[] for _ in threads]
     try:
-        for n in threads:
-            set_host_threads(n)
-            alone.append(host_ffn_seconds(preset, dtype, tokens, min_seconds=min_seconds))
-            busy.append(host_ffn_seconds(preset, dtype, tokens, copies=copies, min_seconds=min_seconds))
-            slow.append(float(np.median(copies.times)) / copy_alone if copies.times else 1.0)
+        for _ in range(rounds):
+            for i, n in enumerate(threads):
+                set_host_threads(n)
+                for row, times in zip(alone_t[i], host_ffn_seconds(preset, dtype, tokens, min_seconds=min_seconds,
+                                                                   experts=experts, raw=True)):
+                    row.extend(times)
+                for row, times in zip(busy_t[i], host_ffn_seconds(preset, dtype, tokens, copies=copies,
+                                                                  min_seconds=min_seconds, experts=experts, raw=True)):
+                    row.extend(times)
+                copy_t[i].extend(copies.times)
+        alone = [[float(np.median(c)) for c in row] for row in alone_t]
+        busy = [[float(np.median(c)) for c in row] for row in busy_t]
+        slow = [float(np.median(c)) / copy_alone if c else 1.0 for c in copy_t]
+        choice = choose_threads(threads, [row[0] for row in busy], slow, copy_alone)
+        handoff = host_handoff_seconds(dev, preset.hidden, dtype, choice)
     finally:
         torch.set_num_threads(before)
-    choice = choose_threads(threads, [row[0] for row in busy], slow, copy_alone)
     token_bytes = preset.hidden * torch.tensor([], dtype=dtype).element_size()
     rt = roundtrip_seconds(dev, preset.hidden, dtype)
     latency, gbps = fit_roundtrip(ROUNDTRIP_TOKENS, rt, token_bytes)
     return dict(
         cpu_model=cpu_model(), cpu_dtype=str(dtype).replace("torch.", ""), cpu_expert_bytes=eb, cpu_call_s=0.0,
         cpu_threads=threads, cpu_tokens=list(tokens), cpu_seconds=alone, cpu_busy_seconds=busy,
-        cpu_copy_slowdown=slow, cpu_thread_choice=choice,
+        cpu_copy_slowdown=slow, cpu_thread_choice=choice, cpu_group_s=handoff,
         act_token_bytes=token_bytes, act_latency_s=latency, act_gbps=gbps,
         extra={"host_copy_alone_s": copy_alone, "roundtrip_tokens": list(ROUNDTRIP_TOKENS),
-               "roundtrip_seconds": rt},
+               "roundtrip_seconds": rt, "cpu_rounds": rounds,
+               "cpu_seconds_spread": [[[float(np.percentile(c, 10)), float(np.percentile(c, 90))] for c in row]
+                                      for row in alone_t]},
     )
