@@ -33,6 +33,7 @@ from numba.extending import intrinsic, overload
 
 from simcache._jit import jit
 from simcache.errors import SimcacheError
+from simcache.policies._dispatch import tag
 from simcache.simulator import (ACCESSES, COMPUTE_S, COUNTERS, EVICTIONS, FILLS, FORCED_BYPASSES, HITS, RELOADS,
                                 SCOPES, TIME_S, TIMES, SimResult, _check_capacity, _derived_times, _timing)
 from simcache.timing import Calibration
@@ -343,7 +344,7 @@ def _group_times(group_ptr, tokens, dist, L, capacities, lut, t_copy, overlap, l
 
 
 @jit
-def _direct(group_ptr, keys, tokens, L, E, per_layer, caps, lut, t_copy, overlap, counters, layer_time):
+def _direct(group_ptr, keys, tokens, L, E, per_layer, caps, lut, t_copy, overlap, counters, layer_time, words):
     """The simulator's LRU at every capacity of ``caps`` in one pass over the groups:
     ``counters[j, l]`` and ``layer_time[j, l]`` as :func:`simcache.simulator._run` fills them
     for LRU at ``caps[j]`` (bit-identical sums). A group's keys are strictly ascending
@@ -354,10 +355,13 @@ def _direct(group_ptr, keys, tokens, L, E, per_layer, caps, lut, t_copy, overlap
     fill: free slots first, then the unpinned residents from the least recent; the rest are
     forced bypasses; the last miss (the highest bit) is the one whose compute waits on its copy. A resident's last touch is its last access (an access that leaves a key out of
     the cache is a forced bypass, and the key stays out until its next access), so one
-    ``last`` array ranks the victims of every capacity."""
+    ``last`` array ranks the victims of every capacity.
+
+    ``words``: a tuple as long as a pool's bitset (64 keys a word), so that numba compiles the
+    word loops for that length (one word: 30% faster; :func:`simcache.policies._dispatch.tag`)."""
     n_caps = caps.shape[0]
     n_pools = L if per_layer else 1
-    W = ((E if per_layer else L * E) + 63) // 64
+    W = len(words)
     resident = np.zeros((n_caps, n_pools, W), np.uint64)
     evicted = np.zeros((n_caps, n_pools, W), np.uint64)
     used = np.zeros((n_caps, n_pools), np.int64)
@@ -379,8 +383,8 @@ def _direct(group_ptr, keys, tokens, L, E, per_layer, caps, lut, t_copy, overlap
         p = l if per_layer else 0
         base = l * E if per_layer else 0
         k = hi - lo
-        w0 = (keys[lo] - base) >> 6
-        w1 = (keys[hi - 1] - base) >> 6
+        w0 = (keys[lo] - base) >> 6 if W > 1 else 0
+        w1 = (keys[hi - 1] - base) >> 6 if W > 1 else 0
         compute = 0.0
         for i in range(lo, hi):
             x = keys[i] - base
@@ -388,6 +392,7 @@ def _direct(group_ptr, keys, tokens, L, E, per_layer, caps, lut, t_copy, overlap
             cost = lut[tokens[i]]
             cost_of[x] = cost
             compute += cost
+            last[keys[i]] = i  # (the victims below are not in this group)
         compute_s[l] += compute
         for j in range(n_caps):
             n = used[j, p]
@@ -452,8 +457,6 @@ def _direct(group_ptr, keys, tokens, L, E, per_layer, caps, lut, t_copy, overlap
             else:
                 t = compute + transfer
             layer_time[j, l, TIME_S] += t
-        for i in range(lo, hi):
-            last[keys[i]] = i
         for w in range(w0, w1 + 1):
             group[w] = 0
         accesses[l] += k
@@ -539,8 +542,9 @@ def _direct_runs(work: Workload, scope: str, caps, lut, t_copy: float, overlap: 
     counters = np.zeros((len(caps), L, len(COUNTERS)), np.int64)
     layer_time = np.zeros((len(caps), L, len(TIMES)), np.float64)
     start = time.perf_counter()
+    words = ((E if scope == "layer" else L * E) + 63) // 64
     _direct(d.group_ptr, d.keys, d.tokens, L, E, scope == "layer", np.asarray(caps, np.int64), lut, t_copy,
-            overlap, counters, layer_time)
+            overlap, counters, layer_time, tag(words - 1))
     return counters, layer_time, time.perf_counter() - start
 
 
