@@ -12,7 +12,8 @@ Three measurements, printed in one run (figures and machine in docs/performance.
    trace, against separate ``simulate`` runs (timed at a spread of capacities, the mean
    scaled to all E: 64 full runs would take minutes here): ``lru_curve`` from the Workload
    (its stack and direct passes apart) and from the Trace, and ``lru_results`` (every counter
-   and time at every capacity, as the sweep's LRU cells get them).
+   and time at every capacity, as the sweep's LRU cells get them); then the stack pass alone
+   on the workloads of part 1, per layer and global.
 3. A 1,000-cell sweep on 1 and 2 local Dask workers: cells/s once the cluster is up, and
    each worker's peak RSS.
 
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import simcache  # noqa: E402
-from simcache.mrc import lru_curve, lru_results  # noqa: E402
+from simcache.mrc import lru_curve, lru_results, stack_distances  # noqa: E402
 from simcache.workload import Workload, demand, next_use, schedule  # noqa: E402
 
 
@@ -144,6 +145,21 @@ def curve_bench(accesses, spread, layers=4):
             "from_trace_speedup": separate / trace_s, "results_speedup": separate / results_s}
 
 
+def stack_bench(traces):
+    """The stack pass alone (``stack_distances``, best of 2) on the simulate benchmark's
+    workloads: bitsets for pools up to 64 keys, the Fenwick tree above."""
+    out = {}
+    for name, trace in traces.items():
+        work = Workload(trace)
+        for scope in ("layer", "global"):
+            pool = trace.num_experts * (1 if scope == "layer" else trace.num_layers)
+            s = min((stack_distances(work, scope) for _ in range(2)), key=lambda s: s.elapsed_s)
+            out[f"{name} {trace.num_layers}x{trace.num_experts} {scope}"] = {
+                "accesses": work.demand.num_accesses, "pool": pool, "s": s.elapsed_s,
+                "kernel": "bitsets" if pool <= 64 else "Fenwick tree"}
+    return out
+
+
 def _warm(trace_path, policies, scopes):
     trace = simcache.read_trace(trace_path)
     for p in policies:
@@ -211,6 +227,7 @@ def main():
             results["moe"] = end_to_end(make_trace(moe_n, top_k=2, seed=1), 4, "layer", args.repeat, tmp, "moe", True)
     if args.only in (None, "curve"):
         results["curve"] = curve_bench(curve_n, 4 if args.quick else 8)
+        results["stack"] = stack_bench({"zipf": zipf_trace(zipf_n), "moe": make_trace(moe_n, top_k=2, seed=1)})
     if args.only in (None, "sweep"):
         results["sweep"], _ = sweep_bench(ROOT / "traces" / "trained-mixtral-8e.parquet", 100 if args.quick else 1000)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
@@ -235,6 +252,9 @@ def main():
         print(f"  from the Trace (workload build included): {c['from_trace_s']:.2f} s, {c['from_trace_speedup']:.1f}x; "
               f"lru_results at 1..{c['experts']} (every counter and time): {c['results_s']:.2f} s, "
               f"{c['results_speedup']:.1f}x")
+    for name, r in results.get("stack", {}).items():
+        print(f"  stack pass alone, {name} ({r['pool']}-key pools, {r['kernel']}): {r['s']:.3f} s for "
+              f"{r['accesses']:,} accesses, {r['accesses'] / r['s'] / 1e6:.0f} M/s")
     s = results.get("sweep")
     for w in (1, 2) if s else ():
         print(f"sweep of {s[w]['cells']:,} cells on {w} local worker(s): {s[w]['wall_s']:.1f} s, "
