@@ -97,15 +97,17 @@ class StackDistances:
         return {name: values[name].astype(np.int64) for name in COUNTERS}
 
 
-def stack_distances(work: Workload, scope: str = "layer") -> StackDistances:
-    """LRU stack distances of every access of ``work`` (see module docstring)."""
+def stack_distances(work: Workload, scope: str = "layer", *, distances: bool = True) -> StackDistances:
+    """LRU stack distances of every access of ``work`` (see module docstring). With
+    ``distances=False`` the per-access array is not kept (``distance`` is empty): the hit
+    curve needs only the histogram, and 100 M accesses would be 400 MB."""
     if scope not in SCOPES:
         raise SimcacheError(f"scope must be 'layer' or 'global', got {scope!r}")
     d = work.demand
     L, E = d.num_layers, d.num_experts
     pool = E if scope == "layer" else L * E
     start = time.perf_counter()
-    dist = np.empty(d.num_accesses, np.int32)
+    dist = np.empty(d.num_accesses if distances else 0, np.int32)
     hist = np.zeros((L, pool), np.int64)
     cold = np.zeros(L, np.int64)
     cold_layers = np.empty(L * E, np.int16)
@@ -166,6 +168,7 @@ def _distances_bits(group_ptr, keys, L, E, per_layer, dist, hist, cold, cold_lay
     keys of pool p used since x's last use, so x's depth is its popcount. A group reads its
     depths, ORs its keys into every key's set, then gives each of its keys the set of the
     group's keys after it (the last accessed on top). Cost per group: one pass over the pool."""
+    record = dist.shape[0] > 0
     n_pools = L if per_layer else 1
     size = E if per_layer else L * E
     above = np.zeros((n_pools, size), np.uint64)
@@ -190,15 +193,16 @@ def _distances_bits(group_ptr, keys, L, E, per_layer, dist, hist, cold, cold_lay
             x = keys[i] - base
             bit = one << np.uint64(x)
             group |= bit
+            dd = -1
             if known & bit:
                 dd = _popcount(row[x])
-                dist[i] = dd
                 hist[l, dd] += 1
             else:
-                dist[i] = -1
                 cold[l] += 1
                 cold_layers[n_cold] = l
                 n_cold += 1
+            if record:
+                dist[i] = dd
         seen[p] = known | group
         for z in range(size):
             row[z] |= group
@@ -216,7 +220,9 @@ def _distances(group_ptr, keys, L, E, per_layer, dist, hist, cold, cold_layers):
     a Fenwick tree counts the pool's live stamps, so a depth is the number of live stamps
     above the key's (O(log) per access, whatever the depth). A group reads its depths, then
     stamps its keys in access order (the last accessed on top). When a pool runs out of
-    stamps its live ones are renumbered in order. Returns the number of cold accesses."""
+    stamps its live ones are renumbered in order. Returns the number of cold accesses; an
+    empty ``dist`` is not written."""
+    record = dist.shape[0] > 0
     n_pools = L if per_layer else 1
     size = E if per_layer else L * E
     T = 4 * size + 64
@@ -257,8 +263,8 @@ def _distances(group_ptr, keys, L, E, per_layer, dist, hist, cold, cold_layers):
         for i in range(lo, hi):
             key = keys[i]
             s = stamp[key]
+            dd = -1
             if s < 0:
-                dist[i] = -1
                 cold[l] += 1
                 cold_layers[n_cold] = l
                 n_cold += 1
@@ -269,8 +275,9 @@ def _distances(group_ptr, keys, L, E, per_layer, dist, hist, cold, cold_layers):
                     below += tree[p, q]
                     q -= q & -q
                 dd = n_live - below
-                dist[i] = dd
                 hist[l, dd] += 1
+            if record:
+                dist[i] = dd
         for i in range(lo, hi):
             key = keys[i]
             s = stamp[key]
@@ -606,7 +613,7 @@ def lru_curve(trace: Trace | Workload, *, scope: str = "layer", batch: int = 1,
     caps = np.arange(1, in_scope + 1) if capacities is None else np.asarray(sorted(set(capacities)), np.int64)
     if caps.size == 0 or caps[0] < 1 or caps[-1] > in_scope:
         raise SimcacheError(f"capacities must lie in 1..{in_scope} for scope {scope}")
-    stack = stack_distances(work, scope)
+    stack = stack_distances(work, scope, distances=False)
     hits = np.zeros((caps.size, L), np.int64)
     cum = np.cumsum(stack.histogram, axis=1)
     direct = caps < stack.smallest

@@ -76,6 +76,9 @@ def test_stack_distances_equal_the_twin(trace, batch, prefill, scope):
     assert s.histogram.tolist() == hist.tolist()
     assert s.cold.tolist() == [sum(1 for d, m in zip(want, layers) if d < 0 and m == l) for l in range(L)]
     assert s.cold_layers.tolist() == [l for d, l in zip(want, layers) if d < 0]
+    quick = stack_distances(work, scope, distances=False)  # what the hit curve reads
+    assert quick.distance.size == 0 and np.array_equal(quick.histogram, s.histogram)
+    assert np.array_equal(quick.cold, s.cold) and np.array_equal(quick.cold_layers, s.cold_layers)
     # both kernels, where the bitsets fit (stack_distances picks one by pool size)
     pool = E if scope == "layer" else L * E
     kernels = (_distances, _distances_bits) if pool <= 64 else (_distances,)
