@@ -360,9 +360,10 @@ def _direct(group_ptr, keys, tokens, L, E, per_layer, caps, lut, t_copy, overlap
     A capacity's pool is a bitset of residents. A group pins its h resident keys; of its
     misses, the first ``free + unpinned`` in access order (ascending keys: the lowest bits)
     fill: free slots first, then the unpinned residents from the least recent; the rest are
-    forced bypasses; the last miss (the highest bit) is the one whose compute waits on its copy. A resident's last touch is its last access (an access that leaves a key out of
-    the cache is a forced bypass, and the key stays out until its next access), so one
-    ``last`` array ranks the victims of every capacity.
+    forced bypasses; the last miss (the highest bit) is the one whose compute waits on its
+    copy. A resident's last touch is its last access (an access that leaves a key out of the
+    cache is a forced bypass, and the key stays out until its next access), so one ``last``
+    array ranks the victims of every capacity.
 
     ``words``: a tuple as long as a pool's bitset (64 keys a word), so that numba compiles the
     word loops for that length (one word: 30% faster; :func:`simcache.policies._dispatch.tag`)."""
@@ -505,9 +506,11 @@ def lru_results(
         _check_capacity(c, scope, L, E)
     caps = [int(c) for c in caps]
     eb, cal_name, t_copy, lut, ov = _timing(work, calibration, expert_bytes, overlap)
-    if stack is None or stack.work is not work or stack.scope != scope:
-        stack = stack_distances(work, scope) if any(c >= _smallest(work) for c in caps) else None
     smallest = _smallest(work)
+    # (a stack kept without its distances cannot price the groups)
+    if (stack is None or stack.work is not work or stack.scope != scope
+            or stack.distance.size != work.demand.num_accesses):
+        stack = stack_distances(work, scope) if any(c >= smallest for c in caps) else None
     out: dict[int, SimResult] = {}
 
     def result(c, per_layer, layer_time, elapsed):

@@ -59,6 +59,10 @@ def test_curve_on_bundled_traces(name, scope):
     caps = [c for c in caps if c <= top] + [max(1, stack.smallest - 1)]
     for got, c in zip(lru_results(work, caps, scope=scope, stack=stack), caps):
         assert_same(got, simcache.simulate(work, "lru", c, scope=scope))
+    # a stack kept without distances is rebuilt rather than misread
+    quick = stack_distances(work, scope, distances=False)
+    got = lru_results(work, [stack.smallest], scope=scope, stack=quick)[0]
+    assert_same(got, simcache.simulate(work, "lru", stack.smallest, scope=scope))
 
 
 @settings(max_examples=40, deadline=None)
