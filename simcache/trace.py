@@ -510,9 +510,23 @@ def read_trace(path) -> Trace:
     breaks an invariant.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     path = check_input(path, "trace file")
+    # Arrow's default pool (mimalloc) keeps what it frees, so each column read would stay
+    # resident beside the numpy arrays made from it; the system allocator gives it back
+    # (peak RSS of a 30 M-access read: 915 -> 721 MB)
+    pool = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        return _read(path)
+    finally:
+        pa.set_memory_pool(pool)
+
+
+def _read(path) -> Trace:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
@@ -814,15 +828,29 @@ def _sorted(trace: Trace) -> Trace:
     n = r.shape[0]
     if n < 2:
         return trace
-    key_r = r.astype(np.int64)
-    in_order = np.all(
-        (key_r[1:] > key_r[:-1])
-        | ((key_r[1:] == key_r[:-1]) & ((p[1:] > p[:-1]) | ((p[1:] == p[:-1]) & (l[1:] >= l[:-1]))))
-    )
-    if in_order:
+    if _in_order(r, p, l):
         return trace
     order = np.lexsort((l, p, r))
     return dataclasses.replace(trace, **_take_rows(trace, order))
+
+
+def _in_order(r, p, l, chunk: int = 1 << 20) -> bool:
+    """Whether rows are in (request, position, layer) order, checked a chunk of rows at a time
+    (whole-column comparisons held five temporaries of the column's length: 190 MB on a
+    15 M-row trace).
+
+    >>> _in_order(np.array([0, 0, 1]), np.array([0, 1, 0]), np.array([0, 0, 0]), chunk=1)
+    True
+    >>> _in_order(np.array([0, 0, 1]), np.array([1, 0, 0]), np.array([0, 0, 0]), chunk=1)
+    False
+    """
+    n = r.shape[0]
+    for lo in range(0, n - 1, chunk):
+        a, b = slice(lo, min(lo + chunk, n - 1)), slice(lo + 1, min(lo + chunk, n - 1) + 1)
+        ok = (r[b] > r[a]) | ((r[b] == r[a]) & ((p[b] > p[a]) | ((p[b] == p[a]) & (l[b] >= l[a]))))
+        if not ok.all():
+            return False
+    return True
 
 
 def _first_line(exc: BaseException) -> str:
