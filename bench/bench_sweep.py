@@ -10,7 +10,10 @@ Three measurements, printed in one run (figures and machine in docs/performance.
    per layer, so only speed is compared).
 2. The one-pass LRU curve for every capacity 1..E on a 100 M-access, 64-expert, top-6
    trace, against separate ``simulate`` runs (timed at a spread of capacities, the mean
-   scaled to all E: 64 full runs would take minutes here).
+   scaled to all E: 64 full runs would take minutes here): ``lru_curve`` from the Workload
+   (its stack and direct passes apart) and from the Trace, and ``lru_results`` (every counter
+   and time at every capacity, as the sweep's LRU cells get them); then the stack pass alone
+   on the workloads of part 1, per layer and global.
 3. A 1,000-cell sweep on 1 and 2 local Dask workers: cells/s once the cluster is up, and
    each worker's peak RSS.
 
@@ -36,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import simcache  # noqa: E402
-from simcache.mrc import lru_curve  # noqa: E402
+from simcache.mrc import lru_curve, lru_results, stack_distances  # noqa: E402
 from simcache.workload import Workload, demand, next_use, schedule  # noqa: E402
 
 
@@ -113,24 +116,48 @@ def curve_bench(accesses, spread, layers=4):
     work = Workload(trace)
     n = work.demand.num_accesses
     simcache.simulate(work, "lru", 8)  # warm
+    small = simcache.synth(2, 8, num_layers=2, num_experts=8, top_k=3, seed=1)
+    lru_curve(small), lru_results(small, range(1, 9))  # warm (compiled or cached)
     t0 = time.perf_counter()
     curve = lru_curve(work)
     one_pass = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    from_trace = lru_curve(trace)  # the workload build included
+    trace_s = time.perf_counter() - t0
+    assert (from_trace.hits == curve.hits).all()
+    t0 = time.perf_counter()
+    full = lru_results(work, range(1, E + 1))  # every counter and time, as the sweep's LRU cells
+    results_s = time.perf_counter() - t0
     caps = sorted(set(np.linspace(1, E, spread).round().astype(int).tolist()))
     runs = []
     for c in caps:
         t0 = time.perf_counter()
         r = simcache.simulate(work, "lru", int(c))
         runs.append(time.perf_counter() - t0)
-        assert r.hits == int(curve.hits[c - 1].sum()), c
+        assert r.hits == int(curve.hits[c - 1].sum()) == full[c - 1].hits, c
     separate = float(np.mean(runs)) * E
-    stack_caps = E - curve.smallest_stack + 1
     return {"accesses": n, "layers": layers, "experts": E, "top_k": k, "trace_gen_s": gen,
-            "one_pass_s": one_pass, "smallest_stack_capacity": curve.smallest_stack,
-            "direct_capacities": curve.smallest_stack - 1, "separate_capacities_timed": caps,
+            "one_pass_s": one_pass, "stack_s": curve.stack_s, "direct_s": curve.direct_s,
+            "smallest_stack_capacity": curve.smallest_stack, "direct_capacities": curve.smallest_stack - 1,
+            "from_trace_s": trace_s, "results_s": results_s, "separate_capacities_timed": caps,
             "separate_mean_s": float(np.mean(runs)), "separate_all_s_est": separate,
             "speedup": separate / one_pass, "capacity_accesses_per_s": E * n / one_pass,
-            "stack_only_speedup": float(np.mean(runs)) * stack_caps / max(one_pass - float(np.mean(runs)) * (curve.smallest_stack - 1), 1e-9)}
+            "from_trace_speedup": separate / trace_s, "results_speedup": separate / results_s}
+
+
+def stack_bench(traces):
+    """The stack pass alone (``stack_distances``, best of 2) on the simulate benchmark's
+    workloads: bitsets for pools up to 64 keys, the Fenwick tree above."""
+    out = {}
+    for name, trace in traces.items():
+        work = Workload(trace)
+        for scope in ("layer", "global"):
+            pool = trace.num_experts * (1 if scope == "layer" else trace.num_layers)
+            s = min((stack_distances(work, scope) for _ in range(2)), key=lambda s: s.elapsed_s)
+            out[f"{name} {trace.num_layers}x{trace.num_experts} {scope}"] = {
+                "accesses": work.demand.num_accesses, "pool": pool, "s": s.elapsed_s,
+                "kernel": "bitsets" if pool <= 64 else "Fenwick tree"}
+    return out
 
 
 def _warm(trace_path, policies, scopes):
@@ -200,6 +227,7 @@ def main():
             results["moe"] = end_to_end(make_trace(moe_n, top_k=2, seed=1), 4, "layer", args.repeat, tmp, "moe", True)
     if args.only in (None, "curve"):
         results["curve"] = curve_bench(curve_n, 4 if args.quick else 8)
+        results["stack"] = stack_bench({"zipf": zipf_trace(zipf_n), "moe": make_trace(moe_n, top_k=2, seed=1)})
     if args.only in (None, "sweep"):
         results["sweep"], _ = sweep_bench(ROOT / "traces" / "trained-mixtral-8e.parquet", 100 if args.quick else 1000)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
@@ -216,11 +244,17 @@ def main():
     c = results.get("curve")
     if c:
         print(f"one-pass LRU curve, capacities 1..{c['experts']}, {c['accesses']:,} accesses "
-          f"({c['layers']} layers x {c['experts']} experts, top-{c['top_k']}): {c['one_pass_s']:.2f} s "
-          f"(stack pass for c >= {c['smallest_stack_capacity']}, {c['direct_capacities']} direct runs below); "
-          f"separate runs {c['separate_mean_s']:.2f} s each -> {c['separate_all_s_est']:.1f} s for all; "
-          f"speedup {c['speedup']:.1f}x; {c['capacity_accesses_per_s'] / 1e9:.2f} G capacity-accesses/s; "
-          f"stack part alone {c['stack_only_speedup']:.1f}x")
+              f"({c['layers']} layers x {c['experts']} experts, top-{c['top_k']}): {c['one_pass_s']:.2f} s "
+              f"(stack pass for c >= {c['smallest_stack_capacity']}: {c['stack_s']:.2f} s; one direct pass for "
+              f"the {c['direct_capacities']} below: {c['direct_s']:.2f} s); separate runs {c['separate_mean_s']:.2f} s "
+              f"each -> {c['separate_all_s_est']:.1f} s for all; speedup {c['speedup']:.1f}x; "
+              f"{c['capacity_accesses_per_s'] / 1e9:.2f} G capacity-accesses/s")
+        print(f"  from the Trace (workload build included): {c['from_trace_s']:.2f} s, {c['from_trace_speedup']:.1f}x; "
+              f"lru_results at 1..{c['experts']} (every counter and time): {c['results_s']:.2f} s, "
+              f"{c['results_speedup']:.1f}x")
+    for name, r in results.get("stack", {}).items():
+        print(f"  stack pass alone, {name} ({r['pool']}-key pools, {r['kernel']}): {r['s']:.3f} s for "
+              f"{r['accesses']:,} accesses, {r['accesses'] / r['s'] / 1e6:.0f} M/s")
     s = results.get("sweep")
     for w in (1, 2) if s else ():
         print(f"sweep of {s[w]['cells']:,} cells on {w} local worker(s): {s[w]['wall_s']:.1f} s, "

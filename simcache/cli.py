@@ -594,8 +594,8 @@ def sweep(traces, config, out, workers, scheduler, calibration, progress, **knob
 @friendly
 def mrc(trace, scope, batch, prefill, plot, out, as_json, force):
     """LRU's exact miss-ratio curve at every capacity, in one pass (stack distances; capacities
-    below the largest (step, layer) group run directly). LRU only: FIFO, LFU, Belady and the
-    bypassing rules are not stack algorithms."""
+    below the largest (step, layer) group run together in one direct pass). LRU only: FIFO,
+    LFU, Belady and the bypassing rules are not stack algorithms."""
     from simcache.mrc import lru_curve
     from simcache.report import table, write_results
 
@@ -622,8 +622,8 @@ def mrc(trace, scope, batch, prefill, plot, out, as_json, force):
         return
     click.echo(f"trace: {_shown(path)}: {t.num_layers} layers x {t.num_experts} experts, top-{t.top_k}; "
                f"batch {batch}, prefill {prefill}, scope {scope}")
-    click.echo(f"one stack pass for capacities >= {curve.smallest_stack} (the largest group); "
-               f"{curve.elapsed_s:.2f} s in all")
+    click.echo(f"one stack pass for capacities >= {curve.smallest_stack} (the largest group), one direct "
+               f"pass below; {curve.elapsed_s:.2f} s in all")
     click.echo(table(["capacity", "hit ratio", "miss ratio", "hits", "method"],
                      [[int(r.capacity), r.hit_ratio, r.miss_ratio, int(r.hits), r.method] for r in frame.itertuples()]))
     for p in written:

@@ -813,6 +813,22 @@ def lru_hits_flat(sequence, capacity):
     return hits
 
 
+def stack_distances(trace, batch=1, prefill="skip", scope="layer"):
+    """LRU stack distances (docs/design.md §13) from one recency list per pool, most recent
+    first: each access of a group reads its key's depth before the group (-1: never seen),
+    then the group's keys move to the front in access order, the last accessed on top.
+    Returns (distance per access, layer per access)."""
+    distance, layers = [], []
+    stacks = {}
+    for _, l, acc in accesses(trace, schedule(trace, batch, prefill)):
+        stack = stacks.setdefault(l if scope == "layer" else 0, [])
+        keys = [key for key, _ in acc]
+        distance += [stack.index(key) if key in stack else -1 for key in keys]
+        layers += [l] * len(keys)
+        stack[:] = keys[::-1] + [key for key in stack if key not in keys]
+    return distance, layers
+
+
 def optimal_hits(groups, capacity, bypass=True):
     """Exhaustive search for the most hits on one pool (tiny inputs only).
 
