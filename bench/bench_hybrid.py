@@ -12,7 +12,6 @@ of the simulation loop on one core, best of ``--repeat`` runs after a compiling 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import numba  # noqa: E402
 
 import simcache  # noqa: E402
-from bench_simulate import make_trace  # noqa: E402
+from bench_simulate import machine, make_trace  # noqa: E402
 from simcache.timing import MIXTRAL_EXPERT_BYTES  # noqa: E402
 
 CASES = [("lru", "load"), ("lru", "cpu"), ("lru", "auto"), ("lru", "auto-cputime"), ("static", "auto"),
@@ -43,8 +42,7 @@ def main(argv=None):
     ap.add_argument("--accesses", type=int, default=10_000_000)
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args(argv)
-    print(f"machine: {platform.processor() or platform.machine()}, {platform.python_version()}, "
-          f"numba {numba.__version__}")
+    print(f"machine: {machine()}, numba {numba.__version__}")
     train = make_trace(200_000, top_k=2, seed=2)
     demand = simcache.demand_counts(train)
     trace = make_trace(a.accesses, top_k=2, seed=1)

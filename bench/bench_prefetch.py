@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import simcache  # noqa: E402
-from bench_simulate import make_trace  # noqa: E402
+from bench_simulate import machine, make_trace  # noqa: E402
 from simcache.prefetch import plan as prefetch_plan  # noqa: E402
 from simcache.workload import Workload  # noqa: E402
 
@@ -63,7 +62,7 @@ def main():
     for row in rows:
         print(f"{row['batch']:>5} {row['prefetch']:>8} {row['Maps']:>8.1f} {row['ratio_to_none']:>7.2f}x "
               f"{row.get('plan_s', 0.0):>7.2f}")
-    print(json.dumps({"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
+    print(json.dumps({"machine": machine(),
                       "rows": rows}))
 
 

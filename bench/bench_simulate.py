@@ -54,6 +54,17 @@ def mixtral_counts():
     return None
 
 
+def machine() -> str:
+    """The CPU's model (from /proc/cpuinfo), core count and Python, for a benchmark's first line."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
 def make_trace(accesses, top_k, seed=0):
     counts = mixtral_counts()
     tokens = accesses // (32 * top_k)
@@ -221,8 +232,7 @@ def main():
         rows += rows2
         extra.update(extra2)
         memory = None if args.quick else memory_run(100_000_000, tmp)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    print(f"machine: {machine}; one core; best of {args.repeat}")
+    print(f"machine: {machine()}; one core; best of {args.repeat}")
     print(f"{'workload':9} {'policy':14} {'accesses':>11} {'simcache M/s':>13} {'libCacheSim M/s':>16} "
           f"{'ratio':>6} {'simcache hits':>14} {'libCacheSim hits':>17}")
     for r in rows:

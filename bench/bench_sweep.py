@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -230,7 +229,7 @@ def main():
         results["stack"] = stack_bench({"zipf": zipf_trace(zipf_n), "moe": make_trace(moe_n, top_k=2, seed=1)})
     if args.only in (None, "sweep"):
         results["sweep"], _ = sweep_bench(ROOT / "traces" / "trained-mixtral-8e.parquet", 100 if args.quick else 1000)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    machine = bench_simulate.machine()
     print(f"machine: {machine}")
     if "zipf" in results:
         print("simulate(trace, 'lru', ...) end to end from an in-memory Trace (best of %d):" % args.repeat)

@@ -8,12 +8,16 @@ default and the RTX 4090 calibration). Every policy is scored on the same half o
 static's hot set is counted on the other half (split by request, seed 0). Run from the
 repository root:
 
-    python recipes/hybrid_tables.py [--batch 1] [--markdown]
+    python recipes/hybrid_tables.py [--batch 1] [--handoff SECONDS]
+
+``--handoff`` prices the CPU path's hand-off (``cpu_group_s``, once per group with a CPU
+expert; docs/metrics.md) on both machines, where the built-in references carry 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -33,12 +37,12 @@ POLICIES = ["lru", "static", "belady-bypass"]
 MISSES = ["load", "cpu", "auto"]
 
 
-def rows(setting, machine, batch):
+def rows(setting, machine, batch, handoff=0.0):
     path, preset, caps = SETTINGS[setting]
     train, test = split_requests(simcache.read_trace(ROOT / path), 0.5, 0)
     demand = simcache.demand_counts(train)
     work = simcache.Workload(test, batch)
-    cal = REFERENCES[machine]()
+    cal = dataclasses.replace(REFERENCES[machine](), cpu_group_s=handoff)
     eb = PRESETS[preset].expert_bytes()
     out = []
     for c in caps:
@@ -54,11 +58,13 @@ def rows(setting, machine, batch):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--handoff", type=float, default=0.0, help="cpu_group_s in seconds (default 0)")
     a = ap.parse_args(argv)
     for setting in SETTINGS:
         for machine in REFERENCES:
-            table, work = rows(setting, machine, a.batch)
-            print(f"\n{setting}, {machine} calibration, batch {a.batch} "
+            table, work = rows(setting, machine, a.batch, a.handoff)
+            shown = f", hand-off {a.handoff * 1e3:g} ms" if a.handoff else ""
+            print(f"\n{setting}, {machine} calibration{shown}, batch {a.batch} "
                   f"({work.demand.num_accesses:,} accesses, {work.steps.decode_tokens:,} tokens): ms/token")
             head = ["capacity"] + [f"{p} {m}" for p in POLICIES for m in MISSES] + ["best"]
             print("| " + " | ".join(head) + " |")
