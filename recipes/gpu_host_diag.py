@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import threading
 import time
 
 import numpy as np
@@ -31,44 +30,7 @@ import torch
 from simcache.replay.cpu import HostExecutor, Job, set_host_threads
 from simcache.replay.experts import ffn
 from simcache.replay.presets import PRESETS
-
-
-class Copier:
-    """Back-to-back copies host -> GPU on a side stream from a background thread."""
-
-    def __init__(self, src_rows, dev):
-        self.src = src_rows
-        self.dst = torch.empty_like(src_rows[0], device=dev)
-        self.stream = torch.cuda.Stream(dev)
-        self.times = []
-        self._stop = threading.Event()
-
-    def one(self, i):
-        t0 = time.perf_counter()
-        with torch.cuda.stream(self.stream):
-            self.dst.copy_(self.src[i % len(self.src)], non_blocking=True)
-        self.stream.synchronize()
-        return time.perf_counter() - t0
-
-    def __enter__(self):
-        self._stop.clear()
-        self.times = []
-
-        def loop():
-            i = 0
-            while not self._stop.is_set():
-                self.times.append(self.one(i))
-                i += 1
-
-        self._t = threading.Thread(target=loop, daemon=True)
-        self._t.start()
-        while not self.times:
-            time.sleep(1e-4)
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
+from simcache.replay.probe import _Copies, host_experts
 
 
 def window(fn, seconds):
@@ -88,27 +50,22 @@ def main():
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--window", type=float, default=0.4)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu to try the recipe without a GPU")
     a = ap.parse_args()
     p = PRESETS[a.preset]
-    dev = torch.device("cuda", 0)
+    dev = torch.device("cuda", 0) if a.device == "cuda" else torch.device("cpu")
     dt = torch.bfloat16
-    W = p.expert_elements()
-    eb = W * 2
-    n_ffn = max(4, -(-(1 << 30) // eb))
-    n_copy = max(4, -(-(1 << 30) // eb))
+    eb = p.expert_bytes(2)
     t0 = time.perf_counter()
-    store = torch.empty((n_ffn + n_copy, W), dtype=dt, pin_memory=True)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    for r in range(store.shape[0]):
-        store[r].copy_((torch.randn(W, generator=gen, device=dev) * p.hidden ** -0.5).to(dt))
-    torch.cuda.synchronize()
+    ffn_rows = host_experts(p, dt, pin=dev.type == "cuda")  # (n, W): the probe's rotation of pinned experts
+    n_ffn = ffn_rows.shape[0]
+    one = _Copies(dev, eb, rows=1)  # copies of one buffer
+    rot = _Copies(dev, eb)  # copies of distinct rows, as a replay's
+    n_copy = rot.src.shape[0]
     setup_s = time.perf_counter() - t0
-    ffn_rows, copy_rows = store[:n_ffn], store[n_ffn:]
     set_host_threads(a.threads)
     ex = HostExecutor(p.hidden, p.ffn, dev, a.threads, max_tokens=4096)
-    one = Copier([copy_rows[0]], dev)
-    rot = Copier(list(copy_rows), dev)
-    copy_alone = float(np.median([rot.one(i) for i in range(2 * n_copy)][2:]))
+    copy_alone = float(np.median([rot.one() for _ in range(2 * n_copy)][2:]))
     tokens = [int(t) for t in a.tokens.split(",")]
     xs = {t: torch.randn((t, p.hidden), device=dev).to(dt) for t in tokens}
     xh = {t: xs[t].cpu() for t in tokens}
@@ -130,7 +87,8 @@ def main():
                 tk = ex.submit(xs[t], [Job(ffn_rows[i % n_ffn], idx[t], gate[t])])
                 out = torch.zeros_like(xs[t])
                 ex.finish(tk, out)
-                torch.cuda.synchronize()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
 
             rec = {"round": rnd, "tokens": t, "at_s": time.perf_counter() - start}
             rec["alone_ms"], _ = window(plain, a.window)

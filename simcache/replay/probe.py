@@ -295,15 +295,16 @@ HANDOFF_FFN = 256  # the FFN size of the hand-off probe's expert (3 x 256 x hidd
 class _Copies:
     """Expert-sized copies back to back on a background thread while the block runs: pinned
     host -> device on a side stream on a GPU, host -> host on a CPU-only run (tests). Each copy
-    reads the next of distinct source rows, together at least 1 GiB (:func:`rotation`), as a
-    replay's copies read distinct experts: copies of one buffer can be served from the host's
-    last-level cache and then leave the CPU's memory bandwidth alone. Records the seconds of
-    each copy."""
+    reads the next of ``rows`` distinct source rows (default :func:`rotation`'s count, together
+    at least 1 GiB), as a replay's copies read distinct experts (copies of one buffer might be
+    served from the host's last-level cache; on the H200 host the two slowed the FFN alike,
+    docs/hybrid.md run 5). Records the seconds of each copy."""
 
-    def __init__(self, dev, nbytes):
+    def __init__(self, dev, nbytes, rows: int | None = None):
         self.dev = dev
         cuda = dev.type == "cuda"
-        self.src = torch.empty((rotation(nbytes), nbytes), dtype=torch.uint8, pin_memory=cuda)  # (n, bytes)
+        n = rotation(nbytes) if rows is None else int(rows)
+        self.src = torch.empty((n, nbytes), dtype=torch.uint8, pin_memory=cuda)  # (n, bytes)
         self.src.fill_(1)
         self.dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         self.stream = torch.cuda.Stream(dev) if cuda else None
