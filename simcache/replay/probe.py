@@ -472,21 +472,22 @@ def host_threads(spec: str) -> list[int]:
 
 
 def host_handoff_seconds(dev, hidden: int, dtype, threads: int, min_seconds=0.2, min_calls=20,
-                         ffn_size: int = HANDOFF_FFN) -> float:
+                         ffn_size: int = HANDOFF_FFN, roundtrip_s: float | None = None) -> float:
     """The CPU path's fixed cost per group (the calibration's ``cpu_group_s``), measured through
     the replay's own :class:`~simcache.replay.cpu.HostExecutor`: one 1-token expert submitted,
     finished into a device output and synchronised, over and over; per call its seconds less
     the expert's host FFN (the executor's own clock of it) and less one activation round trip
     (which the model prices per expert); the median. What remains is the hand-off: the worker
     waking and waiting for the gather, the issuing thread waking for the result and adding it.
-    A small expert (``ffn_size``) keeps the FFN, and its noise, out of the figure."""
+    A small expert (``ffn_size``) keeps the FFN, and its noise, out of the figure.
+    ``roundtrip_s``: the 1-token round trip, if already measured (:func:`roundtrip_seconds`)."""
     from simcache.replay.cpu import HostExecutor, Job
 
     w = (torch.randn(3 * ffn_size * hidden, generator=torch.Generator().manual_seed(2)) * hidden ** -0.5).to(dtype)
     w = w.pin_memory() if dev.type == "cuda" else w  # (W,)
     x = torch.randn((1, hidden), device=dev).to(dtype)  # (1, H)
     job = Job(w, torch.zeros(1, dtype=torch.long, device=dev), torch.ones((1, 1), dtype=dtype, device=dev))
-    rt = roundtrip_seconds(dev, hidden, dtype, tokens=[1])[0]
+    rt = roundtrip_seconds(dev, hidden, dtype, tokens=[1])[0] if roundtrip_s is None else roundtrip_s
     out = torch.zeros_like(x)
     left = []
     with HostExecutor(hidden, ffn_size, dev, threads, max_tokens=1, dtype=dtype) as ex:
@@ -550,11 +551,11 @@ def probe_host(dev, preset: Preset, dtype, threads: str = "8,12,all", tokens=CPU
         slow = [float(np.median([np.median(c) for c in passes if c])) / copy_alone
                 if any(passes) else 1.0 for passes in copy_t]
         choice = choose_threads(threads, [row[0] for row in busy], slow, copy_alone)
-        handoff = host_handoff_seconds(dev, preset.hidden, dtype, choice)
+        rt = roundtrip_seconds(dev, preset.hidden, dtype)  # (ROUNDTRIP_TOKENS: 1 token first)
+        handoff = host_handoff_seconds(dev, preset.hidden, dtype, choice, roundtrip_s=rt[0])
     finally:
         torch.set_num_threads(before)
     token_bytes = preset.hidden * torch.tensor([], dtype=dtype).element_size()
-    rt = roundtrip_seconds(dev, preset.hidden, dtype)
     latency, gbps = fit_roundtrip(ROUNDTRIP_TOKENS, rt, token_bytes)
     return dict(
         cpu_model=cpu_model(), cpu_dtype=str(dtype).replace("torch.", ""), cpu_expert_bytes=eb, cpu_call_s=0.0,
