@@ -20,8 +20,10 @@ machines: ``h200`` (the default) and ``rtx4090`` (a consumer PCIe 4.0 setup, pub
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -175,7 +177,9 @@ class Calibration:
                 f"(run 'simcache probe', which measures the host, or use a reference calibration)")
 
     def validate(self, where: str = "calibration") -> "Calibration":
-        """Check table shapes and signs; raise a one-line :class:`SimcacheError` naming the problem."""
+        """Check types, table shapes and signs; raise a one-line :class:`SimcacheError` naming
+        the problem."""
+        self._check_types(where)
         if len(self.copy_bytes) < 1 or len(self.copy_bytes) != len(self.copy_gbps):
             raise SimcacheError(f"{where}: copy_bytes and copy_gbps must be equal-length, non-empty")
         if len(self.ffn_tokens) < 1 or len(self.ffn_tokens) != len(self.ffn_seconds):
@@ -200,14 +204,29 @@ class Calibration:
             raise SimcacheError(f"{where}: cpu_copy_slowdown factors must be positive")
         if self.cpu_expert_bytes <= 0 or self.cpu_call_s < 0:
             raise SimcacheError(f"{where}: cpu_expert_bytes must be positive and cpu_call_s non-negative")
-        if not (isinstance(self.cpu_group_s, (int, float)) and not isinstance(self.cpu_group_s, bool)
-                and math.isfinite(self.cpu_group_s) and self.cpu_group_s >= 0):
+        if not (math.isfinite(self.cpu_group_s) and self.cpu_group_s >= 0):
             raise SimcacheError(f"{where}: cpu_group_s must be a non-negative number of seconds, "
                                 f"got {self.cpu_group_s!r}")
         if self.act_latency_s < 0 or self.act_gbps < 0 or self.act_token_bytes < 0:
             raise SimcacheError(f"{where}: act_latency_s, act_gbps and act_token_bytes must be non-negative")
         self._cpu_row()
         return self
+
+    def _check_types(self, where: str) -> None:
+        """Every int and float field a number, every list field (nested) lists of numbers: a
+        JSON ``null`` or string there would otherwise surface as a traceback from arithmetic."""
+        def numeric(v) -> bool:
+            if isinstance(v, (list, tuple)):
+                return all(numeric(x) for x in v)
+            return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+        for f in dataclasses.fields(self):
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            value = getattr(self, f.name)
+            if kind in ("int", "float") and not numeric(value) or kind == "list" and not (
+                    isinstance(value, (list, tuple)) and numeric(value)):
+                what = "a list of non-negative numbers" if kind == "list" else "a non-negative number"
+                raise SimcacheError(f"{where}: {f.name} must be {what}, got {value!r:.40}")
 
     def to_json(self) -> str:
         return json.dumps({"calibration_version": CALIBRATION_VERSION, **asdict(self)}, indent=2)

@@ -164,6 +164,9 @@ def test_calibration_round_trips_through_json(tmp_path):
     ({"cpu_group_s": -1e-4}, "cpu_group_s must be a non-negative number"),
     ({"cpu_group_s": None}, "cpu_group_s must be a non-negative number"),
     ({"cpu_group_s": "1ms"}, "cpu_group_s must be a non-negative number"),
+    ({"act_latency_s": None}, "act_latency_s must be a non-negative number"),
+    ({"copy_gbps": [55.0, "fast"]}, "copy_gbps must be a list of non-negative numbers"),
+    ({"cpu_threads": [True]}, "cpu_threads must be a list of non-negative numbers"),
 ])
 def test_bad_cpu_tables_are_one_line_errors(tmp_path, change, message):
     data = json.loads(rtx4090_calibration().to_json())
