@@ -12,6 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import simcache  # noqa: E402
 from simcache.cli import main  # noqa: E402
@@ -88,6 +90,23 @@ def test_probe_host_on_tiny_shapes_gives_a_valid_cpu_table():
     assert cal.cpu_dtype == "float32" and "cores available" in cal.cpu_model
     assert 0 <= cal.cpu_group_s < 0.05 and extra["cpu_rounds"] == 3
     assert np.shape(extra["cpu_seconds_spread"]) == (2, 3, 2)
+    assert all(b >= a for ra, rb in zip(cal.cpu_seconds, cal.cpu_busy_seconds) for a, b in zip(ra, rb))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(1e-3, 1e-2), st.floats(0.5, 3.0)), min_size=1, max_size=5))
+def test_busy_from_pairs_keeps_the_paired_ratio_and_never_prices_the_cpu_faster(passes):
+    """Each pass: an alone rate and busy/alone ratio. The busy figure is the alone median times
+    the median ratio (at least 1), whatever the drift between passes."""
+    from simcache.replay.probe import _median_of_passes, busy_from_pairs
+
+    alone_t = [[[[a, a] for a, _ in passes]]]
+    busy_t = [[[[a * r] for a, r in passes]]]
+    alone = _median_of_passes(alone_t)[0][0]
+    busy = busy_from_pairs(alone_t, busy_t)[0][0]
+    ratio = float(np.median([r for _, r in passes]))
+    assert busy >= alone
+    assert busy == pytest.approx(alone * max(ratio, 1.0), rel=1e-9)
 
 
 def test_handoff_probe_measures_the_executor_path_not_the_ffn(monkeypatch):

@@ -512,6 +512,31 @@ def _median_of_passes(times) -> list[list[float]]:
     return [[float(np.median([np.median(p) for p in cell])) for cell in row] for row in times]
 
 
+def busy_from_pairs(alone_t, busy_t) -> list[list[float]]:
+    """The FFN while copies run: the alone figure times the median, over passes, of each
+    pass's busy/alone ratio, and never below the alone figure. Each pass measures one token
+    count alone and then busy, back to back, so a ratio compares two rates a fraction of a
+    second apart; the host's rate drifts by a third over seconds (docs/hybrid.md), and two
+    separate medians can put the busy figure below the alone one (run 6: 7.15 ms busy against
+    8.95 alone at 12 threads), which prices the CPU faster when copies run beside it. Copies
+    share the host's memory: they do not speed its FFN up, so a ratio below 1 is read as 1.
+
+    >>> alone = [[[[10.0], [12.0], [11.0]], [[2.0], [2.0], [2.0]]]]
+    >>> busy = [[[[9.0], [10.0], [10.0]], [[3.0], [3.2], [2.8]]]]
+    >>> busy_from_pairs(alone, busy)
+    [[11.0, 3.0]]
+    """
+    alone = _median_of_passes(alone_t)
+    out = []
+    for a_row, at_row, bt_row in zip(alone, alone_t, busy_t):
+        row = []
+        for a, at, bt in zip(a_row, at_row, bt_row):
+            ratio = float(np.median([np.median(b) / np.median(x) for x, b in zip(at, bt)]))
+            row.append(a * max(ratio, 1.0))
+        out.append(row)
+    return out
+
+
 def probe_host(dev, preset: Preset, dtype, threads: str = "8,12,all", tokens=CPU_TOKENS,
                min_seconds=0.05, rounds: int = 3) -> dict:
     """The host CPU's part of a calibration (the ``cpu_*`` and ``act_*`` fields of
@@ -520,9 +545,10 @@ def probe_host(dev, preset: Preset, dtype, threads: str = "8,12,all", tokens=CPU
     fastest (:func:`simcache.timing.choose_threads`); the activation round trip; the CPU path's
     hand-off per group at the chosen thread count (:func:`host_handoff_seconds`). The FFN
     figures are medians over ``rounds`` passes through every thread count and token count,
-    alone and busy in turn (``min_seconds`` each): the host's FFN rate drifts by a third over
-    seconds (docs/hybrid.md), and one pass would price a token count by whichever rate held
-    while it ran."""
+    each token count alone and then busy, back to back (``min_seconds`` each): the host's FFN
+    rate drifts by a third over seconds (docs/hybrid.md), and one pass would price a token
+    count by whichever rate held while it ran; the busy figure is the alone one times the
+    pairs' ratio (:func:`busy_from_pairs`)."""
     from simcache.replay.cpu import cpu_model, set_host_threads
     from simcache.timing import choose_threads
 
@@ -540,16 +566,14 @@ def probe_host(dev, preset: Preset, dtype, threads: str = "8,12,all", tokens=CPU
         for _ in range(rounds):
             for i, n in enumerate(threads):
                 set_host_threads(n)
-                for row, times in zip(alone_t[i], host_ffn_seconds(preset, dtype, tokens, min_seconds=min_seconds,
-                                                                   experts=experts, raw=True)):
-                    row.append(times)
-                for row, times in zip(busy_t[i], host_ffn_seconds(preset, dtype, tokens, copies=copies,
-                                                                  min_seconds=min_seconds, experts=experts, raw=True)):
-                    row.append(times)
-                copy_t[i].append(copies.times)
-        alone, busy = _median_of_passes(alone_t), _median_of_passes(busy_t)
-        slow = [float(np.median([np.median(c) for c in passes if c])) / copy_alone
-                if any(passes) else 1.0 for passes in copy_t]
+                for j, t in enumerate(tokens):  # alone, then busy, back to back (busy_from_pairs)
+                    alone_t[i][j].append(host_ffn_seconds(preset, dtype, [t], min_seconds=min_seconds,
+                                                          experts=experts, raw=True)[0])
+                    busy_t[i][j].append(host_ffn_seconds(preset, dtype, [t], copies=copies,
+                                                         min_seconds=min_seconds, experts=experts, raw=True)[0])
+                    copy_t[i].extend(copies.times)
+        alone, busy = _median_of_passes(alone_t), busy_from_pairs(alone_t, busy_t)
+        slow = [float(np.median(times)) / copy_alone if times else 1.0 for times in copy_t]
         choice = choose_threads(threads, [row[0] for row in busy], slow, copy_alone)
         rt = roundtrip_seconds(dev, preset.hidden, dtype)  # (ROUNDTRIP_TOKENS: 1 token first)
         handoff = host_handoff_seconds(dev, preset.hidden, dtype, choice, roundtrip_s=rt[0])
