@@ -38,17 +38,29 @@ def _group(seed, n=7, experts=3):
     return x, jobs
 
 
+def _host_read(dst, src):
+    """Stands in for the GPU's zero-copy kernel on a CPU-only run: dst <- src, poisoned
+    first, so a result the worker wrote straight into dst would not survive."""
+    dst.fill_(float("nan"))
+    dst.copy_(src)
+
+
+@pytest.mark.parametrize("upload", ["copy", "read"])
 @pytest.mark.parametrize("seed", range(4))
-def test_host_executor_output_equals_the_gpu_path(seed):
+def test_host_executor_output_equals_the_gpu_path(seed, upload):
     """CPU-assigned experts computed on the host, added into the output: the same values as
     the replay's own expert FFN on the device (here both the CPU, float32; thread counts
-    differ, so the matmul blocking may round differently)."""
+    differ, so the matmul blocking may round differently). Both ways of bringing results up:
+    the worker's copies, and finish() reading the host buffer (as the GPU kernel does)."""
     x, jobs = _group(seed)
     ref = torch.zeros_like(x)
     for j in jobs:
         apply_expert(ref, x, j.idx, j.gate, j.weights, TINY.hidden, TINY.ffn)
     out = torch.zeros_like(x)
     with HostExecutor(TINY.hidden, TINY.ffn, CPU, threads=1, dtype=torch.float32) as ex:
+        assert ex.upload == "copy"  # (no GPU: never the kernel)
+        if upload == "read":
+            ex._reader, ex.upload = _host_read, "read"
         ticket = ex.submit(x, jobs)
         ex.finish(ticket, out)
         assert len(ticket.expert_s) == len(jobs) and all(s > 0 for s in ticket.expert_s)
@@ -63,6 +75,29 @@ def test_host_executor_output_equals_the_gpu_path(seed):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out2, ref2, rtol=1e-5, atol=1e-6)
     assert not torch.equal(out, torch.zeros_like(out))
+
+
+def test_checked_reader_keeps_only_a_kernel_that_copies_exactly():
+    from simcache.replay.cpu import checked_reader
+
+    def exact():
+        return lambda dst, src: dst.copy_(src)
+
+    def off_by_one_row():
+        def read(dst, src):
+            dst.copy_(src)
+            dst[-1] = 0
+        return read
+
+    def fails():
+        def read(dst, src):
+            raise RuntimeError("Pointer argument (at 0) cannot be accessed from Triton (cpu tensor?)")
+        return read
+
+    assert checked_reader(CPU, make=exact) is not None
+    assert checked_reader(CPU, make=off_by_one_row) is None
+    assert checked_reader(CPU, make=fails) is None
+    assert checked_reader(CPU, make=lambda: None) is None
 
 
 def test_host_executor_refuses_overlapping_groups_and_oversized_ones():

@@ -4,11 +4,16 @@ For a (step, layer) the schedule sends some misses to the CPU. :class:`HostExecu
 on one worker thread while the GPU streams proceed: the issuing thread gathers the CPU experts'
 tokens on the device; the worker copies them down to a pinned host buffer in one copy (device ->
 host, on the executor's own stream), then, one expert at a time, computes the SwiGLU FFN on the
-host with torch at the probed thread count and sends its result back up without waiting for the
-copy (docs/design.md §11; the timing model prices one activation round trip per expert, a
-little more than the one per group this costs). The compute stream waits for the CPU's
-results only when it adds them into the layer output, so the GPU computes its own experts
-meanwhile. On a CPU-only run (tests) the same code runs with host tensors and no streams.
+host with torch at the probed thread count into a pinned host buffer. The results come up one
+of two ways (``upload``): ``read`` (on CUDA where Triton is installed and its self-check passes),
+a small kernel on the compute stream reads the pinned buffer over PCIe from the GPU's own
+threads, so the results never queue behind the group's weight copies on the copy engine
+(docs/hybrid.md run 6: 1-4 ms at batch 16); ``copy``, the worker sends each result up on the
+executor's stream as soon as it is computed and waits for the last. The timing model prices
+one activation round trip per expert (docs/design.md §11). The compute stream waits for the
+CPU's results only when it adds them into the layer output, so the GPU computes its own
+experts meanwhile. On a CPU-only run (tests) the same code runs with host tensors and no
+streams.
 
 Tensor dimensions used in shape comments:
     H  hidden size            W = 3 * F * H  elements per expert
@@ -63,6 +68,52 @@ def cpu_model() -> str:
     return f"{name or 'unknown CPU'} ({_cores()} cores available)"
 
 
+def zero_copy_reader():
+    """A function ``read(dst, src)`` that copies a contiguous pinned host tensor into a device
+    tensor of the same shape and dtype by a Triton kernel on the current stream: the GPU's own
+    threads load the host memory over PCIe (pinned memory is mapped into the device's address
+    space), with no copy engine involved. None where Triton is not installed."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def _read(src, dst, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(dst + offs, tl.load(src + offs, mask=mask, volatile=True), mask=mask)
+
+    block = 2048
+
+    def read(dst: torch.Tensor, src: torch.Tensor) -> None:
+        n = dst.numel()
+        if n:
+            _read[(triton.cdiv(n, block),)](src, dst, n, BLOCK=block)
+
+    return read
+
+
+def checked_reader(device: torch.device, make=zero_copy_reader):
+    """:func:`zero_copy_reader` after a self-check on ``device``: it must copy a pinned block of
+    random bf16 rows exactly; None (the executor then copies results up on its stream) if
+    Triton is missing, the launch fails or a value differs."""
+    read = make()
+    if read is None:
+        return None
+    try:
+        gen = torch.Generator().manual_seed(3)
+        src = torch.randn((37, 129), generator=gen).to(torch.bfloat16)
+        src = src.pin_memory() if device.type == "cuda" else src  # (37, 129) host
+        dst = torch.full(src.shape, float("nan"), dtype=src.dtype, device=device)
+        read(dst, src)
+        ok = bool(torch.equal(dst.cpu(), src.cpu()))
+    except Exception:  # noqa: BLE001 - any failure of the kernel means: copy instead
+        return None
+    return read if ok else None
+
+
 @dataclass
 class Job:
     """One CPU expert of a group: its host weights row (W,), routed token rows (T,) on the
@@ -76,8 +127,9 @@ class Job:
 @dataclass
 class Ticket:
     """A group's CPU work in flight: its future and, once done, each expert's seconds (its
-    host FFN and the sending of its result; the first expert's also the group's copy down, the
-    last's the wait for the last copy up: they sum to the path), its host FFN alone, the
+    host FFN and, with upload ``copy``, the sending of its result; the first expert's also the
+    group's copy down, the last's the wait for the last copy up: they sum to the path; with
+    ``read`` the results come up on the compute stream after the path), its host FFN alone, the
     seconds the worker waited for the GPU to gather the tokens, and the whole CPU path's
     seconds from then on."""
 
@@ -100,10 +152,13 @@ class HostExecutor:
         Where activations and outputs live (``cuda:N``, or ``cpu`` in tests).
     threads : int, optional
         torch threads on the host (the probe's choice); default every core.
+    reader : bool
+        On CUDA, bring results up with :func:`checked_reader`'s kernel where it passes
+        (``upload == "read"``); False, or no Triton: copies on the executor's stream.
     """
 
     def __init__(self, hidden: int, ffn_size: int, device: torch.device, threads: int | None = None,
-                 max_tokens: int = 4096, dtype: torch.dtype = torch.bfloat16):
+                 max_tokens: int = 4096, dtype: torch.dtype = torch.bfloat16, reader: bool = True):
         self.hidden, self.ffn_size, self.dev = hidden, ffn_size, device
         self.threads = set_host_threads(threads)
         self.cpu_model = cpu_model()
@@ -121,6 +176,8 @@ class HostExecutor:
         self._dev_out = torch.empty((max_tokens, hidden), dtype=dtype, device=device)  # (n, H)
         self._consumed = None  # event: the compute stream has read the last results
         self._open = False
+        self._reader = checked_reader(device) if self.cuda and reader else None
+        self.upload = "read" if self._reader is not None else "copy"
 
     def submit(self, x: torch.Tensor, jobs: list[Job]) -> Ticket | None:
         """Start a group's CPU experts on x (n, H); returns a ticket for :meth:`finish`, or
@@ -155,12 +212,16 @@ class HostExecutor:
         if self.cuda:
             gathered.synchronize()  # the compute stream reached this group: the CPU path starts
             if self._consumed is not None:  # the previous group's results were read
-                self._stream.wait_event(self._consumed)
+                if self._reader is not None:
+                    self._consumed.synchronize()  # (from the pinned buffer this group rewrites)
+                else:
+                    self._stream.wait_event(self._consumed)
         ticket.wait_s = time.perf_counter() - t0
         t0 += ticket.wait_s
-        # every CPU expert's tokens down in one copy; each result goes back up as soon as it
-        # is computed, with no wait, so the round trip costs one copy's latency each way per
-        # group, not per expert
+        # every CPU expert's tokens down in one copy; with upload "copy", each result goes
+        # back up as soon as it is computed, with no wait, so the round trip costs one copy's
+        # latency each way per group, not per expert; with "read", finish() reads them
+        send = self._reader is None
         if self.cuda:
             with torch.cuda.stream(self._stream):
                 down.copy_(picked, non_blocking=True)  # device -> host
@@ -173,13 +234,13 @@ class HostExecutor:
             f0 = time.perf_counter()
             up[lo:lo + t].copy_(ffn(down[lo:lo + t], job.weights, self.hidden, self.ffn_size))  # (T, H) host
             ticket.ffn_s.append(time.perf_counter() - f0)
-            if self.cuda:
+            if send and self.cuda:
                 with torch.cuda.stream(self._stream):
                     out[lo:lo + t].copy_(up[lo:lo + t], non_blocking=True)  # host -> device
-            else:
+            elif send:
                 out[lo:lo + t].copy_(up[lo:lo + t])
             lo += t
-            if lo == n and self.cuda:
+            if lo == n and send and self.cuda:
                 self._stream.synchronize()  # the last result is up
             e1 = time.perf_counter()
             ticket.expert_s.append(e1 - e0)  # (the first includes the copy down, the last the final copy up)
@@ -192,8 +253,10 @@ class HostExecutor:
         out[idx] += gate x FFN(x[idx]) for every CPU expert."""
         if ticket is None:
             return
-        y = ticket.future.result()
-        self._open = False  # (sum T, H) on the device
+        y = ticket.future.result()  # (sum T, H) on the device
+        self._open = False
+        if self._reader is not None:
+            self._reader(y, self._up[: y.shape[0]])  # pinned host -> device, read by the GPU
         lo = 0
         for job in ticket.jobs:
             t = int(job.idx.numel())

@@ -337,7 +337,7 @@ def _cpu_figures(rp: Replayer, sched: Schedule, tickets, cal, executor) -> dict:
         group_cpu[g] = ticket.path_s
     m = np.asarray(measured)
     return {"cpu_threads": executor.threads, "cpu_worker_threads": executor.worker_threads,
-            "cpu_model": executor.cpu_model,
+            "cpu_model": executor.cpu_model, "cpu_upload": executor.upload,
             "cpu_expert_measured_s_median": float(np.median(m)) if m.size else float("nan"),
             "cpu_expert_predicted_s_median": float(np.median(predicted)) if predicted else float("nan"),
             "cpu_expert_ffn_s_median": float(np.median(ffn_s)) if ffn_s else float("nan"),
