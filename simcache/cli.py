@@ -952,7 +952,9 @@ def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, cpu
             + f" (alone {x['host_copy_alone_s'] * 1e3:.2f} ms)")
         click.echo(f"chosen: {cal.cpu_thread_choice} threads; activation round trip: "
                    f"{cal.act_latency_s * 1e6:.1f} us + {cal.act_token_bytes} B/token at {cal.act_gbps:.1f} GB/s each way; "
-                   f"hand-off per CPU group {cal.cpu_group_s * 1e6:.1f} us")
+                   f"hand-off per CPU group {cal.cpu_group_s * 1e6:.1f} us"
+                   + (f" (executor {x['cpu_handoff_executor_s'] * 1e6:.1f} + next group's issue "
+                      f"{x['group_issue_s'] * 1e6:.1f})" if "group_issue_s" in x else ""))
     if out is not None:
         click.echo(f"wrote {out}")
 

@@ -247,15 +247,28 @@ def _interp_extrapolate(t: np.ndarray, xs, ys) -> np.ndarray:
     return out
 
 
-def choose_threads(threads, busy_one_token, copy_slowdown, copy_s: float) -> int:
-    """The thread count that serves misses fastest: the least CPU FFN time for one token while
-    copies run, plus the time the CPU's traffic adds to one concurrent copy (``copy_s`` seconds
-    alone). Ties go to fewer threads.
+def choose_threads(threads, busy, copy_slowdown, copy_s: float, tokens=None, upto: int = 64) -> int:
+    """The thread count that serves misses fastest: the least mean CPU FFN time while copies
+    run, over the token counts up to ``upto`` (a decode step's; ``busy[i]`` is thread count
+    i's row by ``tokens``, or one number: its 1-token figure), plus the time the CPU's traffic
+    adds to one concurrent copy (``copy_s`` seconds alone). Ties go to fewer threads. A mean,
+    not the 1-token figure alone: with every core computing, the host's other threads (the
+    copies', the issuing one) are descheduled now and then, and the FFN waits a scheduler
+    slice, 16 or 32 ms against 0.6 (docs/hybrid.md run 7, DeepSeek-V2-Lite at 16 threads: a
+    clean 1-token figure, spikes at 2, 16 and 128 tokens).
 
     >>> choose_threads([8, 12, 16], [9.95e-3, 7.35e-3, 14.07e-3], [1.01, 1.05, 1.061], 6.37e-3)
     12
+    >>> choose_threads([12, 16], [[0.61e-3, 0.61e-3, 0.72e-3], [0.59e-3, 16.0e-3, 0.57e-3]], [1.04, 1.01], 0.34e-3,
+    ...                tokens=[1, 2, 16])
+    12
     """
-    cost = [b + (s - 1.0) * copy_s for b, s in zip(busy_one_token, copy_slowdown)]
+    rows = [np.atleast_1d(np.asarray(b, float)) for b in busy]
+    if tokens is not None:
+        keep = np.asarray(tokens) <= upto
+        keep[0] = True  # (at least the smallest count)
+        rows = [r[keep[: r.size]] for r in rows]
+    cost = [float(r.mean()) + (s - 1.0) * copy_s for r, s in zip(rows, copy_slowdown)]
     best = min(range(len(threads)), key=lambda i: (cost[i], threads[i]))
     return int(threads[best])
 
@@ -307,7 +320,7 @@ def default_calibration() -> Calibration:
         cpu_seconds=alone,
         cpu_busy_seconds=busy,
         cpu_copy_slowdown=slow,
-        cpu_thread_choice=choose_threads(threads, [row[0] for row in busy], slow, copy_s),
+        cpu_thread_choice=choose_threads(threads, busy, slow, copy_s, tokens),
         # the probe's pinned 64-byte copy latency on the H200 (docs/replay-data, run 3), and
         # Mixtral's hidden size 4096 in bf16 per token
         act_token_bytes=4096 * 2,

@@ -187,6 +187,21 @@ def test_cpu_modes_need_a_cpu_table():
         hybrid.miss_code("gpu")
 
 
+def test_choose_threads_passes_over_a_thread_count_with_scheduler_spikes():
+    """Run 7's DeepSeek-V2-Lite probe on the H200 host: at 16 threads a clean 1-token figure
+    (0.594 ms while copies run) but 16-32 ms at 2, 16, 128 tokens and more; the probe of the
+    time chose 16 by the 1-token figure alone, and the replay's CPU experts ran 1.8x their
+    price. Over the decode token counts 12 threads is the faster."""
+    import json
+    from pathlib import Path
+
+    cal = json.loads((Path(__file__).parents[1] / "docs/replay-data/hybrid/run7/calib-hybrid-deepseek-v2-lite.json").read_text())
+    assert cal["cpu_thread_choice"] == 16  # (as recorded)
+    args = cal["cpu_threads"], cal["cpu_busy_seconds"], cal["cpu_copy_slowdown"], cal["extra"]["host_copy_alone_s"]
+    assert choose_threads(*args, tokens=cal["cpu_tokens"]) == 12
+    assert choose_threads(cal["cpu_threads"], [r[0] for r in cal["cpu_busy_seconds"]], *args[2:]) == 16
+
+
 def test_choose_threads_weighs_the_copy_slowdown():
     assert choose_threads([8, 16], [10e-3, 9.9e-3], [1.0, 1.1], 6e-3) == 8
     assert choose_threads([8, 16], [10e-3, 9.0e-3], [1.0, 1.1], 6e-3) == 16

@@ -124,6 +124,8 @@ def test_probe_host_on_tiny_shapes_gives_a_valid_cpu_table():
     assert len(cal.cpu_seconds[0]) == 3 and len(extra["roundtrip_seconds"]) == 4
     assert cal.cpu_dtype == "float32" and "cores available" in cal.cpu_model
     assert 0 <= cal.cpu_group_s < 0.05 and extra["cpu_rounds"] == 3
+    assert extra["group_issue_s"] > 0 and extra["cpu_handoff_executor_s"] >= 0
+    assert cal.cpu_group_s == pytest.approx(extra["group_issue_s"] + extra["cpu_handoff_executor_s"])
     assert np.shape(extra["cpu_seconds_spread"]) == (2, 3, 2)
     assert all(b >= a for ra, rb in zip(cal.cpu_seconds, cal.cpu_busy_seconds) for a, b in zip(ra, rb))
 

@@ -502,6 +502,55 @@ def host_handoff_seconds(dev, hidden: int, dtype, threads: int, min_seconds=0.2,
     return max(float(np.median(left[2:])), 0.0)  # (two untimed)
 
 
+def group_issue_seconds(dev, hidden: int, dtype, top_k: int = 2, experts: int = 2, reps: int = 30,
+                        ffn_size: int = HANDOFF_FFN) -> float:
+    """Host seconds to issue one decode group of the fast path with nothing queued ahead of it
+    (the median of ``reps``, each between synchronisations): the gather of its rows, the (n k, H)
+    sums, one load's copy between two events, the grouped FFNs of the hits and of the loads
+    (``experts`` one-token experts each), the sum and the group's event. Part of the
+    calibration's ``cpu_group_s``: a group with CPU work holds the issuing thread until the
+    CPU's results are in, so the launch queue drains, and the next group's issue is exposed
+    whenever the CPU path is the group's longest (where the GPU path is longer the model's
+    max() hides it, as the replay does). A small expert (``ffn_size``): issuing a call costs
+    the same whatever its shapes."""
+    cuda = dev.type == "cuda"
+    gen = torch.Generator().manual_seed(4)
+    w = (torch.randn((2 * experts, 3 * ffn_size * hidden), generator=gen) * hidden ** -0.5).to(dtype).to(dev)
+    w13, w2 = split_weights(w, hidden, ffn_size)  # (2e, H, 2F), (2e, F, H)
+    host = torch.empty(w.shape[1], dtype=dtype, pin_memory=cuda)  # (W,) one load's source
+    n, k = 1, max(int(top_k), 1)
+    x = torch.randn((n, hidden), generator=gen).to(dtype).to(dev)  # (n, H)
+    tok = torch.zeros(2 * experts, dtype=torch.long, device=dev)  # (R,)
+    dest = torch.arange(2 * experts, device=dev) % (n * k)  # (R,)
+    gate = torch.rand((2 * experts, 1), generator=gen).to(dev)  # (R, 1) float32
+    offs = torch.arange(1, experts + 1, dtype=torch.int32, device=dev)  # (e,)
+    stream = torch.cuda.Stream(dev) if cuda else None
+    times = []
+    for _ in range(reps + 2):
+        if cuda:
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        xs = x.index_select(0, tok)  # (R, H)
+        acc = torch.zeros((n * k, hidden), dtype=torch.float32, device=dev)  # (n k, H)
+        if cuda:
+            with torch.cuda.stream(stream):
+                a, b = torch.cuda.Event(), torch.cuda.Event()
+                a.record()
+                w[-1].copy_(host, non_blocking=True)
+                b.record()
+        else:
+            w[-1].copy_(host)
+        expert_part(acc, xs[:experts], dest[:experts], gate[:experts], w13[:experts], w2[:experts], offs, ffn_size)
+        if cuda:
+            torch.cuda.current_stream(dev).wait_event(b)
+        expert_part(acc, xs[experts:], dest[experts:], gate[experts:], w13[experts:], w2[experts:], offs, ffn_size)
+        acc.view(n, k, hidden).sum(1).to(dtype)  # (n, H)
+        if cuda:
+            torch.cuda.Event().record()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[2:]))  # (two untimed)
+
+
 def _median_of_passes(times) -> list[list[float]]:
     """[thread count][token count][pass] -> lists of calls; the median of each pass's median
     (each pass runs for a fixed time, so pooling the calls would weigh a fast pass more).
@@ -543,7 +592,8 @@ def probe_host(dev, preset: Preset, dtype, threads: str = "8,12,all", tokens=CPU
     :class:`simcache.Calibration`): for each thread count, the expert FFN by token count alone
     and while expert copies run, and the copies' slowdown; the thread count that serves misses
     fastest (:func:`simcache.timing.choose_threads`); the activation round trip; the CPU path's
-    hand-off per group at the chosen thread count (:func:`host_handoff_seconds`). The FFN
+    hand-off per group at the chosen thread count (:func:`host_handoff_seconds`, plus the next
+    group's issue, :func:`group_issue_seconds`, which a CPU group exposes). The FFN
     figures are medians over ``rounds`` passes through every thread count and token count,
     each token count alone and then busy, back to back (``min_seconds`` each): the host's FFN
     rate drifts by a third over seconds (docs/hybrid.md), and one pass would price a token
@@ -574,9 +624,10 @@ def probe_host(dev, preset: Preset, dtype, threads: str = "8,12,all", tokens=CPU
                     copy_t[i].extend(copies.times)
         alone, busy = _median_of_passes(alone_t), busy_from_pairs(alone_t, busy_t)
         slow = [float(np.median(times)) / copy_alone if times else 1.0 for times in copy_t]
-        choice = choose_threads(threads, [row[0] for row in busy], slow, copy_alone)
+        choice = choose_threads(threads, busy, slow, copy_alone, tokens)
         rt = roundtrip_seconds(dev, preset.hidden, dtype)  # (ROUNDTRIP_TOKENS: 1 token first)
         handoff = host_handoff_seconds(dev, preset.hidden, dtype, choice, roundtrip_s=rt[0])
+        issue = group_issue_seconds(dev, preset.hidden, dtype, top_k=preset.top_k)
     finally:
         torch.set_num_threads(before)
     token_bytes = preset.hidden * torch.tensor([], dtype=dtype).element_size()
@@ -584,9 +635,10 @@ def probe_host(dev, preset: Preset, dtype, threads: str = "8,12,all", tokens=CPU
     return dict(
         cpu_model=cpu_model(), cpu_dtype=str(dtype).replace("torch.", ""), cpu_expert_bytes=eb, cpu_call_s=0.0,
         cpu_threads=threads, cpu_tokens=list(tokens), cpu_seconds=alone, cpu_busy_seconds=busy,
-        cpu_copy_slowdown=slow, cpu_thread_choice=choice, cpu_group_s=handoff,
+        cpu_copy_slowdown=slow, cpu_thread_choice=choice, cpu_group_s=handoff + issue,
         act_token_bytes=token_bytes, act_latency_s=latency, act_gbps=gbps,
-        extra={"host_copy_alone_s": copy_alone, "roundtrip_tokens": list(ROUNDTRIP_TOKENS),
+        extra={"host_copy_alone_s": copy_alone, "cpu_handoff_executor_s": handoff, "group_issue_s": issue,
+               "roundtrip_tokens": list(ROUNDTRIP_TOKENS),
                "roundtrip_seconds": rt, "cpu_rounds": rounds,
                "cpu_seconds_spread": [[[float(np.percentile(np.concatenate(c), q)) for q in (10, 90)] for c in row]
                                       for row in alone_t]},
