@@ -251,7 +251,8 @@ def choose_threads(threads, busy, copy_slowdown, copy_s: float, tokens=None, upt
     """The thread count that serves misses fastest: the least mean CPU FFN time while copies
     run, over the token counts up to ``upto`` (a decode step's; ``busy[i]`` is thread count
     i's row by ``tokens``, or one number: its 1-token figure), plus the time the CPU's traffic
-    adds to one concurrent copy (``copy_s`` seconds alone). Ties go to fewer threads. A mean,
+    adds to one concurrent copy (``copy_s`` seconds alone; a slowdown below 1 is noise and
+    counts as none). Ties go to fewer threads. A mean,
     not the 1-token figure alone: with every core computing, the host's other threads (the
     copies', the issuing one) are descheduled now and then, and the FFN waits a scheduler
     slice, 16 or 32 ms against 0.6 (docs/hybrid.md run 7, DeepSeek-V2-Lite at 16 threads: a
@@ -268,7 +269,7 @@ def choose_threads(threads, busy, copy_slowdown, copy_s: float, tokens=None, upt
         keep = np.asarray(tokens) <= upto
         keep[0] = True  # (at least the smallest count)
         rows = [r[keep[: r.size]] for r in rows]
-    cost = [float(r.mean()) + (s - 1.0) * copy_s for r, s in zip(rows, copy_slowdown)]
+    cost = [float(r.mean()) + max(s - 1.0, 0.0) * copy_s for r, s in zip(rows, copy_slowdown)]
     best = min(range(len(threads)), key=lambda i: (cost[i], threads[i]))
     return int(threads[best])
 

@@ -202,6 +202,19 @@ def test_choose_threads_passes_over_a_thread_count_with_scheduler_spikes():
     assert choose_threads(cal["cpu_threads"], [r[0] for r in cal["cpu_busy_seconds"]], *args[2:]) == 16
 
 
+def test_choose_threads_reads_a_copy_speed_up_as_noise():
+    """Run 8's DeepSeek-V2-Lite probe: 12 and 16 threads all but tied on the mean busy FFN
+    (0.677 against 0.685 ms); the copies' measured slowdowns, 0.970 and 0.946, would have
+    taken 11 and 20 us off and chosen 16 (as recorded). Read as 1, 12 wins."""
+    import json
+    from pathlib import Path
+
+    cal = json.loads((Path(__file__).parents[1] / "docs/replay-data/hybrid/run8/calib-hybrid-deepseek-v2-lite.json").read_text())
+    assert cal["cpu_thread_choice"] == 16 and min(cal["cpu_copy_slowdown"]) < 1
+    assert choose_threads(cal["cpu_threads"], cal["cpu_busy_seconds"], cal["cpu_copy_slowdown"],
+                          cal["extra"]["host_copy_alone_s"], tokens=cal["cpu_tokens"]) == 12
+
+
 def test_choose_threads_weighs_the_copy_slowdown():
     assert choose_threads([8, 16], [10e-3, 9.9e-3], [1.0, 1.1], 6e-3) == 8
     assert choose_threads([8, 16], [10e-3, 9.0e-3], [1.0, 1.1], 6e-3) == 16

@@ -623,7 +623,8 @@ def probe_host(dev, preset: Preset, dtype, threads: str = "8,12,all", tokens=CPU
                                                          min_seconds=min_seconds, experts=experts, raw=True)[0])
                     copy_t[i].extend(copies.times)
         alone, busy = _median_of_passes(alone_t), busy_from_pairs(alone_t, busy_t)
-        slow = [float(np.median(times)) / copy_alone if times else 1.0 for times in copy_t]
+        # (a copy beside the CPU's FFN is not sped up by it: a ratio below 1 is noise, read as 1)
+        slow = [max(float(np.median(times)) / copy_alone, 1.0) if times else 1.0 for times in copy_t]
         choice = choose_threads(threads, busy, slow, copy_alone, tokens)
         rt = roundtrip_seconds(dev, preset.hidden, dtype)  # (ROUNDTRIP_TOKENS: 1 token first)
         handoff = host_handoff_seconds(dev, preset.hidden, dtype, choice, roundtrip_s=rt[0])
