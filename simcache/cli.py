@@ -1156,8 +1156,9 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
                       "predicted ms/tok", "error", "copy GB/s", "stall ms measured / predicted", "GPU idle ms",
                       "host us/group first/mean", "outputs"], rows))
     if hybrid:
-        click.echo("cpu ms/expert: the median CPU expert's share of its group's CPU path (its host FFN and result "
-                   "upload; the first also the group's copy down, the last the final wait), measured, and the "
+        click.echo("cpu ms/expert: the median CPU expert's share of its group's CPU path (its host FFN, and its result "
+                   "upload where the executor copies results up; the first also the group's copy down, the last "
+                   "the final wait), measured, and the "
                    "calibration's price for it (its busy rate where the group also copies; each group's hand-off "
                    "is priced apart); outputs 'close': within "
                    "||out - ref|| / ||ref|| <= 1e-2 against the all-resident GPU run (the host's GEMMs round differently)")
