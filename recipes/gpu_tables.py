@@ -7,16 +7,17 @@ recipes bring back (``simcache replay --out X.json``).
     python recipes/gpu_tables.py host-diag docs/replay-data/hybrid/run5/diag-*.json
 
 ``hybrid``: per run, measured and predicted ms/token, the error, and the CPU path per expert
-(median of each expert's share of its group's CPU path -- its host FFN and result upload, the
-first also the group's copy down, the last the final wait; of the host FFN alone; and the
-calibration's price);
+(median of each expert's share of its group's CPU path -- its host FFN and, where the executor
+copies results up (``cpu_upload: copy``, runs before 7), its result upload; the first also the
+group's copy down, the last the final wait; of the host FFN alone; and the calibration's price);
 ``prefetch``: per run, measured and predicted ms/token, the error, prefetches issued, GB
 prefetched, and stall measured beside predicted. The last line of each table counts the runs
 whose prediction is within 10 % of the measured time. ``cpu-groups``: per hybrid run, where a
 group with CPU experts spends its measured time (means over those groups): the worker waiting
-for the GPU to gather the tokens, the host FFN, the rest of the executor's path (copies down
-and up, and uploads queued behind weight copies), and the rest of the group (the issuing thread
-picking the results up and issuing the next group: the group's measured time less the CPU path
+for the GPU to gather the tokens, the host FFN, the rest of the executor's path (the copy down;
+with ``cpu_upload: copy`` also the uploads, queued behind weight copies), and the rest of the
+group (the issuing thread picking the results up, with ``cpu_upload: read`` the kernel that
+reads them, and issuing the next group: the group's measured time less the CPU path
 and the wait, which is the hand-off only where the CPU path is the longer one), beside the
 model's CPU price per group (host FFN and round trips).
 ``host-diag``: the median and range of each condition of ``recipes/gpu_host_diag.py``'s

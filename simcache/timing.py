@@ -250,7 +250,8 @@ def _interp_extrapolate(t: np.ndarray, xs, ys) -> np.ndarray:
 def choose_threads(threads, busy, copy_slowdown, copy_s: float, tokens=None, upto: int = 64) -> int:
     """The thread count that serves misses fastest: the least mean CPU FFN time while copies
     run, over the token counts up to ``upto`` (a decode step's; ``busy[i]`` is thread count
-    i's row by ``tokens``, or one number: its 1-token figure), plus the time the CPU's traffic
+    i's row by ``tokens``, or one number: its 1-token figure; rows without ``tokens``: over
+    all their figures), plus the time the CPU's traffic
     adds to one concurrent copy (``copy_s`` seconds alone; a slowdown below 1 is noise and
     counts as none). Ties go to fewer threads. A mean,
     not the 1-token figure alone: with every core computing, the host's other threads (the
@@ -266,9 +267,11 @@ def choose_threads(threads, busy, copy_slowdown, copy_s: float, tokens=None, upt
     """
     rows = [np.atleast_1d(np.asarray(b, float)) for b in busy]
     if tokens is not None:
-        keep = np.asarray(tokens) <= upto
-        keep[0] = True  # (at least the smallest count)
-        rows = [r[keep[: r.size]] for r in rows]
+        tokens = np.asarray(tokens)
+        if any(r.size != tokens.size for r in rows if r.size > 1):
+            raise SimcacheError(f"choose_threads: each busy row needs one figure per token count ({tokens.size})")
+        keep = (tokens <= upto) | (tokens == tokens.min())  # (at least the smallest count)
+        rows = [r[keep] if r.size > 1 else r for r in rows]
     cost = [float(r.mean()) + max(s - 1.0, 0.0) * copy_s for r, s in zip(rows, copy_slowdown)]
     best = min(range(len(threads)), key=lambda i: (cost[i], threads[i]))
     return int(threads[best])

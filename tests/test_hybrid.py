@@ -190,8 +190,8 @@ def test_cpu_modes_need_a_cpu_table():
 def test_choose_threads_passes_over_a_thread_count_with_scheduler_spikes():
     """Run 7's DeepSeek-V2-Lite probe on the H200 host: at 16 threads a clean 1-token figure
     (0.594 ms while copies run) but 16-32 ms at 2, 16, 128 tokens and more; the probe of the
-    time chose 16 by the 1-token figure alone, and the replay's CPU experts ran 1.8x their
-    price. Over the decode token counts 12 threads is the faster."""
+    time chose 16 by the 1-token figure alone, and lru --miss auto at batch 1 came out 1.8x its
+    predicted ms/token. Over the decode token counts 12 threads is the faster."""
     import json
     from pathlib import Path
 
@@ -213,6 +213,13 @@ def test_choose_threads_reads_a_copy_speed_up_as_noise():
     assert cal["cpu_thread_choice"] == 16 and min(cal["cpu_copy_slowdown"]) < 1
     assert choose_threads(cal["cpu_threads"], cal["cpu_busy_seconds"], cal["cpu_copy_slowdown"],
                           cal["extra"]["host_copy_alone_s"], tokens=cal["cpu_tokens"]) == 12
+
+
+def test_choose_threads_refuses_rows_that_do_not_match_the_token_counts():
+    with pytest.raises(SimcacheError, match="one figure per token count"):
+        choose_threads([8, 12], [[1e-3, 2e-3], [1e-3]], [1.0, 1.0], 1e-3, tokens=[1, 2, 4])
+    # unsorted token counts: the smallest is kept however the counts are listed, 512 is not
+    assert choose_threads([8, 12], [[9e-3, 1e-3], [1e-3, 5e-3]], [1.0, 1.0], 1e-3, tokens=[512, 1]) == 8
 
 
 def test_choose_threads_weighs_the_copy_slowdown():

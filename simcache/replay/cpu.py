@@ -98,7 +98,8 @@ def zero_copy_reader():
 def checked_reader(device: torch.device, make=zero_copy_reader):
     """:func:`zero_copy_reader` after a self-check on ``device``: it must copy a pinned block of
     random bf16 rows exactly; None (the executor then copies results up on its stream) if
-    Triton is missing, the launch fails or a value differs."""
+    Triton is missing, the kernel fails to build or launch, or a value differs. A fault that
+    leaves the device unusable is a one-line error instead: no fallback could run after it."""
     read = make()
     if read is None:
         return None
@@ -109,7 +110,14 @@ def checked_reader(device: torch.device, make=zero_copy_reader):
         dst = torch.full(src.shape, float("nan"), dtype=src.dtype, device=device)
         read(dst, src)
         ok = bool(torch.equal(dst.cpu(), src.cpu()))
-    except Exception:  # noqa: BLE001 - any failure of the kernel means: copy instead
+    except Exception as exc:  # noqa: BLE001 - a kernel that fails to build or launch: copy instead
+        if device.type == "cuda":
+            try:  # ... unless it broke the device for the whole process (a fault inside the kernel)
+                torch.cuda.synchronize(device)
+            except Exception:  # noqa: BLE001
+                raise SimcacheError(f"the host executor's result reader faulted on {device} in its "
+                                    f"self-check ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                                    f"CUDA cannot continue in this process") from None
         return None
     return read if ok else None
 
@@ -213,7 +221,10 @@ class HostExecutor:
             gathered.synchronize()  # the compute stream reached this group: the CPU path starts
             if self._consumed is not None:  # the previous group's results were read
                 if self._reader is not None:
-                    self._consumed.synchronize()  # (from the pinned buffer this group rewrites)
+                    # (from the pinned buffer this group rewrites; the gather above already
+                    # follows that read on the compute stream: this keeps it so if a caller
+                    # ever finishes and submits on different streams)
+                    self._consumed.synchronize()
                 else:
                     self._stream.wait_event(self._consumed)
         ticket.wait_s = time.perf_counter() - t0

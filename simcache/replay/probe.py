@@ -621,7 +621,7 @@ def probe_host(dev, preset: Preset, dtype, threads: str = "8,12,all", tokens=CPU
                                                           experts=experts, raw=True)[0])
                     busy_t[i][j].append(host_ffn_seconds(preset, dtype, [t], copies=copies,
                                                          min_seconds=min_seconds, experts=experts, raw=True)[0])
-                    copy_t[i].extend(copies.times)
+                    copy_t[i].append(float(np.median(copies.times)))  # (one figure per pass and count)
         alone, busy = _median_of_passes(alone_t), busy_from_pairs(alone_t, busy_t)
         # (a copy beside the CPU's FFN is not sped up by it: a ratio below 1 is noise, read as 1)
         slow = [max(float(np.median(times)) / copy_alone, 1.0) if times else 1.0 for times in copy_t]
