@@ -160,13 +160,13 @@ class HostExecutor:
         Where activations and outputs live (``cuda:N``, or ``cpu`` in tests).
     threads : int, optional
         torch threads on the host (the probe's choice); default every core.
-    reader : bool
-        On CUDA, bring results up with :func:`checked_reader`'s kernel where it passes
-        (``upload == "read"``); False, or no Triton: copies on the executor's stream.
+
+    On CUDA the results come up by :func:`checked_reader`'s kernel where it passes
+    (``upload == "read"``); otherwise by copies on the executor's stream (``"copy"``).
     """
 
     def __init__(self, hidden: int, ffn_size: int, device: torch.device, threads: int | None = None,
-                 max_tokens: int = 4096, dtype: torch.dtype = torch.bfloat16, reader: bool = True):
+                 max_tokens: int = 4096, dtype: torch.dtype = torch.bfloat16):
         self.hidden, self.ffn_size, self.dev = hidden, ffn_size, device
         self.threads = set_host_threads(threads)
         self.cpu_model = cpu_model()
@@ -184,7 +184,7 @@ class HostExecutor:
         self._dev_out = torch.empty((max_tokens, hidden), dtype=dtype, device=device)  # (n, H)
         self._consumed = None  # event: the compute stream has read the last results
         self._open = False
-        self._reader = checked_reader(device) if self.cuda and reader else None
+        self._reader = checked_reader(device) if self.cuda else None
         self.upload = "read" if self._reader is not None else "copy"
 
     def submit(self, x: torch.Tensor, jobs: list[Job]) -> Ticket | None:
