@@ -45,10 +45,21 @@ def _ms(x) -> str:
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x * 1e3:.2f}"
 
 
+def _at_rate(r: dict) -> str:
+    """The error with the host FFN priced at the rate the replay ran at (x factor; accesses the
+    other rate assigns differently), where the replay recorded it."""
+    at = r.get("predicted_at_run_rate_s")
+    if at is None:
+        return "–"
+    moved = r.get("accesses_reassigned_at_run_rate", 0)
+    return (f"{(at - r['measured_s']) / r['measured_s'] * 100:+.1f} % (x{r['cpu_rate_factor']:.2f}"
+            f"{f', {moved} moved' if moved else ''})")
+
+
 def hybrid(records: list[dict]) -> list[str]:
     out = ["| policy | miss | cap | batch | measured ms/tok | predicted ms/tok | error | cpu experts "
-           "| cpu ms/expert measured (FFN alone) | cpu ms/expert priced |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| cpu ms/expert measured (FFN alone) | cpu ms/expert priced | error at the run's FFN rate |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         cpu = r.get("cpu_experts", 0)
         measured = (f"{_ms(r.get('cpu_expert_measured_s_median'))} ({_ms(r.get('cpu_expert_ffn_s_median'))})"
@@ -56,7 +67,7 @@ def hybrid(records: list[dict]) -> list[str]:
         out.append(f"| {r['policy']} | {r.get('miss', 'load')} | {r['capacity']} | {r['batch']} "
                    f"| {r['measured_per_token_s'] * 1e3:.2f} | {r['predicted_per_token_s'] * 1e3:.2f} "
                    f"| {r['prediction_error'] * 100:+.1f} % | {cpu} | {measured} "
-                   f"| {_ms(r.get('cpu_expert_predicted_s_median')) if cpu else '–'} |")
+                   f"| {_ms(r.get('cpu_expert_predicted_s_median')) if cpu else '–'} | {_at_rate(r)} |")
     return out + [_within(records)]
 
 

@@ -1136,7 +1136,7 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
     for r in results:
         x = r.extra
         cpu = [r.miss, r.cpu_experts, _ms(x.get("cpu_expert_measured_s_median")),
-               _ms(x.get("cpu_expert_predicted_s_median"))] if hybrid else []
+               _ms(x.get("cpu_expert_predicted_s_median")), _at_rate(r)] if hybrid else []
         pf = ["none" if x["prefetch"] == "none" else f"{x['prefetch']} w={x['prefetch_width']}"] if prefetching else []
         pf_counts = [x["prefetches"], x["prefetched"], x["prefetch_bytes"] / 1e9] if prefetching else []
         pred_stall = "-" if x["predicted_stall_s"] is None else f"{x['predicted_stall_s'] * 1e3:.3f}"
@@ -1149,7 +1149,8 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
                      f"{r.error * 100:+.1f}%", r.copy_gbps_median, f"{r.stall_s * 1e3:.3f} / {pred_stall}",
                      r.idle_s * 1e3, f"{x['host_issue_us_first_groups']:.0f} / {r.host_issue_us_per_group:.0f}",
                      outputs])
-    cpu_heads = ["cpu experts", "cpu ms/expert measured", "cpu ms/expert predicted"] if hybrid else []
+    cpu_heads = ["cpu experts", "cpu ms/expert measured", "cpu ms/expert predicted",
+                 "error at run's FFN rate"] if hybrid else []
     pf_heads = ["prefetches", "from buffer", "GB prefetched"] if prefetching else []
     click.echo(table(["policy", *(["miss"] if hybrid else []), *(["prefetch"] if prefetching else []), "cap",
                       "batch", "steps", "hits", "loads", *cpu_heads, *pf_heads, "GB moved", "measured ms/tok",
@@ -1161,13 +1162,27 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
                    "the final wait), measured, and the "
                    "calibration's price for it (its busy rate where the group also copies; each group's hand-off "
                    "is priced apart); outputs 'close': within "
-                   "||out - ref|| / ||ref|| <= 1e-2 against the all-resident GPU run (the host's GEMMs round differently)")
+                   "||out - ref|| / ||ref|| <= 1e-2 against the all-resident GPU run (the host's GEMMs round differently); "
+                   "error at run's FFN rate: the prediction with the calibration's host FFN prices times (x) the "
+                   "median measured / priced FFN of the run, simulated again (the model's error without the host's "
+                   "drift since the probe; n moved: accesses that rate assigns differently)")
     click.echo("host us/group: the median of the first 4 groups (the host's own issue cost) and the mean "
                "(which includes time blocked behind a full launch queue); GPU idle: waiting for the host")
 
 
 def _ms(seconds):
     return None if seconds is None else seconds * 1e3
+
+
+def _at_rate(r) -> str:
+    """A hybrid replay's error at the host FFN rate it ran at, its factor and the accesses moved."""
+    x = r.extra
+    at = x.get("predicted_at_run_rate_s")
+    if at is None or not r.measured_s:
+        return "-"
+    moved = x.get("accesses_reassigned_at_run_rate", 0)
+    return (f"{(at - r.measured_s) / r.measured_s * 100:+.1f}% (x{x['cpu_rate_factor']:.2f}"
+            f"{f', {moved} moved' if moved else ''})")
 
 
 def _logged_run(path, trace, prior_path, **given):

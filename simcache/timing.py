@@ -154,6 +154,24 @@ class Calibration:
         out[t <= 0] = 0.0
         return out
 
+    def cpu_scaled(self, factor: float) -> "Calibration":
+        """This calibration with every host FFN price (alone and busy, the per-call part too)
+        multiplied by ``factor``: what the model says at another host FFN rate (a replay's
+        ``predicted_at_run_rate_s``). The hand-off, the round trip and the copies are unchanged.
+
+        >>> cal = default_calibration()
+        >>> a = cal.cpu_seconds_for([1, 16], MIXTRAL_EXPERT_BYTES, busy=True)
+        >>> b = cal.cpu_scaled(0.5).cpu_seconds_for([1, 16], MIXTRAL_EXPERT_BYTES, busy=True)
+        >>> bool(np.allclose(b, a * 0.5))
+        True
+        """
+        if not (math.isfinite(factor) and factor > 0):
+            raise SimcacheError(f"a host FFN rate factor must be a positive number, got {factor!r}")
+        return dataclasses.replace(
+            self, cpu_call_s=self.cpu_call_s * factor,
+            cpu_seconds=[[x * factor for x in row] for row in self.cpu_seconds],
+            cpu_busy_seconds=[[x * factor for x in row] for row in self.cpu_busy_seconds])
+
     def roundtrip_seconds_for(self, tokens) -> np.ndarray:
         """Seconds to send ``tokens`` activations to the host and the results back: two copies
         of tokens x act_token_bytes, each the probed latency plus bytes over bandwidth."""

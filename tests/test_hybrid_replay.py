@@ -254,6 +254,30 @@ def test_cpu_predicted_price_is_the_calibrations_per_expert():
     assert r.extra["cpu_expert_predicted_s"] == [pytest.approx(float(alone[n])) for n in r.extra["cpu_expert_tokens"]]
 
 
+def test_prediction_at_the_runs_ffn_rate_is_the_simulation_with_scaled_cpu_prices():
+    """The replay re-prices its CPU experts at the host FFN rate they ran at: the median of measured
+    over priced FFN seconds, applied to the calibration, simulated again over the timed groups.
+    Under --miss cpu the rate moves no access."""
+    from simcache.replay.harness import Replayer
+
+    t = _tiny_trace(7)
+    rp = Replayer(t, TINY, device="cpu", dtype="float32")
+    cal = _cpu_heavy()
+    r = rp.run("lru", 2, batch=1, miss="cpu", calibration=cal)
+    x = r.extra
+    priced = [float(cal.cpu_seconds_for([n], rp.expert_bytes, busy=False)[0]) for n in x["cpu_expert_tokens"]]
+    factor = float(np.median(np.asarray(x["cpu_expert_ffn_s"]) / np.asarray(priced)))
+    assert x["cpu_rate_factor"] == pytest.approx(factor)
+    work = simcache.Workload(t, 1)
+    again = simcache.simulate(work, "lru", 2, miss="cpu", calibration=cal.cpu_scaled(factor),
+                              expert_bytes=rp.expert_bytes, record=True)
+    L, n = t.num_layers, work.steps.num_steps
+    assert x["predicted_at_run_rate_s"] == pytest.approx(float(again.decisions.group_time[2 * L: n * L].sum()))
+    assert x["accesses_reassigned_at_run_rate"] == 0
+    with pytest.raises(SimcacheError, match="host FFN rate factor must be a positive number"):
+        cal.cpu_scaled(float("nan"))
+
+
 def test_replay_follows_a_cpu_decision_log(tmp_path):
     t = _tiny_trace()
     path = tmp_path / "t.parquet"

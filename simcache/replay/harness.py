@@ -288,6 +288,11 @@ class Replayer:
         if executor is not None:
             priced = calibration if calibration is not None else simcache.default_calibration()  # (simulate's)
             result.extra.update(_cpu_figures(self, sched, timed_issuer.cpu.tickets, priced, executor))
+            result.extra.update(_at_run_rate(
+                sim, priced, result.extra["cpu_rate_factor"], _group_ids(timed, self.trace.num_layers),
+                sched.access,
+                lambda cal: _decide(self, policy, capacity, scope, batch, threshold, evict, admit, cal, None,
+                                    dict(simulate_options, miss=miss))))
         result.extra.update(_prefetch_extra(self, sim, work, timed, timings, pf_measured, calibration, model))
         if keep_outputs:
             result.outputs = [o.cpu() for o in outputs]
@@ -312,6 +317,33 @@ class Replayer:
 CPU_TOLERANCE = 1e-2
 
 
+def run_rate_factor(ffn_s, ffn_priced) -> float:
+    """How fast the host FFN ran in a replay against the calibration's price for the same
+    experts: the median over CPU experts of measured / priced FFN seconds (nan if none).
+
+    >>> round(run_rate_factor([0.006, 0.009, 0.012], [0.008, 0.006, 0.008]), 6)   # ran 1.5x the price
+    1.5
+    """
+    m, p = np.asarray(ffn_s, float), np.asarray(ffn_priced, float)
+    if m.size == 0 or m.size != p.size:
+        return float("nan")
+    return float(np.median(m / p))
+
+
+def _at_run_rate(sim, cal, factor: float, timed_groups, access, decide) -> dict:
+    """The prediction had the probe seen the host FFN rate the replay ran at: the calibration's
+    host FFN prices times ``factor`` (:func:`run_rate_factor`), simulated again. It separates
+    the timing model's error from the host's drift between probe and replay (docs/hybrid.md).
+    Under ``--miss auto`` the other rate may assign some accesses differently; their count is
+    kept beside it (0: the very schedule that ran)."""
+    if not (np.isfinite(factor) and factor > 0) or cal is None or not cal.has_cpu:
+        return {}
+    again, _, _ = decide(cal.cpu_scaled(factor))
+    changed = int((again.decisions.outcome[access] != sim.decisions.outcome[access]).sum())
+    return {"predicted_at_run_rate_s": float(again.decisions.group_time[timed_groups].sum()),
+            "accesses_reassigned_at_run_rate": changed}
+
+
 def _cpu_figures(rp: Replayer, sched: Schedule, tickets, cal, executor) -> dict:
     """The CPU path measured per expert and per group, beside the calibration's prices (its
     busy rate where the group also copies, alone otherwise)."""
@@ -322,7 +354,7 @@ def _cpu_figures(rp: Replayer, sched: Schedule, tickets, cal, executor) -> dict:
     pred_alone = pred_busy = None
     if cal is not None and cal.has_cpu:
         _, pred_alone, pred_busy, _, _ = luts(cal, rp.expert_bytes, top)
-    tokens, measured, ffn_s, predicted = [], [], [], []
+    tokens, measured, ffn_s, predicted, ffn_priced = [], [], [], [], []
     group_cpu, group_wait = np.zeros(sched.num_groups), np.zeros(sched.num_groups)
     for g, ticket in tickets:
         busy = len(sched.loads(g)) > 0
@@ -334,8 +366,10 @@ def _cpu_figures(rp: Replayer, sched: Schedule, tickets, cal, executor) -> dict:
             measured.append(s)
             if pred_alone is not None:
                 predicted.append(float((pred_busy if busy else pred_alone)[t]))
+                ffn_priced.append(float(cal.cpu_seconds_for([t], rp.expert_bytes, busy=busy)[0]))
         group_cpu[g] = ticket.path_s
     m = np.asarray(measured)
+    rate = run_rate_factor(ffn_s, ffn_priced)
     return {"cpu_threads": executor.threads, "cpu_worker_threads": executor.worker_threads,
             "cpu_model": executor.cpu_model, "cpu_upload": executor.upload,
             "cpu_expert_measured_s_median": float(np.median(m)) if m.size else float("nan"),
@@ -344,6 +378,8 @@ def _cpu_figures(rp: Replayer, sched: Schedule, tickets, cal, executor) -> dict:
             "cpu_tokens": int(sum(tokens)),
             "cpu_expert_tokens": tokens, "cpu_expert_measured_s": measured, "cpu_expert_predicted_s": predicted,
             "cpu_expert_ffn_s": ffn_s,
+            # the host FFN as it ran against the calibration's price for it (1: as probed)
+            "cpu_rate_factor": rate,
             # per timed group: the CPU path from the gather, and the wait for the gather
             "group_cpu_path_s": group_cpu.tolist(), "group_cpu_wait_s": group_wait.tolist()}
 
@@ -377,6 +413,11 @@ def _decide(rp: Replayer, policy, capacity, scope, batch, threshold, evict, admi
     if options.get("miss", "load") != "load":  # hybrid groups are priced expert by expert (hybrid.split)
         return sim, work, "per-expert, hybrid"
     return sim, work, "grouped" if cal is not None and cal.group_ffn else "per-expert"
+
+
+def _group_ids(groups, L) -> np.ndarray:
+    """The simulator's group index (step x L + layer) of each of :func:`_groups`' groups."""
+    return np.array([s * L + l for s, l, _, _ in groups], np.int64)
 
 
 def _groups(work, layers, n_steps, L) -> list[tuple[int, int, int, int]]:
@@ -444,7 +485,7 @@ def _result(rp, sim, work, sched: Schedule, timed, t: Timings, capacity, scope, 
             verified, max_diff, model) -> ReplayResult:
     dev, eb, L = rp.dev, rp.expert_bytes, rp.trace.num_layers
     dec, d = sim.decisions, work.demand
-    timed_groups = np.array([s * L + l for s, l, _, _ in timed], np.int64)
+    timed_groups = _group_ids(timed, L)
     group_pred = dec.group_time[timed_groups]
     acc = sched.access
     outcomes = dec.outcome[acc]
