@@ -7,7 +7,8 @@ Three measurements, printed in one run (figures and machine in docs/performance.
    the 10 M-access, 256-expert, top-1 Zipf(1) trace (one layer, capacity 64; the two
    simulators' semantics coincide, hit counts must agree) and bench_simulate.py's moe
    workload (32 layers x 8 experts, top-2, 4 slots per layer; libCacheSim runs one cache
-   per layer, so only speed is compared).
+   per layer, so only speed is compared). On the Zipf trace also a bare LRU list in numba (no
+   groups, pins, counters or times): the floor for any simulate() of it on the machine.
 2. The one-pass LRU curve for every capacity 1..E on a 100 M-access, 64-expert, top-6
    trace, against separate ``simulate`` runs (timed at a spread of capacities, the mean
    scaled to all E: 64 full runs would take minutes here): ``lru_curve`` from the Workload
@@ -81,13 +82,57 @@ def lcs_lru(keys, capacity, repeat, tmp, name):
     return t, hits
 
 
+def _bare_lru():
+    """A bare LRU list over one key sequence in numba: no (step, layer) groups, pins, counters,
+    times or policy hooks -- the floor for any simulate() of this trace on this machine."""
+    from numba import njit
+
+    @njit(cache=False)
+    def run(keys, num_keys, capacity):
+        prev = np.full(num_keys, -1, np.int32)
+        nxt = np.full(num_keys, -1, np.int32)
+        inside = np.zeros(num_keys, np.bool_)
+        head = tail = -1
+        used = hits = 0
+        for i in range(keys.size):
+            k = keys[i]
+            if inside[k]:
+                hits += 1
+                if tail != k:  # unlink, append at the tail
+                    p, n = prev[k], nxt[k]
+                    if p >= 0:
+                        nxt[p] = n
+                    else:
+                        head = n
+                    prev[n] = p
+                    prev[k], nxt[k], nxt[tail], tail = tail, -1, k, k
+                continue
+            if used == capacity:  # evict the head
+                v = head
+                head = nxt[v]
+                prev[head] = -1
+                inside[v] = False
+            else:
+                used += 1
+            inside[k] = True
+            prev[k], nxt[k] = tail, -1
+            if tail >= 0:
+                nxt[tail] = k
+            else:
+                head = k
+            tail = k
+        return hits
+
+    return run
+
+
 def end_to_end(trace, capacity, scope, repeat, tmp, name, per_layer_keys):
     simcache.simulate(trace, "lru", capacity, scope=scope)  # compile / warm
     t_e2e, r = best(lambda: simcache.simulate(trace, "lru", capacity, scope=scope), repeat)
     t_sched, steps = best(lambda: schedule(trace), repeat)
     t_dem, d = best(lambda: demand(trace, steps), repeat)
     work = Workload(trace)
-    t_fut, _ = best(lambda: simcache.workload.future_order(work.demand), 1)
+    t_fut, _ = best(lambda: simcache.workload.future_order(work.demand), 2)  # (the first compiles)
     n = r.accesses
     keys = d.keys
     if per_layer_keys:  # one libCacheSim cache per layer, as bench_simulate.py
@@ -97,9 +142,14 @@ def end_to_end(trace, capacity, scope, repeat, tmp, name, per_layer_keys):
             t_, h_ = lcs_lru(keys[keys // E == l], capacity, repeat, tmp, f"{name}{l}")
             lc_t += t_
             lc_hits += h_
+        bare_t = bare_hits = None
     else:
         lc_t, lc_hits = lcs_lru(keys, capacity, repeat, tmp, name)
+        bare = _bare_lru()
+        bare(keys[:1000], trace.num_experts, capacity)  # compile
+        bare_t, bare_hits = best(lambda: bare(keys, trace.num_experts, capacity), repeat)
     return {"workload": name, "accesses": n, "simulate_s": t_e2e, "kernel_s": r.elapsed_s,
+            "bare_lru_s": bare_t, "bare_lru_hits": bare_hits,
             "schedule_s": t_sched, "demand_s": t_dem, "future_order_s": t_fut,
             "simcache_Maps": n / t_e2e / 1e6, "libcachesim_Maps": n / lc_t / 1e6, "ratio": lc_t / t_e2e,
             "simcache_hits": r.hits, "libcachesim_hits": lc_hits}
@@ -240,6 +290,11 @@ def main():
               f"demand {r['demand_s']:.3f}); libCacheSim LRU {r['libcachesim_Maps']:.1f} M/s; "
               f"ratio {r['ratio']:.2f}x; hits {r['simcache_hits']:,} vs {r['libcachesim_hits']:,}; "
               f"future order (Belady only) {r['future_order_s']:.3f} s")
+        if r["bare_lru_s"]:
+            build = r["schedule_s"] + r["demand_s"]
+            print(f"        bare LRU list, no groups, counters or times: {r['accesses'] / r['bare_lru_s'] / 1e6:.1f} M/s "
+                  f"(hits {r['bare_lru_hits']:,}); with the workload build: "
+                  f"{r['accesses'] / (r['bare_lru_s'] + build) / 1e6:.1f} M/s end to end at best")
     c = results.get("curve")
     if c:
         print(f"one-pass LRU curve, capacities 1..{c['experts']}, {c['accesses']:,} accesses "
