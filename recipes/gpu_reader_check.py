@@ -1,6 +1,8 @@
-"""The host executor's result reader on a GPU (docs/hybrid.md, run 7): its self-check, then the
-time to read 64 x 4096 bf16 (512 KiB) of pinned host memory into the device by the kernel,
-the mean of 200 back to back after 3 warm-ups. Run from the repository root on a CUDA machine:
+"""The host executor's mapped-memory kernel on a GPU (docs/hybrid.md, runs 7 and 9): its
+self-check (both ways), then the time to read 64 x 4096 bf16 (512 KiB) of pinned host memory
+into the device, and to store as much from the device into pinned host memory (the executor's
+activations going down), each the mean of 200 back to back after 3 warm-ups. Run from the
+repository root on a CUDA machine:
 
     PYTHONPATH=. python3 recipes/gpu_reader_check.py
 """
@@ -10,16 +12,28 @@ import torch
 
 from simcache.replay.cpu import checked_reader, zero_copy_reader
 
-print("reader self-check:", checked_reader(torch.device("cuda:0")) is not None)
+
+def timed(fn):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(200):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / 200 * 1e6
+
+
+print("self-check (host -> device and device -> host):", checked_reader(torch.device("cuda:0")) is not None)
 r = zero_copy_reader()
-src = torch.randn(64, 4096).to(torch.bfloat16).pin_memory()
-dst = torch.empty_like(src, device="cuda")
-for _ in range(3):
-    r(dst, src)
-torch.cuda.synchronize()
-t = time.perf_counter()
-for _ in range(200):
-    r(dst, src)
-torch.cuda.synchronize()
-print("read 64x4096 bf16: %.1f us" % ((time.perf_counter() - t) / 200 * 1e6))
-print("equal:", torch.equal(dst.cpu(), src))
+host = torch.randn(64, 4096).to(torch.bfloat16).pin_memory()
+dev = torch.empty_like(host, device="cuda")
+print("read 64x4096 bf16 host -> device: %.1f us" % timed(lambda: r(dev, host)))
+print("equal:", torch.equal(dev.cpu(), host))
+dev = torch.randn(64, 4096, device="cuda").to(torch.bfloat16)
+back = torch.full_like(host, float("nan"))
+print("store 64x4096 bf16 device -> host: %.1f us" % timed(lambda: r(back, dev)))
+print("equal:", torch.equal(back, dev.cpu()))
+copy = torch.full_like(host, float("nan"))
+print("for comparison, copy_ device -> host (non_blocking, copy engine): %.1f us"
+      % timed(lambda: copy.copy_(dev, non_blocking=True)))

@@ -94,8 +94,18 @@ def test_checked_reader_keeps_only_a_kernel_that_copies_exactly():
             raise RuntimeError("Pointer argument (at 0) cannot be accessed from Triton (cpu tensor?)")
         return read
 
+    def one_way_only():  # copies the first block (host -> device), then leaves dst alone
+        calls = []
+
+        def read(dst, src):
+            if not calls:
+                dst.copy_(src)
+            calls.append(1)
+        return read
+
     assert checked_reader(CPU, make=exact) is not None
     assert checked_reader(CPU, make=off_by_one_row) is None
+    assert checked_reader(CPU, make=one_way_only) is None  # the store into host memory is checked too
     assert checked_reader(CPU, make=fails) is None
     assert checked_reader(CPU, make=lambda: None) is None
 

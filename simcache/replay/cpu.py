@@ -2,14 +2,16 @@
 
 For a (step, layer) the schedule sends some misses to the CPU. :class:`HostExecutor` runs them
 on one worker thread while the GPU streams proceed: the issuing thread gathers the CPU experts'
-tokens on the device; the worker copies them down to a pinned host buffer in one copy (device ->
-host, on the executor's own stream), then, one expert at a time, computes the SwiGLU FFN on the
+tokens on the device into a pinned host buffer (see ``upload`` below for how), then the worker,
+one expert at a time, computes the SwiGLU FFN on the
 host with torch at the probed thread count into a pinned host buffer. The results come up one
 of two ways (``upload``): ``read`` (on CUDA where Triton is installed and its self-check passes),
 a small kernel on the compute stream reads the pinned buffer over PCIe from the GPU's own
 threads, so the results never queue behind the group's weight copies on the copy engine
-(docs/hybrid.md run 6: 1-4 ms at batch 16); ``copy``, the worker sends each result up on the
-executor's stream as soon as it is computed and waits for the last. The timing model prices
+(docs/hybrid.md run 6: 1-4 ms at batch 16), and the same kernel, pointers swapped, stores the
+gathered tokens straight into the pinned host buffer on the compute stream (no copy down);
+``copy``, the worker copies the tokens down on the executor's stream, sends each result up as
+soon as it is computed and waits for the last. The timing model prices
 one activation round trip per expert (docs/design.md §11). The compute stream waits for the
 CPU's results only when it adds them into the layer output, so the GPU computes its own
 experts meanwhile. On a CPU-only run (tests) the same code runs with host tensors and no
@@ -97,7 +99,9 @@ def zero_copy_reader():
 
 def checked_reader(device: torch.device, make=zero_copy_reader):
     """:func:`zero_copy_reader` after a self-check on ``device``: it must copy a pinned block of
-    random bf16 rows exactly; None (the executor then copies results up on its stream) if
+    random bf16 rows to the device exactly, and a device block into pinned host memory (the
+    same kernel, pointers swapped: the executor sends activations down that way); None (the
+    executor then copies both ways on its stream) if
     Triton is missing, the kernel fails to build or launch, or a value differs. A fault that
     leaves the device unusable is a one-line error instead: no fallback could run after it."""
     read = make()
@@ -110,6 +114,13 @@ def checked_reader(device: torch.device, make=zero_copy_reader):
         dst = torch.full(src.shape, float("nan"), dtype=src.dtype, device=device)
         read(dst, src)
         ok = bool(torch.equal(dst.cpu(), src.cpu()))
+        # ... and the other way: device rows stored straight into a pinned host buffer
+        back = torch.full(src.shape, float("nan"), dtype=src.dtype, pin_memory=device.type == "cuda")
+        fresh = torch.randn(src.shape, generator=gen).to(torch.bfloat16).to(device)
+        read(back, fresh)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        ok = ok and bool(torch.equal(back, fresh.cpu()))
     except Exception as exc:  # noqa: BLE001 - a kernel that fails to build or launch: copy instead
         if device.type == "cuda":
             try:  # ... unless it broke the device for the whole process (a fault inside the kernel)
@@ -204,17 +215,22 @@ class HostExecutor:
         # gather every CPU expert's token rows into one contiguous block on the device
         rows = torch.cat([j.idx for j in jobs]) if len(jobs) > 1 else jobs[0].idx  # (sum T,)
         picked = x.index_select(0, rows)  # (sum T, H)
+        mapped = self._reader is not None
+        if mapped:  # the GPU's own threads store the rows into the pinned host buffer: no copy
+            # engine, so the activations never queue behind the group's weight copies
+            self._reader(self._down[:total], picked)
         gathered = None
         if self.cuda:
-            picked.record_stream(self._stream)  # read on the executor's stream
+            if not mapped:
+                picked.record_stream(self._stream)  # read on the executor's stream
             gathered = torch.cuda.Event()
             gathered.record()
         ticket = Ticket(None, jobs)
-        ticket.future = self._pool.submit(self._work, picked, gathered, ticket, time.perf_counter())
+        ticket.future = self._pool.submit(self._work, None if mapped else picked, total, gathered, ticket,
+                                          time.perf_counter())
         return ticket
 
-    def _work(self, picked, gathered, ticket, t0):
-        n = picked.shape[0]
+    def _work(self, picked, n, gathered, ticket, t0):
         out = self._dev_out[:n]  # (sum T, H) on the device
         down, up = self._down[:n], self._up[:n]  # (sum T, H) host
         if self.cuda:
@@ -229,15 +245,16 @@ class HostExecutor:
                     self._stream.wait_event(self._consumed)
         ticket.wait_s = time.perf_counter() - t0
         t0 += ticket.wait_s
-        # every CPU expert's tokens down in one copy; with upload "copy", each result goes
-        # back up as soon as it is computed, with no wait, so the round trip costs one copy's
-        # latency each way per group, not per expert; with "read", finish() reads them
+        # every CPU expert's tokens down in one copy (unless submit's kernel stored them
+        # already); with upload "copy", each result goes back up as soon as it is computed,
+        # with no wait, so the round trip costs one copy's latency each way per group, not per
+        # expert; with "read", finish() reads them
         send = self._reader is None
-        if self.cuda:
+        if picked is not None and self.cuda:
             with torch.cuda.stream(self._stream):
                 down.copy_(picked, non_blocking=True)  # device -> host
             self._stream.synchronize()
-        else:
+        elif picked is not None:
             down.copy_(picked)
         lo, e0 = 0, t0
         for job in ticket.jobs:
