@@ -128,8 +128,17 @@ def host_diag(paths: list[Path]) -> list[str]:
 def _within(records) -> str:
     ok = sum(abs(r["prediction_error"]) <= 0.10 for r in records)
     worst = max(records, key=lambda r: abs(r["prediction_error"]))
-    return (f"\nWithin 10 %: {ok} of {len(records)} runs; the largest error {worst['prediction_error'] * 100:+.1f} % "
+    line = (f"\nWithin 10 %: {ok} of {len(records)} runs; the largest error {worst['prediction_error'] * 100:+.1f} % "
             f"({worst['policy']}, {worst.get('miss', 'load')}, capacity {worst['capacity']}, batch {worst['batch']}).")
+    hybrid = [r for r in records if r.get("miss", "load") != "load"]
+    if hybrid:
+        line += f" Hybrid runs (cpu, auto): {sum(abs(r['prediction_error']) <= 0.10 for r in hybrid)} of {len(hybrid)}"
+        rated = [r for r in hybrid if r.get("predicted_at_run_rate_s") is not None]
+        if rated:
+            near = sum(abs(r["predicted_at_run_rate_s"] - r["measured_s"]) <= 0.10 * r["measured_s"] for r in rated)
+            line += f"; at the run's own host FFN rate {near} of {len(rated)}"
+        line += "."
+    return line
 
 
 def main(argv: list[str]) -> int:
