@@ -987,6 +987,9 @@ def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, cpu
 @click.option("--miss", "misses", default="load", callback=_csv(str), show_default=True,
               help="Who serves a miss (as simulate's): load, cpu (computed on the host CPU for real), auto, "
                    "auto-cputime; a list replays each.")
+@click.option("--cpu-refresh", type=float, default=0.0, show_default=True,
+              help="With --miss cpu|auto: before each run, time the host FFN for about this many seconds and "
+                   "rescale the calibration's host FFN prices to that rate (a host whose rate drifts; 0: off).")
 @click.option("--split", type=float,
               help="Replay this fraction of the requests; the prior (markov) and the demand counts "
                    "(static's hot set) come from the rest.")
@@ -1004,7 +1007,8 @@ def probe(gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, out, cpu
 @friendly
 def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, issue, policies, capacities, batches,
            scope, threshold, evict, admit, layers, steps, bypass_buffers, prefetches, prefetch_width, calibration,
-           decisions, prior, misses, split, seed, verify, as_json, out, from_results, budget, force, cpu_full_size):
+           decisions, prior, misses, cpu_refresh, split, seed, verify, as_json, out, from_results, budget, force,
+           cpu_full_size):
     """Run a policy's decisions on a GPU with real-shaped expert tensors and compare the
     measured time with the simulator's prediction.
 
@@ -1117,7 +1121,7 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
         cal.require_cpu(next(m for m in misses if m != "load"))
     results = [rp.run(p, c, scope=scope, batch=b, threshold=threshold, evict=evict, admit=admit, steps=steps,
                       bypass_buffers=bypass_buffers, calibration=cal, decisions_file=decisions, verify=verify,
-                      miss=m, prefetch=f, prefetch_width=prefetch_width, **extra)
+                      miss=m, prefetch=f, prefetch_width=prefetch_width, cpu_refresh=cpu_refresh, **extra)
                for p, m, c, b, f in runs]
     records = [dict(r.to_dict(), trace=str(path)) for r in results]
     if out is not None:
@@ -1132,11 +1136,16 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
                f"({r0.extra['timing_model']} timing)")
     rows = []
     hybrid = any(r.miss != "load" for r in results)
+    refreshed = any("cpu_refresh_factor" in r.extra for r in results)
     prefetching = any(r.extra["prefetch"] != "none" for r in results)
     for r in results:
         x = r.extra
         cpu = [r.miss, r.cpu_experts, _ms(x.get("cpu_expert_measured_s_median")),
                _ms(x.get("cpu_expert_predicted_s_median")), _at_rate(r)] if hybrid else []
+        if refreshed:
+            cpu.append("-" if "cpu_refresh_factor" not in x else
+                       f"x{x['cpu_refresh_factor']:.2f} / "
+                       f"{(x['predicted_from_probe_s'] - r.measured_s) / r.measured_s * 100:+.1f}%")
         pf = ["none" if x["prefetch"] == "none" else f"{x['prefetch']} w={x['prefetch_width']}"] if prefetching else []
         pf_counts = [x["prefetches"], x["prefetched"], x["prefetch_bytes"] / 1e9] if prefetching else []
         pred_stall = "-" if x["predicted_stall_s"] is None else f"{x['predicted_stall_s'] * 1e3:.3f}"
@@ -1151,6 +1160,8 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
                      outputs])
     cpu_heads = ["cpu experts", "cpu ms/expert measured", "cpu ms/expert predicted",
                  "error at run's FFN rate"] if hybrid else []
+    if refreshed:
+        cpu_heads.append("refresh / error from probe")
     pf_heads = ["prefetches", "from buffer", "GB prefetched"] if prefetching else []
     click.echo(table(["policy", *(["miss"] if hybrid else []), *(["prefetch"] if prefetching else []), "cap",
                       "batch", "steps", "hits", "loads", *cpu_heads, *pf_heads, "GB moved", "measured ms/tok",
@@ -1165,7 +1176,9 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
                    "||out - ref|| / ||ref|| <= 1e-2 against the all-resident GPU run (the host's GEMMs round differently); "
                    "error at run's FFN rate: the prediction with the calibration's host FFN prices times (x) the "
                    "median measured / priced FFN of the run, simulated again (the model's error without the host's "
-                   "drift since the probe; n moved: accesses that rate assigns differently)")
+                   "drift since the probe; n moved: accesses that rate assigns differently)"
+                   + ("; refresh: --cpu-refresh's factor on the host FFN prices, and the error of the prediction "
+                      "from the calibration as given" if refreshed else ""))
     click.echo("host us/group: the median of the first 4 groups (the host's own issue cost) and the mean "
                "(which includes time blocked behind a full launch queue); GPU idle: waiting for the host")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import numpy as np
@@ -286,6 +287,44 @@ def test_prediction_at_the_runs_ffn_rate_is_the_simulation_with_scaled_cpu_price
     assert x["accesses_reassigned_at_run_rate"] == 0
     with pytest.raises(SimcacheError, match="host FFN rate factor must be a positive number"):
         cal.cpu_scaled(float("nan"))
+
+
+def test_cpu_refresh_rescales_the_host_prices_and_keeps_the_probes_prediction(monkeypatch):
+    """--cpu-refresh times the host FFN on the executor's worker, rescales the calibration's host
+    prices by the mean measured / priced ratio, predicts from that; the prediction from the
+    calibration as given is kept beside it."""
+    import simcache.replay.probe as probe
+    from simcache.replay.harness import Replayer
+
+    t = _tiny_trace(7)
+    rp = Replayer(t, TINY, device="cpu", dtype="float32")
+    cal = _cpu_heavy()
+    priced = cal.cpu_seconds_for([1, 16], rp.expert_bytes, busy=False)
+    seen = []
+
+    def three_times_the_price(preset, dtype, tokens, **kw):  # the host, measured: 3x the calibration
+        seen.append((tokens, kw["experts"].shape[0], threading.current_thread().name))
+        return list(3.0 * priced)
+
+    monkeypatch.setattr(probe, "host_ffn_seconds", three_times_the_price)
+    r = rp.run("lru", 2, batch=1, miss="cpu", calibration=cal, cpu_refresh=0.2)
+    assert seen == [((1, 16), rp.store.host.shape[0], seen[0][2])] and seen[0][2].startswith("simcache-host")
+    x = r.extra
+    assert x["cpu_refresh_factor"] == pytest.approx(3.0)
+    work = simcache.Workload(t, 1)
+    L, n = t.num_layers, work.steps.num_steps
+
+    def predicted(c):
+        sim = simcache.simulate(work, "lru", 2, miss="cpu", calibration=c, expert_bytes=rp.expert_bytes, record=True)
+        return float(sim.decisions.group_time[2 * L: n * L].sum())
+
+    assert r.predicted_s == pytest.approx(predicted(cal.cpu_scaled(3.0)))
+    assert x["predicted_from_probe_s"] == pytest.approx(predicted(cal))
+    assert r.predicted_s > x["predicted_from_probe_s"]
+    with pytest.raises(SimcacheError, match="--cpu-refresh needs a positive number of seconds"):
+        rp.run("lru", 2, miss="cpu", calibration=cal, cpu_refresh=-1)
+    plain = rp.run("lru", 2, miss="load", calibration=cal, cpu_refresh=0.2)  # nothing to refresh for load
+    assert "cpu_refresh_factor" not in plain.extra and len(seen) == 1
 
 
 def test_replay_follows_a_cpu_decision_log(tmp_path):

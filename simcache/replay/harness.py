@@ -189,19 +189,48 @@ class Replayer:
                                                max_tokens=max(max_tokens, 256), dtype=self.dtype)
         return ex
 
+    def refresh_cpu(self, cal: simcache.Calibration, seconds: float) -> tuple[simcache.Calibration, float]:
+        """``cal`` with its host FFN prices rescaled to the host's rate now: the FFN of one
+        expert of the replay's own store, on 1 and 16 tokens, timed on the host executor's
+        worker (the probe's thread count) for about ``seconds``, against ``cal``'s price for
+        the same (alone). Returns the rescaled calibration and the factor (the mean of the two
+        ratios). For a host whose FFN rate drifts between the probe and the replay
+        (docs/hybrid.md, run 9)."""
+        from simcache.replay.probe import host_ffn_seconds
+
+        if not seconds > 0:
+            raise SimcacheError(f"--cpu-refresh needs a positive number of seconds, got {seconds!r}")
+        cal.require_cpu("cpu")
+        tokens = (1, 16)
+        ex = self.host_executor(cal.cpu_thread_choice, 16)
+        rows = self.store.host  # (N, W): the experts the CPU path computes on
+        now = ex.run(lambda: host_ffn_seconds(self.preset, self.dtype, tokens, min_seconds=seconds / len(tokens),
+                                              max_calls=10_000, experts=rows))
+        priced = cal.cpu_seconds_for(tokens, self.expert_bytes, busy=False)
+        factor = float(np.mean(np.asarray(now) / priced))
+        return cal.cpu_scaled(factor), factor
+
     def run(self, policy: str = "lru", capacity: int = 2, *, scope: str = "layer", batch: int = 1,
             threshold: float | str = 0.1, evict: str | None = None, admit: str | None = None,
             steps: int | None = None, bypass_buffers: int = 4,
             calibration: simcache.Calibration | None = None, decisions_file=None, verify: bool = False,
             warmup_steps: int = 2, keep_outputs: bool = False, miss: str = "load", prefetch: str = "none",
-            prefetch_width: int | None = None, **simulate_options) -> ReplayResult:
+            prefetch_width: int | None = None, cpu_refresh: float = 0.0, **simulate_options) -> ReplayResult:
         """Simulate ``policy`` with the preset's expert size, then carry its decisions out and
         measure them. See the module docstring. ``miss`` is simulate's (``load``, ``cpu``,
         ``auto``, ``auto-cputime``); ``simulate_options`` (:data:`SIMULATE_OPTIONS`) go to
         :func:`simcache.simulate`. ``prefetch`` and ``prefetch_width`` are simulate's
         (docs/prefetch.md); the replay issues the simulator's prefetches on the copy stream
-        (:mod:`simcache.replay.prefetch`, eager issue path only)."""
+        (:mod:`simcache.replay.prefetch`, eager issue path only). ``cpu_refresh`` (seconds, for
+        ``miss`` other than ``load``): first rescale the calibration's host FFN prices to the
+        host's rate now (:meth:`refresh_cpu`); the prediction from the calibration as given is
+        kept as ``predicted_from_probe_s``."""
         check_ring(bypass_buffers)
+        refreshed = None
+        if cpu_refresh and miss != "load":
+            given = calibration if calibration is not None else simcache.default_calibration()
+            calibration, factor = self.refresh_cpu(given, cpu_refresh)
+            refreshed = given, factor
         if miss != "load" and self.expert_dtype is not None:
             raise SimcacheError(f"--miss {miss} computes experts on the host in {self.dtype_name}; "
                                 f"it does not run with --expert-dtype {self.expert_dtype}")
@@ -293,6 +322,11 @@ class Replayer:
                 sched.access,
                 lambda cal: _decide(self, policy, capacity, scope, batch, threshold, evict, admit, cal, None,
                                     dict(simulate_options, miss=miss))))
+        if refreshed is not None:  # the prediction from the calibration as given, beside the refreshed one
+            again, _, _ = _decide(self, policy, capacity, scope, batch, threshold, evict, admit, refreshed[0], None,
+                                  dict(simulate_options, miss=miss))
+            result.extra.update({"cpu_refresh_factor": refreshed[1], "predicted_from_probe_s": float(
+                again.decisions.group_time[_group_ids(timed, self.trace.num_layers)].sum())})
         result.extra.update(_prefetch_extra(self, sim, work, timed, timings, pf_measured, calibration, model))
         if keep_outputs:
             result.outputs = [o.cpu() for o in outputs]
