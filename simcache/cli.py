@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import signal
 import sys
@@ -1103,6 +1104,11 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
         simcache.policies.resolve(p, evict, admit)
     for m in misses:
         simcache.hybrid.miss_code(m)
+    if cpu_refresh:
+        if not (math.isfinite(cpu_refresh) and cpu_refresh > 0):
+            raise SimcacheError(f"--cpu-refresh needs a positive number of seconds, got {cpu_refresh}")
+        if all(m == "load" for m in misses):
+            raise SimcacheError("--cpu-refresh re-times the host FFN for --miss cpu|auto runs; these are all --miss load")
     rp = Replayer(t, shapes, gpu=gpu, device=device, dtype=dtype, layers=layers,
                   expert_dtype=expert_dtype, issue=issue)
     if calibration is not None:

@@ -327,6 +327,20 @@ def test_cpu_refresh_rescales_the_host_prices_and_keeps_the_probes_prediction(mo
     assert "cpu_refresh_factor" not in plain.extra and len(seen) == 1
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--miss", "cpu", "--cpu-refresh", "-2"], "--cpu-refresh needs a positive number of seconds, got -2.0"),
+    (["--miss", "cpu", "--cpu-refresh", "nan"], "--cpu-refresh needs a positive number of seconds, got nan"),
+    (["--miss", "load", "--cpu-refresh", "2"], "--cpu-refresh re-times the host FFN for --miss cpu|auto runs"),
+])
+def test_replay_refuses_a_bad_cpu_refresh_before_running(tmp_path, args, message):
+    t = _tiny_trace()
+    path = tmp_path / "t.parquet"
+    simcache.write_trace(t, path)
+    r = CliRunner().invoke(main, ["replay", str(path), "--device", "cpu", "--preset", "custom", "--hidden", "16",
+                                  "--ffn", "24", "--dtype", "float32", "--steps", "6", *args])
+    assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
 def test_replay_follows_a_cpu_decision_log(tmp_path):
     t = _tiny_trace()
     path = tmp_path / "t.parquet"

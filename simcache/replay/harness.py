@@ -189,7 +189,8 @@ class Replayer:
                                                max_tokens=max(max_tokens, 256), dtype=self.dtype)
         return ex
 
-    def refresh_cpu(self, cal: simcache.Calibration, seconds: float) -> tuple[simcache.Calibration, float]:
+    def refresh_cpu(self, cal: simcache.Calibration, seconds: float,
+                    miss: str = "cpu") -> tuple[simcache.Calibration, float]:
         """``cal`` with its host FFN prices rescaled to the host's rate now: the FFN of one
         expert of the replay's own store, on 1 and 16 tokens, timed on the host executor's
         worker (the probe's thread count) for about ``seconds``, against ``cal``'s price for
@@ -200,7 +201,7 @@ class Replayer:
 
         if not seconds > 0:
             raise SimcacheError(f"--cpu-refresh needs a positive number of seconds, got {seconds!r}")
-        cal.require_cpu("cpu")
+        cal.require_cpu(miss)
         tokens = (1, 16)
         ex = self.host_executor(cal.cpu_thread_choice, 16)
         rows = self.store.host  # (N, W): the experts the CPU path computes on
@@ -229,7 +230,7 @@ class Replayer:
         refreshed = None
         if cpu_refresh and miss != "load":
             given = calibration if calibration is not None else simcache.default_calibration()
-            calibration, factor = self.refresh_cpu(given, cpu_refresh)
+            calibration, factor = self.refresh_cpu(given, cpu_refresh, miss)
             refreshed = given, factor
         if miss != "load" and self.expert_dtype is not None:
             raise SimcacheError(f"--miss {miss} computes experts on the host in {self.dtype_name}; "
