@@ -46,8 +46,9 @@ def _ms(x) -> str:
 
 
 def _at_rate(r: dict) -> str:
-    """The error with the host FFN priced at the rate the replay ran at (x factor; accesses the
-    other rate assigns differently), where the replay recorded it."""
+    """The error with the host FFN priced at the rate the replay ran at (x factor), where the
+    replay recorded it; replays of run 9 re-simulated at that rate instead of re-pricing the
+    schedule that ran, and record the accesses the other rate moved (n moved)."""
     at = r.get("predicted_at_run_rate_s")
     if at is None:
         return "–"

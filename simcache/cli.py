@@ -1180,9 +1180,9 @@ def replay(ctx, trace, gpu, device, dtype, preset, hidden, ffn, expert_dtype, is
                    "calibration's price for it (its busy rate where the group also copies; each group's hand-off "
                    "is priced apart); outputs 'close': within "
                    "||out - ref|| / ||ref|| <= 1e-2 against the all-resident GPU run (the host's GEMMs round differently); "
-                   "error at run's FFN rate: the prediction with the calibration's host FFN prices times (x) the "
-                   "median measured / priced FFN of the run, simulated again (the model's error without the host's "
-                   "drift since the probe; n moved: accesses that rate assigns differently)"
+                   "error at run's FFN rate: the schedule that ran priced with the calibration's host FFN prices "
+                   "times (x) the median measured / priced FFN of the run (the model's error without the host's "
+                   "drift since the probe)"
                    + ("; refresh: --cpu-refresh's factor on the host FFN prices, and the error of the prediction "
                       "from the calibration as given" if refreshed else ""))
     click.echo("host us/group: the median of the first 4 groups (the host's own issue cost) and the mean "
@@ -1194,14 +1194,13 @@ def _ms(seconds):
 
 
 def _at_rate(r) -> str:
-    """A hybrid replay's error at the host FFN rate it ran at, its factor and the accesses moved."""
+    """A hybrid replay's error with the schedule that ran priced at the host FFN rate it ran at,
+    and that rate's factor."""
     x = r.extra
     at = x.get("predicted_at_run_rate_s")
-    if at is None or not r.measured_s:
+    if at is None or at != at or not r.measured_s:
         return "-"
-    moved = x.get("accesses_reassigned_at_run_rate", 0)
-    return (f"{(at - r.measured_s) / r.measured_s * 100:+.1f}% (x{x['cpu_rate_factor']:.2f}"
-            f"{f', {moved} moved' if moved else ''})")
+    return f"{(at - r.measured_s) / r.measured_s * 100:+.1f}% (x{x['cpu_rate_factor']:.2f})"
 
 
 def _logged_run(path, trace, prior_path, **given):

@@ -236,3 +236,52 @@ def group_split(hit_tokens, miss_tokens, cal, expert_bytes: int, miss: str = "au
     j = split(miss_tokens, m, hit_s, gpu, cpu, cpu_busy, t_copy, t_busy, cal.cpu_group_s, ov, code, order,
               suffix, out)
     return sorted(order[:j].tolist()), dict(zip(("gpu_s", "copy_s", "cpu_s", "time_s"), out.tolist()))
+
+
+
+def assigned_times(hit_tokens, miss_tokens, to_cpu, cal, expert_bytes: int, overlap: bool | None = None) -> dict:
+    """One group's times for a *given* assignment: the misses with ``to_cpu`` on the host, the
+    others copied (issued in expert order, the order of ``miss_tokens``), priced as
+    :func:`split` prices its chosen j; for re-pricing a schedule that ran (a replay at the
+    host's measured rate) without choosing again. A dict of ``gpu_s``, ``copy_s``, ``cpu_s``,
+    ``time_s``.
+
+    Examples
+    --------
+    >>> from simcache.timing import default_calibration, MIXTRAL_EXPERT_BYTES
+    >>> cal = default_calibration()
+    >>> copied, best = group_split([1], [1, 1], cal, MIXTRAL_EXPERT_BYTES)
+    >>> given = assigned_times([1], [1, 1], [a not in copied for a in range(2)], cal, MIXTRAL_EXPERT_BYTES)
+    >>> given["time_s"] == best["time_s"]   # the rule's own choice, priced again
+    True
+    """
+    cal.require_cpu("auto")
+    hit_tokens = np.asarray(hit_tokens, np.int64)
+    miss_tokens = np.asarray(miss_tokens, np.int64)
+    to_cpu = np.asarray(to_cpu, np.bool_)
+    if to_cpu.shape != miss_tokens.shape:
+        raise SimcacheError(f"assigned_times: {to_cpu.size} CPU flags for {miss_tokens.size} misses")
+    top = int(max(hit_tokens.max(initial=0), miss_tokens.max(initial=0)))
+    gpu, cpu, cpu_busy, t_copy, t_busy = luts(cal, expert_bytes, top)
+    out = assigned(float(gpu[hit_tokens].sum()), miss_tokens, to_cpu, gpu, cpu, cpu_busy, t_copy, t_busy,
+                   cal.cpu_group_s, cal.overlap if overlap is None else bool(overlap))
+    return dict(zip(("gpu_s", "copy_s", "cpu_s", "time_s"), out))
+
+
+def assigned(hit_s, miss_tokens, to_cpu, gpu_lut, cpu_lut, cpu_busy_lut, t_copy, t_copy_busy, cpu_group, overlap):
+    """(GPU_S, COPY_S, CPU_S, TOTAL_S) of a group whose misses are assigned (``to_cpu``), the
+    tables as :func:`split`'s; its plain-Python twin is ``tests/naive.py:group_time``."""
+    miss_tokens = np.asarray(miss_tokens, np.int64)
+    to_cpu = np.asarray(to_cpu, np.bool_)
+    copied = np.flatnonzero(~to_cpu)
+    on_cpu = miss_tokens[to_cpu]
+    g = hit_s + float(gpu_lut[miss_tokens[copied]].sum())
+    c = cpu_group + float((cpu_busy_lut if copied.size else cpu_lut)[on_cpu].sum()) if on_cpu.size else 0.0
+    copy = copied.size * (t_copy_busy if on_cpu.size else t_copy)
+    if not copied.size:
+        path = g
+    elif overlap:
+        path = max(g, copy + float(gpu_lut[miss_tokens[copied[-1]]]))
+    else:
+        path = g + copy
+    return g, copy, c, max(path, c)

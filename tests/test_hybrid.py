@@ -63,6 +63,25 @@ def test_split_equals_its_twin(g, mode):
 
 
 @SETTINGS
+@given(groups(), st.data())
+def test_a_given_assignment_is_priced_as_its_twin_and_as_the_rule_prices_its_own(g, data):
+    """hybrid.assigned (re-pricing a schedule that ran) equals naive.group_time for any
+    assignment, and on the rule's own choice equals split's four times."""
+    m = len(g["miss_tokens"])
+    to_cpu = data.draw(st.lists(st.booleans(), min_size=m, max_size=m))
+    copied = [a for a in range(m) if not to_cpu[a]]
+    rest = [a for a in range(m) if to_cpu[a]]
+    assert hybrid.assigned(g["hit_s"], g["miss_tokens"], to_cpu, *args(g)[2:7], g["cpu_group"], g["overlap"]) == \
+        pytest.approx(naive.group_time(g["hit_s"], g["miss_tokens"], copied, rest, *args(g)[2:]), rel=1e-12, abs=1e-15)
+    j, chosen, times = kernel_split(g)
+    mine = [a not in chosen for a in range(m)]
+    assert hybrid.assigned(g["hit_s"], g["miss_tokens"], mine, *args(g)[2:7], g["cpu_group"], g["overlap"]) == \
+        pytest.approx(times, rel=1e-12, abs=1e-15)
+    with pytest.raises(SimcacheError, match="CPU flags for"):
+        hybrid.assigned_times([1], [1, 2], [True], default_calibration(), MIXTRAL_EXPERT_BYTES)
+
+
+@SETTINGS
 @given(groups())
 def test_auto_j_is_the_best_of_every_j(g):
     j, _, times = kernel_split(g)

@@ -266,9 +266,9 @@ def test_cpu_predicted_price_is_the_calibrations_per_expert():
 
 
 def test_prediction_at_the_runs_ffn_rate_is_the_simulation_with_scaled_cpu_prices():
-    """The replay re-prices its CPU experts at the host FFN rate they ran at: the median of measured
-    over priced FFN seconds, applied to the calibration, simulated again over the timed groups.
-    Under --miss cpu the rate moves no access."""
+    """The replay re-prices the schedule that ran at the host FFN rate it ran at: the median of
+    measured over priced FFN seconds, applied to the calibration. Under --miss cpu no rate moves
+    an access, so it equals simulating again at that rate."""
     from simcache.replay.harness import Replayer
 
     t = _tiny_trace(7)
@@ -284,9 +284,31 @@ def test_prediction_at_the_runs_ffn_rate_is_the_simulation_with_scaled_cpu_price
                               expert_bytes=rp.expert_bytes, record=True)
     L, n = t.num_layers, work.steps.num_steps
     assert x["predicted_at_run_rate_s"] == pytest.approx(float(again.decisions.group_time[2 * L: n * L].sum()))
-    assert x["accesses_reassigned_at_run_rate"] == 0
     with pytest.raises(SimcacheError, match="host FFN rate factor must be a positive number"):
         cal.cpu_scaled(float("nan"))
+
+
+@pytest.mark.parametrize("miss", ["auto", "cpu"])
+def test_at_run_rate_prices_the_schedule_that_ran(miss):
+    """At factor 1 the re-pricing of every timed group's assignment is the simulator's own
+    prediction; at another factor only the CPU path's FFN changes, and an auto schedule is
+    kept (not chosen again)."""
+    from simcache.replay.harness import _groups, at_run_rate
+    from simcache.simulator import CPU as CPU_OUTCOME
+
+    t = _tiny_trace(3)
+    cal = _cpu_heavy()
+    eb = 16 * 24 * 3 * 4
+    work = simcache.Workload(t, 2)
+    sim = simcache.simulate(work, "lru", 2, miss=miss, calibration=cal, expert_bytes=eb, record=True)
+    L, n = t.num_layers, work.steps.num_steps
+    timed = [g for g in _groups(work, range(L), n, L) if g[0] >= 2]
+    out = sim.decisions.outcome
+    assert (out == CPU_OUTCOME).any()
+    assert at_run_rate(work, out, timed, cal, 1.0, eb) == pytest.approx(float(sim.decisions.group_time[2 * L: n * L].sum()))
+    slower = at_run_rate(work, out, timed, cal, 3.0, eb)
+    assert slower > at_run_rate(work, out, timed, cal, 1.0, eb)
+    assert np.isnan(at_run_rate(work, out, timed, cal, float("nan"), eb))
 
 
 def test_cpu_refresh_rescales_the_host_prices_and_keeps_the_probes_prediction(monkeypatch):

@@ -318,11 +318,8 @@ class Replayer:
         if executor is not None:
             priced = calibration if calibration is not None else simcache.default_calibration()  # (simulate's)
             result.extra.update(_cpu_figures(self, sched, timed_issuer.cpu.tickets, priced, executor))
-            result.extra.update(_at_run_rate(
-                sim, priced, result.extra["cpu_rate_factor"], _group_ids(timed, self.trace.num_layers),
-                sched.access,
-                lambda cal: _decide(self, policy, capacity, scope, batch, threshold, evict, admit, cal, None,
-                                    dict(simulate_options, miss=miss))))
+            result.extra["predicted_at_run_rate_s"] = at_run_rate(
+                work, sim.decisions.outcome, timed, priced, result.extra["cpu_rate_factor"], self.expert_bytes)
         if refreshed is not None:  # the prediction from the calibration as given, beside the refreshed one
             again, _, _ = _decide(self, policy, capacity, scope, batch, threshold, evict, admit, refreshed[0], None,
                                   dict(simulate_options, miss=miss))
@@ -365,18 +362,24 @@ def run_rate_factor(ffn_s, ffn_priced) -> float:
     return float(np.median(m / p))
 
 
-def _at_run_rate(sim, cal, factor: float, timed_groups, access, decide) -> dict:
-    """The prediction had the probe seen the host FFN rate the replay ran at: the calibration's
-    host FFN prices times ``factor`` (:func:`run_rate_factor`), simulated again. It separates
-    the timing model's error from the host's drift between probe and replay (docs/hybrid.md).
-    Under ``--miss auto`` the other rate may assign some accesses differently; their count is
-    kept beside it (0: the very schedule that ran)."""
+def at_run_rate(work, outcome, timed, cal, factor: float, expert_bytes: int) -> float:
+    """The schedule that ran, priced again with the calibration's host FFN prices times
+    ``factor`` (:func:`run_rate_factor`): every timed group's assignment as it was (hits, copied
+    misses, CPU misses in expert order; :func:`simcache.hybrid.assigned_times`). It separates the
+    timing model's error from the host's drift between probe and replay (docs/hybrid.md); at
+    factor 1 it is the prediction itself. nan if there is no factor."""
+    from simcache.hybrid import assigned_times
+
     if not (np.isfinite(factor) and factor > 0) or cal is None or not cal.has_cpu:
-        return {}
-    again, _, _ = decide(cal.cpu_scaled(factor))
-    changed = int((again.decisions.outcome[access] != sim.decisions.outcome[access]).sum())
-    return {"predicted_at_run_rate_s": float(again.decisions.group_time[timed_groups].sum()),
-            "accesses_reassigned_at_run_rate": changed}
+        return float("nan")
+    scaled = cal.cpu_scaled(factor)
+    tokens = work.demand.tokens
+    total = 0.0
+    for _, _, lo, hi in timed:
+        o, t = outcome[lo:hi], tokens[lo:hi]
+        miss = o != HIT
+        total += assigned_times(t[~miss], t[miss], o[miss] == CPU, scaled, expert_bytes)["time_s"]
+    return total
 
 
 def _cpu_figures(rp: Replayer, sched: Schedule, tickets, cal, executor) -> dict:
