@@ -414,3 +414,31 @@ def test_replay_cpu_misses_need_a_cpu_table_and_static_needs_training_data():
         rp.run("lru", 2, miss="cpu", calibration=bare)
     with pytest.raises(SimcacheError, match="eviction 'static' places the most-demanded experts of training data"):
         rp.run("static", 2)
+
+
+def test_a_run9_replay_is_reproduced_and_priced_at_its_rate_golden():
+    """docs/hybrid.md run 9b: the simulator, given the trace, --split 0.5 and the run's
+    calibration, makes the decisions the H200 replay ran (the recorded prediction to 1e-9), and
+    the schedule that ran, priced at the run's recorded FFN rate, is 4.3 % under the measured
+    time (lru --miss auto, capacity 4, batch 16)."""
+    import gzip
+    from pathlib import Path
+
+    from simcache.replay.harness import _groups, at_run_rate
+    from simcache.transitions import demand_counts, split_requests, transition_counts
+
+    root = Path(__file__).parents[1]
+    run = root / "docs/replay-data/hybrid/run9b"
+    with gzip.open(run / "hybrid-replay-mixtral-8x7b.json.gz", "rt") as f:
+        (r,) = [x for x in json.load(f) if (x["policy"], x["miss"], x["capacity"], x["batch"]) == ("lru", "auto", 4, 16)]
+    cal = simcache.load_calibration(run / "calib-hybrid-mixtral-8x7b.json")
+    train, test = split_requests(simcache.read_trace(root / r["trace"]), 0.5, 0)
+    work = simcache.Workload(test, 16)
+    sim = simcache.simulate(work, "lru", 4, miss="auto", calibration=cal, expert_bytes=r["expert_bytes"], record=True,
+                            prior=transition_counts(train), train_demand=demand_counts(train), seed=0)
+    L = test.num_layers
+    timed = [g for g in _groups(work, [0, 1, 2, 3], 30, L) if g[0] >= 2]
+    out = sim.decisions.outcome
+    assert at_run_rate(work, out, timed, cal, 1.0, r["expert_bytes"]) == pytest.approx(r["predicted_s"], rel=1e-9)
+    at = at_run_rate(work, out, timed, cal, r["cpu_rate_factor"], r["expert_bytes"])
+    assert round((at - r["measured_s"]) / r["measured_s"] * 100, 1) == -4.3
