@@ -50,7 +50,7 @@ def _at_rate(r: dict) -> str:
     replay recorded it; replays of run 9 re-simulated at that rate instead of re-pricing the
     schedule that ran, and record the accesses the other rate moved (n moved)."""
     at = r.get("predicted_at_run_rate_s")
-    if at is None:
+    if at is None or at != at:
         return "–"
     moved = r.get("accesses_reassigned_at_run_rate", 0)
     return (f"{(at - r['measured_s']) / r['measured_s'] * 100:+.1f} % (x{r['cpu_rate_factor']:.2f}"
@@ -134,7 +134,8 @@ def _within(records) -> str:
     hybrid = [r for r in records if r.get("miss", "load") != "load"]
     if hybrid:
         line += f" Hybrid runs (cpu, auto): {sum(abs(r['prediction_error']) <= 0.10 for r in hybrid)} of {len(hybrid)}"
-        rated = [r for r in hybrid if r.get("predicted_at_run_rate_s") is not None]
+        rated = [r for r in hybrid if r.get("predicted_at_run_rate_s") is not None
+                 and not np.isnan(r["predicted_at_run_rate_s"])]
         if rated:
             near = sum(abs(r["predicted_at_run_rate_s"] - r["measured_s"]) <= 0.10 * r["measured_s"] for r in rated)
             line += f"; at the run's own host FFN rate {near} of {len(rated)}"
