@@ -368,17 +368,19 @@ def at_run_rate(work, outcome, timed, cal, factor: float, expert_bytes: int) -> 
     misses, CPU misses in expert order; :func:`simcache.hybrid.assigned_times`). It separates the
     timing model's error from the host's drift between probe and replay (docs/hybrid.md); at
     factor 1 it is the prediction itself. nan if there is no factor."""
-    from simcache.hybrid import assigned_times
+    from simcache.hybrid import TOTAL_S, assigned, luts
 
     if not (np.isfinite(factor) and factor > 0) or cal is None or not cal.has_cpu:
         return float("nan")
     scaled = cal.cpu_scaled(factor)
     tokens = work.demand.tokens
+    gpu, cpu, cpu_busy, t_copy, t_busy = luts(scaled, expert_bytes, int(tokens.max(initial=0)))  # (once)
     total = 0.0
     for _, _, lo, hi in timed:
         o, t = outcome[lo:hi], tokens[lo:hi]
         miss = o != HIT
-        total += assigned_times(t[~miss], t[miss], o[miss] == CPU, scaled, expert_bytes)["time_s"]
+        total += assigned(float(gpu[t[~miss]].sum()), t[miss], o[miss] == CPU, gpu, cpu, cpu_busy, t_copy, t_busy,
+                          scaled.cpu_group_s, scaled.overlap)[TOTAL_S]
     return total
 
 
@@ -392,6 +394,8 @@ def _cpu_figures(rp: Replayer, sched: Schedule, tickets, cal, executor) -> dict:
     pred_alone = pred_busy = None
     if cal is not None and cal.has_cpu:
         _, pred_alone, pred_busy, _, _ = luts(cal, rp.expert_bytes, top)
+        n = np.arange(top + 1)  # the FFN part of those prices alone, for the run's rate factor
+        ffn_alone, ffn_busy = (cal.cpu_seconds_for(n, rp.expert_bytes, busy=b) for b in (False, True))
     tokens, measured, ffn_s, predicted, ffn_priced = [], [], [], [], []
     group_cpu, group_wait = np.zeros(sched.num_groups), np.zeros(sched.num_groups)
     for g, ticket in tickets:
@@ -404,7 +408,7 @@ def _cpu_figures(rp: Replayer, sched: Schedule, tickets, cal, executor) -> dict:
             measured.append(s)
             if pred_alone is not None:
                 predicted.append(float((pred_busy if busy else pred_alone)[t]))
-                ffn_priced.append(float(cal.cpu_seconds_for([t], rp.expert_bytes, busy=busy)[0]))
+                ffn_priced.append(float((ffn_busy if busy else ffn_alone)[t]))
         group_cpu[g] = ticket.path_s
     m = np.asarray(measured)
     rate = run_rate_factor(ffn_s, ffn_priced)
